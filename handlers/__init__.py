@@ -1,0 +1,1 @@
+"""Operation handlers: one operation family per module, loaded through entry points."""

@@ -1,0 +1,366 @@
+"""The `guestkit-worker` command: the daemon and its client commands; the only place that exits."""
+
+from __future__ import annotations
+
+import functools
+import os
+import select
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from worker import __version__, config
+from worker.errors import ConfigError, JobRejected, SpoolLocked, WorkerError
+from worker.intake import Intake
+from worker.registry import Registry
+from worker.spec import dumps, dumps_pretty, loads, parse_job
+from worker.spool import Spool
+from worker.watch import Watch
+
+TERMINAL = ("completed", "failed", "timeout", "cancelled")
+
+
+def _spool_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every command shares: where the config and the spool are."""
+    opts = [
+        click.option("--config", "config_file", type=click.Path(path_type=Path),
+                     help="TOML config file (default /etc/guestkit-worker/worker.toml if present)"),
+        click.option("--jobs-dir", type=click.Path(path_type=Path), help="The spool directory"),
+        click.option("--results-dir", type=click.Path(path_type=Path), help="Results directory"),
+        click.option("--work-dir", type=click.Path(path_type=Path), help="Per-job work dirs"),
+    ]
+    return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
+
+
+def _settings(config_file: Path | None, **flags: Any) -> tuple[config.Settings, dict[str, str]]:
+    try:
+        return config.load(flags, config_file)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.group()
+@click.version_option(__version__, prog_name="guestkit-worker")
+def main() -> None:
+    """Run VM-operation jobs from a spool, each in a fresh sandboxed child process."""
+
+
+@main.command()
+@_spool_options
+@click.option("--worker-id", "-w", help="This worker's name (default: the host name)")
+@click.option("--pool", "-p", help="Worker pool served (default: default)")
+@click.option("--output-dir", type=click.Path(path_type=Path), help="Where outputs may go")
+@click.option("--image-root", "image_roots", multiple=True, type=click.Path(path_type=Path),
+              help="A directory disk images may be read from (repeatable)")
+@click.option("--feature", "features", multiple=True, help="A feature this host offers")
+@click.option("--max-concurrent", "-m", type=int, help="Jobs running at once (default 4)")
+@click.option("--shutdown-timeout", type=float, help="Drain time on SIGTERM, seconds (30)")
+@click.option("--kill-grace", type=float, help="Seconds from SIGTERM to SIGKILL (5)")
+@click.option("--memory-limit-mb", type=int, help="Default and cap of job memory (2048)")
+@click.option("--cpu-limit-seconds", type=int, help="Default and cap of job CPU seconds")
+@click.option("--log-format", type=click.Choice(["auto", "human", "json", "journal"]))
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--metrics-addr", help="host:port of /metrics and /healthz ('' disables)")
+@click.option("--no-fsync", "fsync", flag_value=False, default=None,
+              help="Skip fsync of results and state (faster, not crash-durable)")
+def supervise(config_file: Path | None, **flags: Any) -> None:
+    """Run the supervisor in the foreground until SIGTERM or SIGINT (then drain)."""
+    from worker.logs import setup_logging
+    from worker.supervisor import Supervisor
+
+    for many in ("image_roots", "features"):
+        flags[many] = list(flags[many]) or None
+    settings, _ = _settings(config_file, **flags)
+    setup_logging(settings.log_format, settings.log_level)
+    registry = Registry.load(settings.model_dump(mode="json"))
+    sup = Supervisor(settings, registry, __version__,
+                     reload=lambda: config.load(flags, config_file)[0])
+    try:
+        code = sup.run()
+    except SpoolLocked as e:
+        raise click.ClickException(str(e)) from None
+    except WorkerError as e:
+        raise click.ClickException(str(e)) from None
+    sys.exit(code)
+
+
+def _job_document(file: Path | None, operation: str | None, data: str | None,
+                  payload_type: str | None) -> dict[str, Any]:
+    if file is not None:
+        try:
+            doc = loads(file.read_bytes())
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f"{file}: {e}") from None
+        if not isinstance(doc, dict):
+            raise click.ClickException(f"{file}: expected a JSON object")
+        return doc
+    if operation is None:
+        raise click.UsageError("give a job FILE or --operation (with --data)")
+    try:
+        payload = loads((data or "{}").encode())
+    except ValueError as e:
+        raise click.ClickException(f"--data: not valid JSON: {e}") from None
+    return {"version": "1.0", "kind": "VMOperation", "operation": operation,
+            "payload": {"type": payload_type or f"{operation}.v1", "data": payload}}
+
+
+@main.command()
+@_spool_options
+@click.argument("file", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--operation", "-o", help="Operation for a job built from flags, e.g. system.echo")
+@click.option("--data", "-d", help="payload.data as JSON (with --operation)")
+@click.option("--payload-type", help="payload.type (default <operation>.v1)")
+@click.option("--job-id", help="Job id (default: the file's, or a new one)")
+@click.option("--idempotency-key", help="execution.idempotency_key")
+@click.option("--timeout", type=int, help="execution.timeout_seconds")
+@click.option("--priority", type=click.IntRange(1, 10), help="execution.priority (1-10)")
+@click.option("--max-attempts", type=int, help="execution.max_attempts")
+@click.option("--wait", is_flag=True, help="Follow progress and print the result")
+def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | None,
+           work_dir: Path | None, file: Path | None, operation: str | None, data: str | None,
+           payload_type: str | None, job_id: str | None, idempotency_key: str | None,
+           timeout: int | None, priority: int | None, max_attempts: int | None,
+           wait: bool) -> None:
+    """Submit a job from FILE or from --operation/--data; --wait follows it to its result."""
+    settings, _ = _settings(config_file, jobs_dir=jobs_dir, results_dir=results_dir,
+                            work_dir=work_dir)
+    doc = _job_document(file, operation, data, payload_type)
+    doc["job_id"] = job_id or doc.get("job_id") or f"job-{uuid.uuid4().hex[:20]}"
+    ex = doc.setdefault("execution", {})
+    for key, value in (("idempotency_key", idempotency_key), ("timeout_seconds", timeout),
+                       ("priority", priority), ("max_attempts", max_attempts)):
+        if value is not None:
+            ex[key] = value
+    raw = dumps_pretty(doc)
+    try:
+        parse_job(raw, str(file or "--operation"))
+    except JobRejected as e:
+        raise click.ClickException(e.message) from None
+    spool = Spool(settings)
+    spool.setup()
+    try:
+        spool.submit(doc["job_id"], raw)
+    except FileExistsError:
+        raise click.ClickException(
+            f"job {doc['job_id']!r} is already waiting in {spool.inbox}") from None
+    click.echo(f"submitted {doc['job_id']}")
+    if wait:
+        sys.exit(_follow(spool, doc["job_id"]))
+
+
+def _follow(spool: Spool, job_id: str) -> int:
+    """Show the job's progress until its result exists; print it; 0 only when completed."""
+    watch = Watch()
+    watch.add("results", spool.results)
+    shown = ""
+    try:
+        while not spool.has_result(job_id):
+            st = spool.read_status(job_id) or {}
+            line = _progress_line(job_id, st)
+            if line != shown and sys.stderr.isatty():
+                click.echo("\r" + line.ljust(78), nl=False, err=True)
+            elif line != shown:
+                click.echo(line, err=True)
+            shown = line
+            select.select([watch.fileno()], [], [], 0.25)
+            watch.read()
+    finally:
+        watch.close()
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    result = spool.read_result(job_id) or {}
+    click.echo(dumps_pretty(result).decode(), nl=False)
+    return 0 if result.get("status") == "completed" else 1
+
+
+def _progress_line(job_id: str, st: dict[str, Any]) -> str:
+    prog = st.get("progress") or {}
+    pct = prog.get("percent")
+    bar = ""
+    if isinstance(pct, int):
+        filled = pct * 30 // 100
+        bar = f"[{'#' * filled}{'.' * (30 - filled)}] {pct:3d}% "
+    state = st.get("state", "pending")
+    return f"{job_id}: {state} {bar}{prog.get('phase') or ''} {prog.get('message') or ''}".rstrip()
+
+
+def _client_spool(config_file: Path | None, **dirs: Any) -> Spool:
+    settings, _ = _settings(config_file, **dirs)
+    return Spool(settings)
+
+
+def _rows(spool: Spool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [{"job_id": n.removesuffix(".json"), "state": "pending"}
+            for n in (spool.inbox_names() if spool.inbox.exists() else [])]
+    rows += spool.statuses() if spool.status_dir.exists() else []
+    live = {r["job_id"] for r in rows}
+    if spool.results.exists():
+        for name in sorted(os.listdir(spool.results)):
+            jid = name.removesuffix("-result.json")
+            if name.endswith("-result.json") and jid not in live:
+                res = spool.read_result(jid) or {}
+                summary = res.get("execution_summary") or {}
+                rows.append({"job_id": jid, "state": res.get("status", "?"),
+                             "attempt": summary.get("attempt"),
+                             "max_attempts": summary.get("max_attempts"),
+                             "detail": (res.get("error") or {}).get("code", "")})
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> None:
+    click.echo(f"{'JOB_ID':<36} {'STATE':<10} {'ATTEMPT':<8} {'PROGRESS':<9} DETAIL")
+    for r in rows:
+        prog = r.get("progress") or {}
+        pct = prog.get("percent")
+        attempt = f"{r['attempt']}/{r['max_attempts']}" if r.get("attempt") else "-"
+        detail = r.get("waiting_for") or r.get("detail") or prog.get("phase") or ""
+        if r.get("stalled"):
+            detail = f"STALLED {detail}"
+        click.echo(f"{r['job_id']:<36} {r.get('state', '?'):<10} {attempt:<8} "
+                   f"{(str(pct) + '%') if pct is not None else '-':<9} {detail}")
+
+
+@main.command()
+@_spool_options
+@click.argument("job_id", required=False)
+def status(config_file: Path | None, job_id: str | None, **dirs: Any) -> None:
+    """Show live jobs (pending, queued, running, waiting) and finished ones, or one job."""
+    spool = _client_spool(config_file, **dirs)
+    if job_id is None:
+        _table(_rows(spool))
+        return
+    st = spool.read_status(job_id)
+    if st is not None:
+        click.echo(dumps_pretty(st).decode(), nl=False)
+        return
+    res = spool.read_result(job_id)
+    if res is not None:
+        click.echo(dumps_pretty({k: res.get(k) for k in ("job_id", "status", "error",
+                                                         "progress", "execution_summary")})
+                   .decode(), nl=False)
+        return
+    if (spool.inbox / f"{job_id}.json").exists():
+        click.echo(f"{job_id}: pending (in the inbox, not yet claimed)")
+        return
+    raise click.ClickException(f"no job {job_id!r} in {spool.inbox} or {spool.results}")
+
+
+@main.command()
+@_spool_options
+@click.argument("job_id")
+def result(config_file: Path | None, job_id: str, **dirs: Any) -> None:
+    """Print the result document of JOB_ID."""
+    spool = _client_spool(config_file, **dirs)
+    try:
+        click.echo(spool.result_path(job_id).read_bytes().decode(), nl=False)
+    except FileNotFoundError:
+        raise click.ClickException(f"job {job_id!r} has no result yet in {spool.results}") from None
+
+
+@main.command(name="list")
+@_spool_options
+@click.option("--state", "-s", type=click.Choice(["pending", "queued", "assigned", "running",
+                                                  *TERMINAL]), help="Only jobs in this state")
+def list_jobs(config_file: Path | None, state: str | None, **dirs: Any) -> None:
+    """List every job the spool knows, optionally in one state."""
+    rows = _rows(_client_spool(config_file, **dirs))
+    _table([r for r in rows if state is None or r.get("state") == state])
+
+
+@main.command()
+@_spool_options
+@click.argument("job_id")
+def cancel(config_file: Path | None, job_id: str, **dirs: Any) -> None:
+    """Ask the supervisor to cancel JOB_ID (queued or running, when cancellable)."""
+    spool = _client_spool(config_file, **dirs)
+    if spool.has_result(job_id):
+        raise click.ClickException(f"job {job_id!r} has already finished")
+    spool.setup()
+    spool.request_cancel(job_id)
+    click.echo(f"cancel requested for {job_id}")
+
+
+@main.command()
+@_spool_options
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def validate(config_file: Path | None, files: tuple[Path, ...], **dirs: Any) -> None:
+    """Check job FILES offline against the protocol and this worker's handlers."""
+    settings, _ = _settings(config_file, **dirs)
+    registry = Registry.load(settings.model_dump(mode="json"))
+    intake = Intake(Spool(settings), registry, settings, __version__, lambda _: False)
+    bad = 0
+    for path in files:
+        try:
+            doc, _ = parse_job(path.read_bytes(), str(path))
+        except (OSError, JobRejected) as e:
+            bad += 1
+            click.echo(f"{path}: INVALID {getattr(e, 'code', 'VALIDATION_ERROR')}: "
+                       f"{getattr(e, 'message', e)}")
+            continue
+        problem = intake.problem(doc)
+        if problem:
+            bad += 1
+            click.echo(f"{path}: INVALID {problem[0]}: {problem[1]}")
+        else:
+            click.echo(f"{path}: OK ({doc.job_id}, {doc.operation})")
+    sys.exit(1 if bad else 0)
+
+
+@main.command()
+@_spool_options
+def capabilities(config_file: Path | None, **dirs: Any) -> None:
+    """Print the operations, payload types and features of this worker as JSON."""
+    settings, _ = _settings(config_file, **dirs)
+    registry = Registry.load(settings.model_dump(mode="json"))
+    doc = {
+        "worker_id": settings.worker_id, "pool": settings.pool, "version": __version__,
+        "operations": registry.describe(),
+        "capabilities": sorted(registry.capabilities()),
+        "features": sorted(registry.features() | set(settings.features)),
+        "max_concurrent_jobs": settings.max_concurrent,
+        "limits": {"memory_mb": settings.memory_limit_mb,
+                   "cpu_seconds": settings.cpu_limit_seconds,
+                   "max_processes": settings.max_processes,
+                   "max_open_files": settings.max_open_files,
+                   "max_file_size_mb": settings.max_file_size_mb},
+        "isolation": ["session", "rlimits", "pdeathsig", "subreaper", "scrubbed-environment"],
+    }
+    click.echo(dumps_pretty(doc).decode(), nl=False)
+
+
+@main.group(name="config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command(name="show")
+@_spool_options
+def config_show(config_file: Path | None, **dirs: Any) -> None:
+    """Print the effective settings and where each value came from."""
+    settings, sources = _settings(config_file, **dirs)
+    for key, value in settings.model_dump(mode="json").items():
+        click.echo(f"{key} = {dumps(value).decode()}    # {sources[key]}")
+
+
+@main.command()
+@_spool_options
+@click.argument("job_id")
+@click.option("--stream", type=click.Choice(["stdout", "stderr", "both"]), default="both")
+def logs(config_file: Path | None, job_id: str, stream: str, **dirs: Any) -> None:
+    """Print what JOB_ID wrote to its stdout and stderr."""
+    settings, _ = _settings(config_file, **dirs)
+    wd = settings.work_dir / job_id
+    if not wd.is_dir():
+        raise click.ClickException(f"no work dir for job {job_id!r} in {settings.work_dir}")
+    for name in (["stdout", "stderr"] if stream == "both" else [stream]):
+        path = wd / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if stream == "both":
+            click.echo(f"--- {name} ---")
+        click.echo(text, nl=False)
+
+

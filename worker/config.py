@@ -1,0 +1,126 @@
+"""Settings: defaults < TOML file < environment (GUESTKIT_WORKER_*) < command-line flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from worker.errors import ConfigError
+from worker.spec import describe
+
+DEFAULT_CONFIG = Path("/etc/guestkit-worker/worker.toml")
+ENV_PREFIX = "GUESTKIT_WORKER_"
+
+
+class Settings(BaseModel):
+    """Every setting of the worker; the description is the documentation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    worker_id: str = Field(
+        default_factory=socket.gethostname, min_length=1, description="This worker's name"
+    )
+    pool: str = Field("default", min_length=1, description="The worker pool it serves")
+    jobs_dir: Path = Field(Path("./jobs"), description="The spool: inbox and state directories")
+    results_dir: Path = Field(Path("./results"), description="Where result documents go")
+    work_dir: Path = Field(Path("./work"), description="Per-job scratch dirs and captured output")
+    output_dir: Path = Field(Path("./outputs"), description="Where handlers may write outputs")
+    image_roots: list[Path] = Field(
+        default_factory=list, description="Directories disk images may be read from"
+    )
+    max_concurrent: int = Field(4, ge=1, le=1024, description="Jobs running at once")
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="Seconds a drain waits for running jobs before killing them"
+    )
+    kill_grace: float = Field(5.0, ge=0, description="Seconds between SIGTERM and SIGKILL")
+    max_job_bytes: int = Field(1 << 20, ge=1024, description="Largest job file accepted")
+    max_message_bytes: int = Field(
+        16 << 20, ge=4096, description="Largest message (and result) a child may send"
+    )
+    memory_limit_mb: int = Field(2048, ge=16, description="Default and cap of a job's memory")
+    cpu_limit_seconds: int | None = Field(
+        None, ge=1, description="Default and cap of a job's CPU seconds (none: its timeout)"
+    )
+    max_processes: int = Field(64, ge=1, description="Default and cap of a job's processes")
+    max_open_files: int = Field(256, ge=16, description="Default and cap of a job's open files")
+    max_file_size_mb: int = Field(4096, ge=1, description="Largest file a job may write")
+    retry_backoff: float = Field(1.0, ge=0, description="Seconds before the first retry")
+    retry_backoff_max: float = Field(300.0, ge=0, description="Longest wait between retries")
+    stall_timeout: float = Field(300.0, gt=0, description="Seconds of silence before 'stalled'")
+    features: list[str] = Field(default_factory=list, description="Features this host offers")
+    privileged: bool = Field(
+        default_factory=lambda: os.geteuid() == 0, description="Whether jobs may need root"
+    )
+    fsync: bool = Field(True, description="fsync results and state changes (durability)")
+    log_format: str = Field(
+        "auto", pattern="^(auto|human|json|journal)$", description="auto|human|json|journal"
+    )
+    log_level: str = Field(
+        "info", pattern="^(debug|info|warning|error)$", description="debug|info|warning|error"
+    )
+    metrics_addr: str = Field(
+        "", description="host:port for /metrics and /healthz; empty disables it"
+    )
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in Settings.model_fields.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None:
+            continue
+        if field.annotation is not None and "list" in str(field.annotation):
+            out[name] = [p for p in raw.split(",") if p]
+        else:
+            out[name] = raw
+    return out
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: not valid TOML: {e}") from None
+    section = data.get("worker", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: [worker] must be a table")
+    unknown = sorted(set(section) - set(Settings.model_fields))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
+    return dict(section)
+
+
+def load(
+    flags: dict[str, Any],
+    config_file: Path | None = None,
+    environ: dict[str, str] | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """Build the effective settings and say where each value came from."""
+    environ = dict(os.environ) if environ is None else environ
+    layers: list[tuple[str, dict[str, Any]]] = []
+    path = config_file or (Path(environ[ENV_PREFIX + "CONFIG"]) if ENV_PREFIX + "CONFIG" in environ else None)
+    if path is not None:
+        layers.append((f"file {path}", _from_file(path)))
+    elif DEFAULT_CONFIG.exists():
+        layers.append((f"file {DEFAULT_CONFIG}", _from_file(DEFAULT_CONFIG)))
+    layers.append(("environment", _from_env(environ)))
+    layers.append(("flag", {k: v for k, v in flags.items() if v is not None}))
+    merged: dict[str, Any] = {}
+    sources = {name: "default" for name in Settings.model_fields}
+    for source, values in layers:
+        for key, value in values.items():
+            merged[key] = value
+            sources[key] = source
+    try:
+        return Settings.model_validate(merged), sources
+    except ValidationError as e:
+        where = {sources.get(str(err["loc"][0]), "default") for err in e.errors()}
+        raise ConfigError(f"invalid setting ({', '.join(sorted(where))}): {describe(e)}") from None

@@ -1,0 +1,158 @@
+"""Taking a file from the inbox: open safely, claim by rename, read, validate, or move aside."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from worker import fsutil, routing
+from worker.config import Settings
+from worker.errors import ErrorCode, HandlerError, JobRejected, UnsafeFile
+from worker.job import Job
+from worker.registry import Registry
+from worker.results import Ending, build
+from worker.spec import JobDocument, describe, parse_job
+from worker.spool import ACTIVE, Spool
+
+log = logging.getLogger("guestkit.intake")
+
+
+@dataclass
+class Accepted:
+    """A claimed, valid job, and its end when it must not run at all (e.g. unsupported)."""
+
+    job: Job
+    doc: JobDocument
+    ending: Ending | None = None
+
+
+class Intake:
+    """Turns inbox names into queued jobs, rejecting what cannot be accepted."""
+
+    def __init__(
+        self, spool: Spool, registry: Registry, settings: Settings, version: str,
+        known: Callable[[str], bool],
+    ) -> None:
+        self.spool = spool
+        self.registry = registry
+        self.settings = settings
+        self.version = version
+        self.known = known
+        self.capabilities = registry.capabilities()
+        self.features = registry.features()
+
+    def take(self, name: str) -> Accepted | None:
+        """Claim and validate inbox file `name`; None when gone, still open, or rejected."""
+        src = self.spool.inbox / name
+        try:
+            fd, st = fsutil.open_regular(src)
+        except FileNotFoundError:
+            return None
+        except UnsafeFile as e:
+            self._reject(src, None, ErrorCode.VALIDATION_ERROR, f"job file {name}: {e}")
+            return None
+        try:
+            if fsutil.has_writer(fd):
+                return None  # its close will bring another event
+            claimed = self.spool.claim(name)
+            if claimed is None:
+                return None
+            try:
+                data = fsutil.read_capped(fd, st.st_size, self.settings.max_job_bytes)
+            except UnsafeFile as e:
+                self._reject(self.spool.path(ACTIVE, claimed), None, ErrorCode.VALIDATION_ERROR,
+                             f"job file {name}: {e}")
+                return None
+        finally:
+            os.close(fd)
+        return self.admit(ACTIVE, claimed, data, label=name)
+
+    def admit(self, where: str, claimed: str, data: bytes, label: str,
+              attempt: int | None = None) -> Accepted | None:
+        """Validate claimed bytes into a Job; reject (and say why) what is not a valid job."""
+        path = self.spool.path(where, claimed)
+        try:
+            doc, _ = parse_job(data, label)
+        except JobRejected as e:
+            self._reject(path, e.job_id, e.code, e.message)
+            return None
+        if self.known(doc.job_id) or self.spool.has_result(doc.job_id):
+            self._reject(path, None, ErrorCode.VALIDATION_ERROR,
+                         f"job {doc.job_id!r}: field 'job_id': duplicate; a job with this id "
+                         "is already queued, running or finished", duplicate_of=doc.job_id)
+            return None
+        ex = doc.execution
+        job = Job(
+            job_id=doc.job_id, claimed=claimed, where=where, operation=doc.operation,
+            priority=ex.priority, attempt=attempt or ex.attempt, max_attempts=ex.max_attempts,
+            timeout=ex.timeout_seconds,
+            deadline=ex.deadline.timestamp() if ex.deadline else None,
+            cancellable=ex.cancellable, idempotency_key=ex.idempotency_key,
+        )
+        ending = self._check(doc, job)
+        if ending is None:
+            job.waiting_for = routing.unsatisfied(
+                doc, self.settings, self.capabilities, self.features, self.version
+            )
+        return Accepted(job, doc, ending)
+
+    def _check(self, doc: JobDocument, job: Job) -> Ending | None:
+        """The end of a valid job that must not run: unsupported, invalid payload, too late."""
+        problem = self.problem(doc)
+        if problem is None:
+            return None
+        return self._ending(job, doc, *problem)
+
+    def problem(self, doc: JobDocument) -> tuple[ErrorCode, str] | None:
+        """Why a valid document cannot run here at all, or None."""
+        handler = self.registry.get(doc.operation)
+        who = f"job {doc.job_id!r}"
+        if handler is None:
+            return (ErrorCode.UNSUPPORTED_OPERATION,
+                    f"{who}: field 'operation': {self.registry.why_missing(doc.operation)}")
+        if handler.payload_types and doc.payload.type not in handler.payload_types:
+            return (ErrorCode.VALIDATION_ERROR,
+                    f"{who}: field 'payload.type': expected one of "
+                    f"{list(handler.payload_types)}, got {doc.payload.type!r}")
+        try:
+            handler.validate(doc.payload.data)
+        except ValidationError as e:
+            return ErrorCode.VALIDATION_ERROR, f"{who}: {describe(e, 'payload.data')}"
+        except HandlerError as e:
+            return ErrorCode.VALIDATION_ERROR, f"{who}: {e}"
+        if doc.execution.deadline is not None and doc.execution.deadline.timestamp() <= time.time():
+            return (ErrorCode.DEADLINE_EXCEEDED,
+                    f"{who}: field 'execution.deadline': {doc.execution.deadline.isoformat()} "
+                    "has already passed")
+        return None
+
+    def _ending(self, job: Job, doc: JobDocument, code: ErrorCode, message: str) -> Ending:
+        return Ending(
+            job_id=job.job_id, status="failed", attempt=job.attempt,
+            max_attempts=job.max_attempts, idempotency_key=job.idempotency_key, code=code,
+            message=message, phase="validation",
+            observability=doc.observability.model_dump() if doc.observability else None,
+        )
+
+    def _reject(self, src: Path, job_id: str | None, code: ErrorCode, message: str,
+                duplicate_of: str | None = None) -> None:
+        """Move a file aside with its reason; write a failed result when a safe, new id is known."""
+        record: dict[str, Any] = {"job_id": job_id or duplicate_of, "code": code.value,
+                                  "message": message}
+        try:
+            dest = self.spool.reject(src, record)
+        except FileNotFoundError:
+            return
+        log.warning("rejected %s: %s", dest.name, message,
+                    extra={"job_id": job_id or duplicate_of, "state": "failed"})
+        if job_id and not self.known(job_id):
+            end = Ending(job_id=job_id, status="failed", code=code, message=message,
+                         phase="validation")
+            self.spool.publish_result(job_id, build(end, self.settings))

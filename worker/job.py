@@ -1,0 +1,213 @@
+"""One job the supervisor knows: its record, its child process, kill escalation and its end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker import signals
+from worker.child import ChildSpec, run_child
+from worker.errors import ErrorCode, ExitCode
+from worker.progress import MessageReader, MessageTooLarge
+from worker.states import JobState, advance
+
+
+@dataclass(slots=True)
+class Job:
+    """A claimed job: what the queue needs, and while it runs, its process."""
+
+    job_id: str
+    claimed: str  # file name under .active/ or .retry/
+    where: str
+    operation: str
+    priority: int
+    attempt: int
+    max_attempts: int
+    timeout: int
+    deadline: float | None  # epoch seconds
+    cancellable: bool
+    idempotency_key: str | None
+    state: JobState = JobState.QUEUED
+    not_before: float = 0.0  # epoch seconds; retry back-off
+    waiting_for: str | None = None
+    queued_at: float = field(default_factory=time.time)
+    observability: dict[str, Any] | None = None
+    run: Run | None = None
+
+    def move(self, new: JobState) -> None:
+        """Change state through the protocol's transition table."""
+        self.state = advance(self.state, new)
+
+    def status_doc(self, worker_id: str) -> dict[str, Any]:
+        """The live status written to .status/<id>.json."""
+        doc: dict[str, Any] = {
+            "state": self.state.value, "operation": self.operation, "attempt": self.attempt,
+            "max_attempts": self.max_attempts, "priority": self.priority, "worker_id": worker_id,
+            "file": self.claimed,
+        }
+        if self.waiting_for:
+            doc["waiting_for"] = self.waiting_for
+        if self.not_before > time.time():
+            doc["not_before"] = self.not_before
+        if self.run:
+            doc.update(pid=self.run.pid, progress=self.run.progress, stalled=self.run.stalled)
+        return doc
+
+
+@dataclass(slots=True)
+class Run:
+    """One execution of a job in a child process."""
+
+    pid: int
+    reader: MessageReader
+    started: float  # monotonic
+    started_wall: float
+    deadline: float  # monotonic: wall-clock timeout
+    cpu_limit: int
+    memory_limit_mb: int
+    progress: dict[str, Any] = field(default_factory=dict)
+    last_message: float = 0.0
+    stalled: bool = False
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    kill_reason: str | None = None  # timeout | cancel | shutdown
+    kill_at: float | None = None  # monotonic time of the SIGKILL step
+    killed: bool = False  # SIGKILL sent
+    last_status: float = 0.0  # monotonic time of the last status write
+    status: int | None = None
+    rusage: Any = None
+    logs: list[dict[str, Any]] = field(default_factory=list)
+
+    def signal_group(self, sig: int) -> None:
+        """Send `sig` to the job's process group (its own session); a group already gone is fine."""
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:  # not yet its own session, or already gone
+            if self.status is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
+
+    def begin_kill(self, reason: str, grace: float, now: float) -> None:
+        """TERM the whole job now and arm the KILL step; the first reason sticks."""
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        if self.kill_at is None:
+            self.signal_group(signal.SIGTERM)
+            self.kill_at = now + grace
+
+    def take_messages(self) -> list[dict[str, Any]]:
+        """Read what the child sent; a line over the cap becomes the job's error."""
+        try:
+            return self.reader.read_available()
+        except MessageTooLarge as e:
+            self.error = {"code": ErrorCode.EXECUTION_ERROR.value, "message": str(e),
+                          "retryable": False}
+            self.begin_kill("oversize", 0.0, time.monotonic())
+            return []
+
+
+def spawn(spec: ChildSpec, timeout: float, now: float) -> Run:
+    """Fork a child for `spec` with signals blocked; return its Run (the parent side)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with signals.blocked():
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            run_child(spec, w)
+    os.close(w)
+    return Run(
+        pid=pid, reader=MessageReader(r, spec.message_cap), started=now, started_wall=time.time(),
+        deadline=now + timeout, cpu_limit=spec.limits.cpu_seconds,
+        memory_limit_mb=spec.limits.memory_mb, last_message=now,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a run ended, in protocol terms."""
+
+    status: str  # completed | failed | timeout | cancelled | requeue
+    code: ErrorCode | None = None
+    message: str = ""
+    retryable: bool = False
+    details: dict[str, Any] | None = None
+
+
+def decide(run: Run) -> Outcome:
+    """Name the end of a reaped run from its messages, exit status, rusage and kill reason."""
+    cpu = _cpu_seconds(run)
+    if run.kill_reason == "timeout":
+        return Outcome("timeout", ErrorCode.TIMEOUT,
+                       f"the job ran past its wall-clock limit of {run.deadline - run.started:.0f} s")
+    if run.kill_reason == "cancel":
+        return Outcome("cancelled", ErrorCode.CANCELLED, "the job was cancelled while running")
+    if run.kill_reason == "shutdown":
+        return Outcome("requeue", ErrorCode.WORKER_LOST, "interrupted by the worker's shutdown",
+                       retryable=True)
+    if run.error is not None:
+        code = ErrorCode(run.error.get("code", "EXECUTION_ERROR"))
+        details = {"traceback": run.error["traceback"]} if run.error.get("traceback") else None
+        return Outcome("failed", code, str(run.error.get("message", "")),
+                       bool(run.error.get("retryable")), details)
+    status = run.status if run.status is not None else 0
+    if os.WIFSIGNALED(status):
+        return _signalled(os.WTERMSIG(status), cpu, run)
+    exit_code = os.waitstatus_to_exitcode(status)
+    if exit_code == ExitCode.OK and run.result is not None:
+        return Outcome("completed")
+    if exit_code == ExitCode.SANDBOX:
+        return Outcome("failed", ErrorCode.INTERNAL,
+                       "the job's sandbox could not be set up (see the job's stderr.log)", True)
+    return Outcome("failed", ErrorCode.EXECUTION_ERROR,
+                   f"the job process exited with status {exit_code} without sending a result", True)
+
+
+def _signalled(sig: int, cpu: float, run: Run) -> Outcome:
+    name = _signame(sig)
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= run.cpu_limit):
+        return Outcome("failed", ErrorCode.CPU_LIMIT,
+                       f"the job used its CPU limit of {run.cpu_limit} s ({cpu:.1f} s; {name})")
+    if sig == signal.SIGKILL and peak_mb(run) >= run.memory_limit_mb * 0.9:
+        return Outcome("failed", ErrorCode.MEMORY_LIMIT,
+                       f"the job was killed at its memory limit of {run.memory_limit_mb} MiB")
+    return Outcome("failed", ErrorCode.KILLED,
+                   f"the job process was killed by signal {name} ({sig})", retryable=True)
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _cpu_seconds(run: Run) -> float:
+    return float(run.rusage.ru_utime + run.rusage.ru_stime) if run.rusage is not None else 0.0
+
+
+def peak_mb(run: Run) -> float:
+    """Peak resident memory of the child in MiB, from wait4's rusage."""
+    return float(run.rusage.ru_maxrss) / 1024 if run.rusage is not None else 0.0
+
+
+def run_metrics(run: Run, now: float) -> dict[str, Any]:
+    """The result's `metrics` section for a reaped run."""
+    ru = run.rusage
+    return {
+        "peak_memory_mb": round(peak_mb(run), 2),
+        "cpu_seconds": round(_cpu_seconds(run), 3),
+        "wall_seconds": round(now - run.started, 4),
+        "disk_read_bytes": int(ru.ru_inblock) * 512 if ru is not None else 0,
+        "disk_write_bytes": int(ru.ru_oublock) * 512 if ru is not None else 0,
+    }
+
+
+RETRYABLE = frozenset({ErrorCode.KILLED, ErrorCode.INTERNAL, ErrorCode.EXECUTION_ERROR,
+                       ErrorCode.WORKER_LOST})

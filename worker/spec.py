@@ -1,0 +1,219 @@
+"""The job document (PROTOCOL §1) as pydantic models, its validation messages, and orjson helpers."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from worker.errors import ErrorCode, JobRejected
+
+PROTOCOL_VERSION = "1.0"
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+OPERATION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9][a-z0-9_-]*)+$")
+PAYLOAD_TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.v[0-9]+$")
+
+StrictInt = Annotated[int, Field(strict=True)]
+JobId = Annotated[str, Field(pattern=JOB_ID_RE.pattern)]
+Operation = Annotated[str, Field(pattern=OPERATION_RE.pattern)]
+
+
+class _Open(BaseModel):
+    """Unknown fields are accepted and kept (forward compatibility)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Limits(_Open):
+    """Per-job resource limits a job may ask for; the worker caps each at its own maximum."""
+
+    memory_mb: Annotated[int, Field(strict=True, ge=16)] | None = None
+    cpu_seconds: Annotated[int, Field(strict=True, ge=1)] | None = None
+    max_processes: Annotated[int, Field(strict=True, ge=1)] | None = None
+    max_open_files: Annotated[int, Field(strict=True, ge=16)] | None = None
+    max_file_size_mb: Annotated[int, Field(strict=True, ge=1)] | None = None
+
+
+class Execution(_Open):
+    """How, when and how often the job runs."""
+
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    attempt: Annotated[int, Field(strict=True, ge=1)] = 1
+    max_attempts: Annotated[int, Field(strict=True, ge=1, le=100)] = 1
+    timeout_seconds: Annotated[int, Field(strict=True, ge=1, le=86400)] = 3600
+    deadline: AwareDatetime | None = None
+    priority: Annotated[int, Field(strict=True, ge=1, le=10)] = 5
+    cancellable: Annotated[bool, Field(strict=True)] = True
+    limits: Limits | None = None
+
+    @model_validator(mode="after")
+    def _attempt_within_max(self) -> Execution:
+        if self.attempt > self.max_attempts:
+            raise ValueError(
+                f"attempt ({self.attempt}) must not exceed max_attempts ({self.max_attempts})"
+            )
+        return self
+
+
+class Constraints(_Open):
+    """What a worker must offer to take the job."""
+
+    required_capabilities: list[str] = Field(default_factory=list)
+    required_features: list[str] = Field(default_factory=list)
+    minimum_worker_version: Annotated[str, Field(pattern=r"^\d+(\.\d+){0,2}([-+].*)?$")] | None = None
+    maximum_disk_size_gb: Annotated[int, Field(strict=True, ge=0)] | None = None
+    require_privileged: Annotated[bool, Field(strict=True)] = False
+    allowed_worker_pools: list[str] = Field(default_factory=list)
+
+
+class Routing(_Open):
+    """Which worker or pool should take the job."""
+
+    worker_id: str | None = None
+    worker_pool: str | None = None
+    affinity: dict[str, str] = Field(default_factory=dict)
+    anti_affinity: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class Metadata(_Open):
+    """Descriptive labels; never used for decisions."""
+
+    name: str | None = None
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class Observability(_Open):
+    """Trace identifiers copied into the result and the logs."""
+
+    trace_id: str | None = None
+    span_id: str | None = None
+    parent_span_id: str | None = None
+    correlation_id: str | None = None
+
+
+class Payload(_Open):
+    """The operation's input: a versioned type and its data."""
+
+    type: Annotated[str, Field(pattern=PAYLOAD_TYPE_RE.pattern)]
+    data: Any
+
+
+class JobDocument(_Open):
+    """One job as submitted (PROTOCOL §1)."""
+
+    schema_: str | None = Field(default=None, alias="$schema")
+    version: Literal["1.0"]
+    job_id: JobId
+    created_at: AwareDatetime | None = None
+    kind: Literal["VMOperation"]
+    operation: Operation
+    payload: Payload
+    metadata: Metadata | None = None
+    execution: Execution = Field(default_factory=Execution)
+    constraints: Constraints = Field(default_factory=Constraints)
+    routing: Routing = Field(default_factory=Routing)
+    observability: Observability | None = None
+    audit: dict[str, Any] | None = None
+
+
+def loads(data: bytes) -> Any:
+    """Decode JSON bytes (UTF-8 only)."""
+    return orjson.loads(data)
+
+
+def dumps(obj: Any) -> bytes:
+    """Encode to compact JSON bytes; datetimes as RFC 3339."""
+    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+
+
+def dumps_pretty(obj: Any) -> bytes:
+    """Encode to indented JSON bytes with a trailing newline (result and status files)."""
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS) + b"\n"
+
+
+def now_utc() -> datetime:
+    """The current time, timezone-aware."""
+    return datetime.now(UTC)
+
+
+def rfc3339(ts: datetime | None = None) -> str:
+    """Format a time (default now) as RFC 3339 UTC with milliseconds."""
+    return (ts or now_utc()).astimezone(UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def safe_job_id(raw: Any) -> str | None:
+    """Return `raw["job_id"]` when it is usable in file names, else None."""
+    if isinstance(raw, dict):
+        jid = raw.get("job_id")
+        if isinstance(jid, str) and JOB_ID_RE.match(jid):
+            return jid
+    return None
+
+
+def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]]:
+    """Decode and validate a job document; raise JobRejected naming the job and the field."""
+    try:
+        raw = loads(raw_bytes)
+    except orjson.JSONDecodeError as e:
+        what = "UTF-8" if "utf-8" in str(e).lower() else "JSON"
+        raise JobRejected(
+            ErrorCode.VALIDATION_ERROR, f"job file {label}: not valid {what}: {e}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise JobRejected(
+            ErrorCode.VALIDATION_ERROR,
+            f"job file {label}: expected a JSON object, got {type(raw).__name__}",
+        )
+    jid = safe_job_id(raw)
+    who = f"job {jid!r}" if jid else f"job file {label}"
+    if "version" in raw and raw["version"] != PROTOCOL_VERSION:
+        raise JobRejected(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"{who}: field 'version': expected {PROTOCOL_VERSION!r}, got {raw['version']!r}",
+            jid,
+        )
+    try:
+        return JobDocument.model_validate(raw), raw
+    except ValidationError as e:
+        raise JobRejected(ErrorCode.VALIDATION_ERROR, f"{who}: {describe(e)}", jid) from None
+
+
+def describe(err: ValidationError, prefix: str = "") -> str:
+    """Turn a pydantic error into '; '-joined "field 'a.b': expected ..., got ..." phrases."""
+    parts = []
+    for item in err.errors(include_url=False)[:8]:
+        loc = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "")
+        got = repr(item.get("input"))
+        got = got if len(got) <= 60 else got[:57] + "..."
+        msg = item["msg"]
+        if item["type"] == "string_pattern_mismatch":
+            pattern = str((item.get("ctx") or {}).get("pattern", ""))
+            msg = "Input should be " + _PATTERN_TEXT.get(pattern, f"a string matching {pattern!r}")
+        if item["type"] == "missing":
+            parts.append(f"field '{loc}': required but missing")
+        else:
+            parts.append(f"field '{loc}': {_expected(msg)}, got {got}")
+    return "; ".join(parts)
+
+
+_PATTERN_TEXT = {
+    JOB_ID_RE.pattern: "1-128 characters of A-Z a-z 0-9 . _ -, the first a letter or digit",
+    OPERATION_RE.pattern: "a lower-case dotted name such as 'system.echo'",
+    PAYLOAD_TYPE_RE.pattern: "'<namespace>.<name>.v<N>', e.g. 'system.echo.v1'",
+}
+
+
+def _expected(msg: str) -> str:
+    msg = msg.removeprefix("Value error, ")
+    if msg.startswith("Input should be "):
+        return "expected " + msg.removeprefix("Input should be ")
+    if msg.startswith("String should match pattern"):
+        return "expected " + msg.replace("String should match pattern", "a string matching")
+    return msg[0].lower() + msg[1:] if msg else "invalid"

@@ -1,0 +1,234 @@
+"""The directory protocol (DESIGN §3): which file exists where is the state of record."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from worker import fsutil
+from worker.config import Settings
+from worker.errors import SpoolLocked
+from worker.spec import dumps, dumps_pretty, loads, rfc3339
+
+ACTIVE, RETRY = ".active", ".retry"
+
+
+class Spool:
+    """One jobs directory and its results directory; only the supervisor writes outside the inbox."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.inbox = settings.jobs_dir.absolute()
+        self.results = settings.results_dir.absolute()
+        self.work = settings.work_dir.absolute()
+        self.fsync = settings.fsync
+        d = self.inbox
+        self.tmp, self.status_dir, self.cancel_dir, self.keys = (
+            d / ".tmp", d / ".status", d / ".cancel", d / ".keys"
+        )
+        self.done, self.failed, self.rejected = d / "done", d / "failed", d / "rejected"
+        self._lock_fd: int | None = None
+        self._seq = itertools.count()
+
+    def setup(self) -> None:
+        """Create every directory of the spool."""
+        fsutil.makedirs(
+            self.inbox, self.inbox / ACTIVE, self.inbox / RETRY, self.tmp, self.status_dir,
+            self.cancel_dir, self.keys, self.done, self.failed, self.rejected, self.results,
+            self.work,
+        )
+
+    def lock(self) -> None:
+        """Take the spool's lock for this process; raise SpoolLocked when another supervisor has it."""
+        fd = os.open(self.inbox / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolLocked(
+                f"another supervisor (pid {holder}) already serves the spool {self.inbox}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    # -- inbox --------------------------------------------------------------------------
+
+    def inbox_names(self) -> list[str]:
+        """Names in the inbox that look like job files, oldest-named first."""
+        with os.scandir(self.inbox) as it:
+            return sorted(e.name for e in it if e.name.endswith(".json") and e.name[0] != ".")
+
+    def claim(self, name: str) -> str | None:
+        """Move an inbox file into .active under a unique name; None when it is gone."""
+        claimed = f"{time.time_ns():020d}-{next(self._seq):06d}-{name}"
+        try:
+            os.rename(self.inbox / name, self.inbox / ACTIVE / claimed)
+        except FileNotFoundError:
+            return None
+        return claimed
+
+    def path(self, where: str, claimed: str) -> Path:
+        """Where a claimed job file lives (`where` is .active or .retry)."""
+        return self.inbox / where / claimed
+
+    def move(self, claimed: str, src: str, dst: str) -> None:
+        """Move a claimed job file between .active and .retry."""
+        os.rename(self.inbox / src / claimed, self.inbox / dst / claimed)
+
+    def claimed(self) -> list[tuple[str, str]]:
+        """Every claimed job file as (where, name), for recovery."""
+        return [(w, n) for w in (ACTIVE, RETRY) for n in sorted(os.listdir(self.inbox / w))]
+
+    def reject(self, src: Path, record: dict[str, Any]) -> Path:
+        """Move an unacceptable file aside into rejected/ with a `<name>.error.json` beside it."""
+        name = original_name(src.name)
+        dest = self.rejected / name
+        if dest.exists() or dest.is_symlink():
+            dest = self.rejected / f"{time.time_ns()}-{name}"
+        os.rename(src, dest)
+        record = {**record, "file": dest.name, "rejected_at": rfc3339()}
+        fsutil.write_atomic(dest.with_name(dest.name + ".error.json"), dumps_pretty(record),
+                            fsync=self.fsync)
+        return dest
+
+    def archive(self, where: str, claimed: str, job_id: str, ok: bool, reason: str = "") -> None:
+        """Move a finished job's file to done/ or failed/ (with `<id>.reason.txt` on failure)."""
+        dest = (self.done if ok else self.failed) / f"{job_id}.json"
+        if not ok:
+            fsutil.write_atomic(dest.with_name(f"{job_id}.reason.txt"), (reason + "\n").encode(),
+                                fsync=False)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.inbox / where / claimed, dest)
+        self.remove_status(job_id)
+        self.clear_cancel(job_id)
+
+    # -- status ---------------------------------------------------------------------------
+
+    def write_status(self, job_id: str, doc: dict[str, Any], durable: bool = False) -> None:
+        """Record a job's live status; durable when the write decides what recovery does."""
+        doc = {**doc, "job_id": job_id, "updated_at": rfc3339()}
+        fsutil.write_atomic(self.status_dir / f"{job_id}.json", dumps(doc),
+                            fsync=durable and self.fsync)
+
+    def read_status(self, job_id: str) -> dict[str, Any] | None:
+        """The live status of a job, or None."""
+        return _read_json(self.status_dir / f"{job_id}.json")
+
+    def remove_status(self, job_id: str) -> None:
+        """Forget a finished job's live status."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.status_dir / f"{job_id}.json")
+
+    def statuses(self) -> list[dict[str, Any]]:
+        """Every live status."""
+        out = []
+        for name in sorted(os.listdir(self.status_dir)):
+            if name.endswith(".json") and not name.startswith("."):
+                doc = _read_json(self.status_dir / name)
+                if doc:
+                    out.append(doc)
+        return out
+
+    # -- results ----------------------------------------------------------------------------
+
+    def result_path(self, job_id: str) -> Path:
+        """Where the result of `job_id` is (or will be)."""
+        return self.results / f"{job_id}-result.json"
+
+    def publish_result(self, job_id: str, doc: dict[str, Any]) -> bool:
+        """Write the result once; False when one already exists (it is never replaced)."""
+        return fsutil.publish_noreplace(self.result_path(job_id), dumps_pretty(doc),
+                                        fsync=self.fsync)
+
+    def read_result(self, job_id: str) -> dict[str, Any] | None:
+        """The result of `job_id`, or None."""
+        return _read_json(self.result_path(job_id))
+
+    def has_result(self, job_id: str) -> bool:
+        """True once `job_id` has its result."""
+        return self.result_path(job_id).exists()
+
+    # -- cancel requests ----------------------------------------------------------------------
+
+    def request_cancel(self, job_id: str) -> None:
+        """Ask the supervisor to cancel `job_id`."""
+        fsutil.write_atomic(self.cancel_dir / job_id, rfc3339().encode(), fsync=False)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """True when a cancel request for `job_id` is waiting."""
+        return (self.cancel_dir / job_id).exists()
+
+    def clear_cancel(self, job_id: str) -> None:
+        """Drop a handled cancel request."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.cancel_dir / job_id)
+
+    # -- idempotency keys ------------------------------------------------------------------------
+
+    def _key_path(self, key: str) -> Path:
+        return self.keys / hashlib.sha256(key.encode()).hexdigest()
+
+    def key_owner(self, key: str) -> str | None:
+        """The job that holds idempotency `key`, or None."""
+        try:
+            return self._key_path(key).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def take_key(self, key: str, job_id: str) -> None:
+        """Make `job_id` the durable holder of `key`."""
+        fsutil.write_atomic(self._key_path(key), job_id.encode(), fsync=self.fsync)
+
+    # -- submitting --------------------------------------------------------------------------------
+
+    def submit(self, job_id: str, data: bytes) -> Path:
+        """Stage a job file in .tmp (fsync) and rename it into the inbox; refuse to replace one."""
+        name = f"{job_id}.json"
+        staged = self.tmp / f"{name}.{os.getpid()}"
+        fsutil.write_atomic(staged, data, fsync=True)
+        dest = self.inbox / name
+        try:
+            os.link(staged, dest)
+        finally:
+            os.unlink(staged)
+        fsutil.fsync_dir(self.inbox)
+        return dest
+
+    def sweep_tmp(self, older_than: float = 3600.0) -> int:
+        """Remove staging leftovers older than `older_than` seconds; return how many."""
+        cutoff, n = time.time() - older_than, 0
+        for entry in os.scandir(self.tmp):
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    n += 1
+        return n
+
+    def workdir(self, job_id: str) -> Path:
+        """The job's private scratch directory (created on demand)."""
+        path = self.work / job_id
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+
+def original_name(claimed: str) -> str:
+    """The inbox name a claimed file had (claiming prefixes a time and a sequence number)."""
+    parts = claimed.split("-", 2)
+    if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+        return parts[2]
+    return claimed
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None

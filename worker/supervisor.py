@@ -1,0 +1,562 @@
+"""The event loop: claim from the spool, fill slots with sandboxed children, drive states, drain."""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from worker import sandbox
+from worker.child import ChildSpec
+from worker.config import Settings
+from worker.errors import ErrorCode, UnsafeFile
+from worker.intake import Accepted, Intake
+from worker.job import RETRYABLE, Job, Outcome, decide, run_metrics, spawn
+from worker.registry import Registry
+from worker.results import Ending, build
+from worker.signals import SignalPipe
+from worker.spec import JobDocument, Limits, parse_job
+from worker.spool import ACTIVE, RETRY, Spool
+from worker.states import JobState
+from worker.watch import Watch
+
+log = logging.getLogger("guestkit.supervisor")
+HOUSEKEEPING = 1.0  #: longest the loop sleeps: retries, deadlines and waiting jobs are checked
+
+
+class Supervisor:
+    """Owns the spool, the job table and every child; single-threaded."""
+
+    def __init__(self, settings: Settings, registry: Registry, version: str,
+                 reload: Callable[[], Settings] | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.version = version
+        self.reload_settings = reload
+        self.spool = Spool(settings)
+        self.jobs: dict[str, Job] = {}
+        self.running: dict[int, Job] = {}
+        self.ready: list[tuple[int, int, str]] = []  # (-priority, seq, job_id)
+        self.retries: list[tuple[float, str]] = []  # (not_before epoch, job_id)
+        self.key_waiters: dict[str, list[str]] = {}
+        self.waiting: set[str] = set()
+        self.draining = False
+        self.drain_deadline: float | None = None
+        self.orphans_reaped = 0
+        self._seq = itertools.count()
+        self.sel = selectors.DefaultSelector()
+        self.intake = Intake(self.spool, registry, settings, version, self.jobs.__contains__)
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until drained; return the process exit code."""
+        self._start()
+        try:
+            while not (self.draining and not self.running):
+                self._tick()
+        finally:
+            self._stop()
+        log.info("drained: no job running; exiting")
+        return 0
+
+    def _start(self) -> None:
+        self.spool.setup()
+        self.spool.lock()
+        sandbox.become_subreaper()
+        self.registry.prepare_all()
+        self.signals = SignalPipe()
+        self.sel.register(self.signals, selectors.EVENT_READ, self._on_signals)
+        self.watch = Watch()
+        self.watch.add("inbox", self.spool.inbox)
+        self.watch.add("cancel", self.spool.cancel_dir)
+        self.sel.register(self.watch, selectors.EVENT_READ, self._on_watch)
+        self.spool.sweep_tmp()
+        self._recover()
+        self._scan()
+        log.info("ready: worker %s, pool %s, %d slot(s), spool %s, %d job(s) queued",
+                 self.settings.worker_id, self.settings.pool, self.settings.max_concurrent,
+                 self.spool.inbox, len(self.jobs))
+
+    def _stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.watch.close()
+        self.signals.close()
+        self.sel.close()
+
+    def _tick(self) -> None:
+        for key, _ in self.sel.select(self._timeout()):
+            key.data()
+        now = time.monotonic()
+        self._enforce(now)
+        self._release_retries()
+        self._fill_slots(now)
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        nearest = now + HOUSEKEEPING
+        for job in self.running.values():
+            run = job.run
+            assert run is not None
+            nearest = min(nearest, run.kill_at or run.deadline)
+        if self.drain_deadline is not None:
+            nearest = min(nearest, self.drain_deadline)
+        return max(0.0, nearest - now)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _on_signals(self) -> None:
+        for sig in self.signals.drain():
+            if sig == signal.SIGCHLD:
+                self._reap()
+            elif sig in (signal.SIGTERM, signal.SIGINT):
+                self._begin_drain(signal.Signals(sig).name)
+            elif sig == signal.SIGHUP:
+                self._reload()
+            elif sig == signal.SIGUSR1:
+                self._dump()
+
+    def _on_watch(self) -> None:
+        for change in self.watch.read():
+            if change.where == "cancel":
+                self._on_cancel(change.name)
+            elif not self.draining and change.name.endswith(".json"):
+                self._take(change.name)
+        if self.watch.overflowed:
+            self.watch.overflowed = False
+            log.warning("inotify queue overflowed; rescanning the inbox")
+            self._scan()
+
+    def _scan(self) -> None:
+        for name in self.spool.inbox_names():
+            self._take(name)
+        for name in os.listdir(self.spool.cancel_dir):
+            self._on_cancel(name)
+
+    def _take(self, name: str) -> None:
+        try:
+            accepted = self.intake.take(name)
+        except OSError as e:  # never let one file stop the loop
+            log.error("could not take %s from the inbox: %s", name, e)
+            return
+        if accepted is not None:
+            self._admit(accepted)
+
+    def _admit(self, acc: Accepted) -> None:
+        job = acc.job
+        job.observability = acc.doc.observability.model_dump() if acc.doc.observability else None
+        self.jobs[job.job_id] = job
+        if acc.ending is not None:
+            self._conclude(job, acc.ending)
+            return
+        if self.spool.cancel_requested(job.job_id) and job.cancellable:
+            self._cancel_queued(job)
+            return
+        self._log(job, "queued: %s, priority %d, attempt %d/%d", job.operation, job.priority,
+                  job.attempt, job.max_attempts)
+        if job.waiting_for:
+            self._wait(job, job.waiting_for)
+        elif job.not_before > time.time():
+            heapq.heappush(self.retries, (job.not_before, job.job_id))
+            self._write_status(job)
+        else:
+            self._enqueue(job)
+
+    def _enqueue(self, job: Job) -> None:
+        heapq.heappush(self.ready, (-job.priority, next(self._seq), job.job_id))
+        self._write_status(job)
+
+    def _wait(self, job: Job, why: str) -> None:
+        job.waiting_for = why
+        self.waiting.add(job.job_id)
+        self._write_status(job)
+        self._log(job, "waiting: %s", why, level=logging.WARNING)
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def _fill_slots(self, now: float) -> None:
+        while self.ready and len(self.running) < self.settings.max_concurrent and not self.draining:
+            _, _, job_id = heapq.heappop(self.ready)
+            job = self.jobs.get(job_id)
+            if job is None or job.state is not JobState.QUEUED or job.waiting_for:
+                continue
+            try:
+                self._dispatch(job, now)
+            except (OSError, UnsafeFile) as e:
+                log.exception("could not start job %s", job_id)
+                self._conclude(job, self._ending(job, "failed", ErrorCode.INTERNAL,
+                                                 f"job {job_id!r}: could not be started: {e}"))
+
+    def _dispatch(self, job: Job, now: float) -> None:
+        if job.deadline is not None and time.time() >= job.deadline:
+            self._conclude(job, self._ending(job, "failed", ErrorCode.DEADLINE_EXCEEDED,
+                                             f"job {job.job_id!r}: its deadline passed while it was queued"))
+            return
+        if job.idempotency_key and not self._own_key(job):
+            return
+        data = self.spool.path(job.where, job.claimed).read_bytes()
+        doc, _ = parse_job(data, job.claimed)
+        handler = self.registry.get(job.operation)
+        assert handler is not None
+        limits = self._limits(doc.execution.limits, job.timeout)
+        timeout = float(job.timeout)
+        if job.deadline is not None:
+            timeout = min(timeout, job.deadline - time.time())
+        job.move(JobState.ASSIGNED)
+        self._write_status(job, durable=True)  # the attempt is on disk before it starts
+        spec = ChildSpec(
+            job_id=job.job_id, operation=job.operation, attempt=job.attempt,
+            data=doc.payload.data, handler=handler, workdir=self.spool.workdir(job.job_id),
+            output_dir=self.settings.output_dir.absolute(), limits=limits,
+            env=self._child_env(job, doc), supervisor_pid=os.getpid(),
+            message_cap=self.settings.max_message_bytes,
+        )
+        run = spawn(spec, timeout, now)
+        job.run = run
+        job.move(JobState.RUNNING)
+        self.running[run.pid] = job
+        self.sel.register(run.reader.fd, selectors.EVENT_READ, lambda: self._on_pipe(job))
+        self._write_status(job)
+        self._log(job, "running: pid %d, attempt %d/%d, timeout %.0f s", run.pid, job.attempt,
+                  job.max_attempts, timeout)
+
+    def _limits(self, asked: Limits | None, timeout: int) -> sandbox.Limits:
+        s = self.settings
+
+        def pick(want: int | None, cap: int) -> int:
+            return min(want, cap) if want else cap
+
+        asked = asked or Limits()
+        return sandbox.Limits(
+            memory_mb=pick(asked.memory_mb, s.memory_limit_mb),
+            cpu_seconds=pick(asked.cpu_seconds, s.cpu_limit_seconds or timeout),
+            max_processes=pick(asked.max_processes, s.max_processes),
+            max_open_files=pick(asked.max_open_files, s.max_open_files),
+            max_file_size_mb=pick(asked.max_file_size_mb, s.max_file_size_mb),
+        )
+
+    def _child_env(self, job: Job, doc: JobDocument) -> dict[str, str]:
+        env = {"GUESTKIT_JOB_ID": job.job_id, "GUESTKIT_OPERATION": job.operation,
+               "GUESTKIT_ATTEMPT": str(job.attempt)}
+        if job.idempotency_key:
+            env["GUESTKIT_IDEMPOTENCY_KEY"] = job.idempotency_key
+        return env
+
+    def _own_key(self, job: Job) -> bool:
+        """Take the job's idempotency key, or replay / park it; True when it may run now."""
+        key = job.idempotency_key
+        assert key is not None
+        owner = self.spool.key_owner(key)
+        if owner and owner != job.job_id:
+            if owner in self.jobs:
+                self.key_waiters.setdefault(key, []).append(job.job_id)
+                job.waiting_for = f"idempotency key {key!r} is held by job {owner!r}, not yet finished"
+                self._write_status(job)
+                return False
+            first = self.spool.read_result(owner)
+            if first and first.get("status") == "completed":
+                self._replay(job, owner, first)
+                return False
+        self.spool.take_key(key, job.job_id)
+        return True
+
+    def _replay(self, job: Job, owner: str, first: dict[str, Any]) -> None:
+        end = self._ending(job, "completed")
+        end.data = first.get("data")
+        end.output_file = (first.get("outputs") or {}).get("primary")
+        end.extra = {"idempotent_replay": {"job_id": owner}}
+        self._log(job, "idempotent replay of job %s", owner)
+        self._conclude(job, end)
+
+    # -- running jobs ---------------------------------------------------------------------------
+
+    def _on_pipe(self, job: Job) -> None:
+        run = job.run
+        assert run is not None
+        for msg in run.take_messages():
+            self._on_message(job, msg)
+        if run.reader.eof:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(run.reader.fd)
+
+    def _on_message(self, job: Job, msg: dict[str, Any]) -> None:
+        run = job.run
+        assert run is not None
+        run.last_message = time.monotonic()
+        kind = msg.get("type")
+        if kind == "progress":
+            run.progress = {k: msg.get(k) for k in ("phase", "percent", "message")}
+            pct = f" ({msg['percent']}%)" if msg.get("percent") is not None else ""
+            self._log(job, "%s - %s%s", msg.get("phase"), msg.get("message"), pct)
+            if run.last_message - run.last_status > 0.25:
+                self._write_status(job)
+        elif kind == "log":
+            level = logging.getLevelName(str(msg.get("level", "info")).upper())
+            self._log(job, "%s", msg.get("message"), level=level if isinstance(level, int) else 20)
+        elif kind == "result":
+            run.result = msg
+        elif kind == "error":
+            run.error = msg
+        else:
+            self._log(job, "ignored a malformed message from the job: %r", msg,
+                      level=logging.WARNING)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status, rusage = os.wait3(os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            job = self.running.pop(pid, None)
+            if job is None:
+                self.orphans_reaped += 1
+                continue
+            assert job.run is not None
+            job.run.status, job.run.rusage = status, rusage
+            self._finish_run(job)
+
+    def _finish_run(self, job: Job) -> None:
+        run = job.run
+        assert run is not None
+        for msg in run.take_messages():
+            self._on_message(job, msg)
+        run.signal_group(signal.SIGKILL)  # nothing of the job outlives it
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(run.reader.fd)
+        run.reader.close()
+        outcome = decide(run)
+        if outcome.status == "requeue" or (
+            outcome.status == "failed" and outcome.retryable and outcome.code in RETRYABLE
+            and job.attempt < job.max_attempts
+        ):
+            self._retry(job, outcome)
+            return
+        end = self._ending(job, outcome.status, outcome.code, outcome.message)
+        end.retryable, end.details = outcome.retryable, outcome.details
+        if run.result is not None and outcome.status == "completed":
+            end.data = run.result.get("data")
+            end.output_file = run.result.get("output_file")
+            end.artifacts = list(run.result.get("artifacts") or [])
+        self._conclude(job, end)
+
+    def _retry(self, job: Job, outcome: Outcome) -> None:
+        """Queue the next attempt after a back-off, or end the job when attempts are spent."""
+        if job.attempt >= job.max_attempts:
+            code = outcome.code or ErrorCode.WORKER_LOST
+            self._conclude(job, self._ending(job, "failed", code,
+                                             f"{outcome.message}; no attempts left "
+                                             f"({job.attempt} of {job.max_attempts})"))
+            return
+        delay = min(self.settings.retry_backoff * 2 ** (job.attempt - 1),
+                    self.settings.retry_backoff_max)
+        self._log(job, "attempt %d/%d ended (%s: %s); retrying in %.1f s", job.attempt,
+                  job.max_attempts, outcome.code, outcome.message, delay, level=logging.WARNING)
+        job.run = None
+        job.move(JobState.QUEUED)
+        job.attempt += 1
+        job.not_before = time.time() + delay
+        if delay > 0 and job.where == ACTIVE:
+            self.spool.move(job.claimed, ACTIVE, RETRY)
+            job.where = RETRY
+        self._write_status(job, durable=True)
+        heapq.heappush(self.retries, (job.not_before, job.job_id))
+
+    def _release_retries(self) -> None:
+        now = time.time()
+        while self.retries and self.retries[0][0] <= now:
+            _, job_id = heapq.heappop(self.retries)
+            job = self.jobs.get(job_id)
+            if job is None or job.state is not JobState.QUEUED:
+                continue
+            if job.where == RETRY:
+                self.spool.move(job.claimed, RETRY, ACTIVE)
+                job.where = ACTIVE
+            self._enqueue(job)
+        for job_id in [j for j in self.waiting if (self.jobs[j].deadline or now + 1) <= now]:
+            self.waiting.discard(job_id)
+            job = self.jobs[job_id]
+            self._conclude(job, self._ending(job, "failed", ErrorCode.DEADLINE_EXCEEDED,
+                                             f"job {job_id!r}: its deadline passed while it waited "
+                                             f"({job.waiting_for})"))
+
+    def _enforce(self, now: float) -> None:
+        grace = self.settings.kill_grace
+        shutdown = self.drain_deadline is not None and now >= self.drain_deadline
+        for job in list(self.running.values()):
+            run = job.run
+            assert run is not None
+            if run.kill_at is not None and now >= run.kill_at and not run.killed:
+                run.signal_group(signal.SIGKILL)
+                run.killed = True
+            elif run.kill_reason is None and now >= run.deadline:
+                self._log(job, "timed out after %.0f s; stopping it", now - run.started,
+                          level=logging.WARNING)
+                run.begin_kill("timeout", grace, now)
+            elif shutdown and run.kill_reason is None:
+                self._log(job, "still running at the end of the drain; stopping it",
+                          level=logging.WARNING)
+                run.begin_kill("shutdown", grace, now)
+            elif not run.stalled and now - run.last_message > self.settings.stall_timeout:
+                run.stalled = True
+                self._write_status(job)
+                self._log(job, "stalled: no report for %.0f s", now - run.last_message,
+                          level=logging.WARNING)
+
+    # -- ends -----------------------------------------------------------------------------------
+
+    def _ending(self, job: Job, status: str, code: ErrorCode | None = None,
+                message: str = "") -> Ending:
+        run = job.run
+        now = time.time()
+        return Ending(
+            job_id=job.job_id, status=status, attempt=job.attempt,
+            max_attempts=job.max_attempts, idempotency_key=job.idempotency_key, code=code,
+            message=message, phase=(run.progress.get("phase") or "execution") if run else "queued",
+            started_at=run.started_wall if run else None, finished_at=now,
+            metrics=run_metrics(run, time.monotonic()) if run else None,
+            progress=run.progress or None if run else None, observability=job.observability,
+        )
+
+    def _conclude(self, job: Job, end: Ending) -> None:
+        """Publish the one result, archive the job file, forget the job, wake its waiters."""
+        job.move(JobState(end.status))
+        if not self.spool.publish_result(job.job_id, build(end, self.settings)):
+            self._log(job, "a result already existed; kept the first", level=logging.WARNING)
+        self.spool.archive(job.where, job.claimed, job.job_id, end.status == "completed",
+                           f"{end.code}: {end.message}" if end.code else "")
+        self.jobs.pop(job.job_id, None)
+        self.waiting.discard(job.job_id)
+        level = logging.INFO if end.status == "completed" else logging.WARNING
+        detail = f" ({end.code}: {end.message})" if end.code else ""
+        self._log(job, "%s%s", end.status, detail, level=level)
+        if job.idempotency_key:
+            for waiter in self.key_waiters.pop(job.idempotency_key, []):
+                other = self.jobs.get(waiter)
+                if other is not None and other.state is JobState.QUEUED:
+                    other.waiting_for = None
+                    self._enqueue(other)
+
+    def _cancel_queued(self, job: Job) -> None:
+        self._conclude(job, self._ending(job, "cancelled", ErrorCode.CANCELLED,
+                                         f"job {job.job_id!r} was cancelled before it ran"))
+
+    def _on_cancel(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            if self.spool.has_result(job_id):
+                self.spool.clear_cancel(job_id)
+            return  # it may not have arrived yet: the request waits for it
+        if not job.cancellable:
+            self._log(job, "cancel refused: execution.cancellable is false", level=logging.WARNING)
+            self.spool.clear_cancel(job_id)
+        elif job.state is JobState.QUEUED:
+            self._cancel_queued(job)
+        elif job.run is not None:
+            self._log(job, "cancel requested; stopping it")
+            job.run.begin_kill("cancel", self.settings.kill_grace, time.monotonic())
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Bring back every claimed job after a restart (DESIGN §3)."""
+        for where, claimed in self.spool.claimed():
+            path = self.spool.path(where, claimed)
+            try:
+                data = path.read_bytes()
+                doc, _ = parse_job(data, claimed)
+            except Exception:
+                self.intake.admit(where, claimed, path.read_bytes(), claimed)  # rejects it
+                continue
+            if self.spool.has_result(doc.job_id):
+                first = self.spool.read_result(doc.job_id) or {}
+                self.spool.archive(where, claimed, doc.job_id, first.get("status") == "completed")
+                continue
+            self._recover_one(where, claimed, data, doc.job_id)
+
+    def _recover_one(self, where: str, claimed: str, data: bytes, job_id: str) -> None:
+        status = self.spool.read_status(job_id) or {}
+        attempt = int(status.get("attempt") or 0) or None
+        was_running = status.get("state") in ("assigned", "running")
+        acc = self.intake.admit(where, claimed, data, claimed,
+                                attempt=(attempt + 1) if was_running and attempt else attempt)
+        if acc is None:
+            return
+        job = acc.job
+        if was_running and attempt and attempt >= job.max_attempts:
+            job.attempt = attempt
+            self.jobs[job.job_id] = job
+            self._conclude(job, self._ending(
+                job, "failed", ErrorCode.WORKER_LOST,
+                f"job {job_id!r}: the worker stopped while attempt {attempt} of "
+                f"{job.max_attempts} ran; no attempts left"))
+            return
+        if was_running:
+            self._log(job, "recovered after a worker restart; attempt %d/%d next", job.attempt,
+                      job.max_attempts, level=logging.WARNING)
+            self._write_status(job, durable=True)
+        job.not_before = float(status.get("not_before") or 0.0)
+        self._admit(acc)
+
+    # -- signals' work ------------------------------------------------------------------------
+
+    def _begin_drain(self, why: str) -> None:
+        now = time.monotonic()
+        if self.draining:
+            log.warning("%s again: stopping running jobs now", why)
+            self.drain_deadline = now
+            return
+        self.draining = True
+        self.drain_deadline = now + self.settings.shutdown_timeout
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(self.watch)
+        log.info("%s: draining; %d running job(s) get %.0f s to finish", why, len(self.running),
+                 self.settings.shutdown_timeout)
+
+    def _reload(self) -> None:
+        if self.reload_settings is None:
+            return
+        try:
+            new = self.reload_settings()
+        except Exception as e:
+            log.error("reload failed, keeping the current settings: %s", e)
+            return
+        fixed = [k for k in ("worker_id", "pool", "jobs_dir", "results_dir", "work_dir")
+                 if getattr(new, k) != getattr(self.settings, k)]
+        if fixed:
+            log.warning("reload: %s cannot change while running; restart to apply",
+                        ", ".join(fixed))
+            new = new.model_copy(update={k: getattr(self.settings, k) for k in fixed})
+        self.settings = new
+        self.intake.settings = new
+        self.spool.fsync = new.fsync
+        log.info("reloaded settings: %d slot(s)", new.max_concurrent)
+
+    def _dump(self) -> None:
+        log.info("status: %d running, %d queued, %d waiting, %d retrying, draining=%s",
+                 len(self.running), len(self.ready), len(self.waiting), len(self.retries),
+                 self.draining)
+        for job in self.running.values():
+            assert job.run is not None
+            self._log(job, "running pid %d for %.1f s, progress %s", job.run.pid,
+                      time.monotonic() - job.run.started, job.run.progress)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _write_status(self, job: Job, durable: bool = False) -> None:
+        if job.run is not None:
+            job.run.last_status = time.monotonic()
+        self.spool.write_status(job.job_id, job.status_doc(self.settings.worker_id), durable)
+
+    def _log(self, job: Job, fmt: str, *args: Any, level: int = logging.INFO) -> None:
+        log.log(level, fmt, *args, extra={"job_id": job.job_id, "operation": job.operation,
+                                          "state": job.state.value, "attempt": job.attempt,
+                                          "worker_id": self.settings.worker_id})
