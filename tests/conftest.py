@@ -1,0 +1,204 @@
+"""Fixtures that run a real supervisor process on a spool in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import pytest
+from inotify_simple import INotify, flags
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGINS = ROOT / "tests" / "plugins"
+EXAMPLES = ROOT.parent / "shared" / "examples"
+
+
+def job(job_id: str, operation: str = "system.echo", data: Any = None,
+        payload_type: str | None = None, **execution: Any) -> dict[str, Any]:
+    """A valid job document."""
+    doc: dict[str, Any] = {
+        "version": "1.0", "job_id": job_id, "kind": "VMOperation", "operation": operation,
+        "payload": {"type": payload_type or f"{operation}.v1",
+                    "data": {"n": job_id} if data is None else data},
+    }
+    if execution:
+        doc["execution"] = execution
+    return doc
+
+
+def wait_until(check: Callable[[], Any], watch: list[Path], timeout: float = 30.0,
+               what: str = "condition") -> Any:
+    """Return check()'s first truthy value, re-checking on each inotify event in `watch` dirs."""
+    ino = INotify()
+    try:
+        for d in watch:
+            d.mkdir(parents=True, exist_ok=True)
+            ino.add_watch(str(d), flags.CREATE | flags.MOVED_TO | flags.CLOSE_WRITE | flags.DELETE
+                          | flags.MOVED_FROM)
+        end = time.monotonic() + timeout
+        while True:
+            value = check()
+            if value:
+                return value
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            ino.read(timeout=int(min(left, 1.0) * 1000))
+    finally:
+        ino.close()
+
+
+class Worker:
+    """A supervisor process on its own spool; everything it does is observable on disk."""
+
+    def __init__(self, base: Path, extra_args: list[str], env: dict[str, str] | None) -> None:
+        self.base = base
+        self.jobs = base / "jobs"
+        self.results = base / "results"
+        self.work = base / "work"
+        self.outputs = base / "outputs"
+        self.log_path = base / "worker.log"
+        self.extra_args = extra_args
+        self.env = {**os.environ, "PYTHONPATH": str(PLUGINS), "GUESTKIT_WORKER_CONFIG": "/dev/null",
+                    **(env or {})}
+        self.env.pop("NOTIFY_SOCKET", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def args(self) -> list[str]:
+        return ["--jobs-dir", str(self.jobs), "--results-dir", str(self.results),
+                "--work-dir", str(self.work), "--output-dir", str(self.outputs)]
+
+    def start(self, *more: str, wait_ready: bool = True) -> Worker:
+        """Start the supervisor; return once its log says it is ready."""
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "supervise", *self.args(), "--log-format", "human",
+             *self.extra_args, *more],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.base,
+        )
+        log.close()
+        if wait_ready:
+            wait_until(lambda: self.proc.poll() is not None or "ready:" in self.log(),
+                       [self.base], 30, "the worker to be ready")
+            assert self.proc.poll() is None, self.log()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str, check: bool = True, input: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        """Run a client command against this spool."""
+        cmd, *rest = args
+        proc = subprocess.run(
+            [sys.executable, "-m", "worker", cmd, "--jobs-dir", str(self.jobs), "--results-dir",
+             str(self.results), "--work-dir", str(self.work), *rest],
+            capture_output=True, text=True, env=self.env, input=input, timeout=120,
+        )
+        if check:
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    def drop(self, doc: dict[str, Any] | bytes, name: str | None = None) -> Path:
+        """Write a job file elsewhere and rename it into the inbox (the atomic drop)."""
+        data = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+        name = name or f"{doc['job_id']}.json"  # type: ignore[index]
+        self.jobs.mkdir(parents=True, exist_ok=True)
+        tmp = self.base / f".drop-{name}"
+        tmp.write_bytes(data)
+        os.rename(tmp, self.jobs / name)
+        return self.jobs / name
+
+    def result(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            return orjson.loads((self.results / f"{job_id}-result.json").read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def wait_result(self, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
+        return wait_until(lambda: self.result(job_id), [self.results], timeout,
+                          f"the result of {job_id}")
+
+    def wait_results(self, count: int, timeout: float = 60.0) -> None:
+        wait_until(lambda: len(os.listdir(self.results)) >= count, [self.results], timeout,
+                   f"{count} results")
+
+    def runs(self, job_id: str) -> list[str]:
+        path = self.outputs / f"{job_id}.runs"
+        return path.read_text().split("\n")[:-1] if path.exists() else []
+
+    def children(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; return the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def make_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Build workers on the test's spool; any left running are stopped (killed if stuck)."""
+    made: list[Worker] = []
+
+    def make(*extra_args: str, env: dict[str, str] | None = None) -> Worker:
+        w = Worker(tmp_path, list(extra_args), env)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        if w.proc is not None and w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGINT)
+            w.proc.send_signal(signal.SIGINT)
+            try:
+                w.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+
+
+@pytest.fixture
+def worker(make_worker: Callable[..., Worker]) -> Worker:
+    """A running worker with 4 slots and short kill grace."""
+    return make_worker("--kill-grace", "1").start()
+
+
+def no_process_left(pids: list[int]) -> bool:
+    """True when none of `pids` is alive (zombies count as gone)."""
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            continue
+    return True
+
+
+def select_sleep(seconds: float) -> None:
+    """Let time pass for a behaviour that is about time itself (not synchronisation)."""
+    select.select([], [], [], seconds)

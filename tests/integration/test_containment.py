@@ -1,0 +1,96 @@
+"""Jobs that hang, hog, crash or leave processes behind end clearly; the worker keeps serving."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import Worker, job, no_process_left, wait_until
+
+
+def _still_serving(w: Worker, tag: str) -> None:
+    w.drop(job(f"alive-{tag}"))
+    assert w.wait_result(f"alive-{tag}")["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_a_job_that_sleeps_forever_times_out_within_timeout_plus_grace(worker: Worker) -> None:
+    t0 = time.monotonic()
+    worker.drop(job("sleepy", "test.sleep", {}, timeout_seconds=1))
+    res = worker.wait_result("sleepy", timeout=20)
+    elapsed = time.monotonic() - t0
+    assert res["status"] == "timeout"
+    assert res["error"]["code"] == "TIMEOUT"
+    assert "wall-clock limit of 1 s" in res["error"]["message"]
+    assert elapsed < 1 + 1 + 3  # timeout + kill grace + scheduling slack
+    assert res["metrics"]["wall_seconds"] >= 1.0
+    _still_serving(worker, "timeout")
+
+
+def test_allocating_2_gib_under_256_mib_ends_as_memory_limit(make_worker) -> None:
+    w = make_worker("--memory-limit-mb", "256").start()
+    w.drop(job("hog", "test.alloc", {"mb": 2048}))
+    res = w.wait_result("hog")
+    assert res["status"] == "failed"
+    assert res["error"]["code"] == "MEMORY_LIMIT"
+    assert res["metrics"]["peak_memory_mb"] < 256 + 64
+    _still_serving(w, "memory")
+
+
+def test_a_spinning_job_ends_as_cpu_limit(worker: Worker) -> None:
+    doc = job("spinner", "test.spin", {}, limits={"cpu_seconds": 1})
+    worker.drop(doc)
+    res = worker.wait_result("spinner", timeout=20)
+    assert res["status"] == "failed"
+    assert res["error"]["code"] == "CPU_LIMIT"
+    assert res["metrics"]["cpu_seconds"] >= 0.9
+    _still_serving(worker, "cpu")
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["returns", "times-out"])
+def test_a_grandchild_ignoring_sigterm_leaves_no_process_behind(worker: Worker, wait: bool) -> None:
+    extra = {"timeout_seconds": 2} if wait else {}
+    worker.drop(job("parent", "test.grandchild", {"wait": wait}, **extra))
+    res = worker.wait_result("parent", timeout=20)
+    assert res["status"] == ("timeout" if wait else "completed")
+    pid = int((worker.work / "parent" / "grandchild.pid").read_text())
+    wait_until(lambda: no_process_left([pid]), [worker.base], 5, "the grandchild to die")
+    assert not worker.children()
+    _still_serving(worker, f"grandchild-{wait}")
+
+
+def test_a_segfault_gets_a_clear_error(worker: Worker) -> None:
+    worker.drop(job("crasher", "test.segv", {}))
+    res = worker.wait_result("crasher")
+    assert res["status"] == "failed"
+    assert res["error"]["code"] == "KILLED"
+    assert "SIGSEGV" in res["error"]["message"]
+    _still_serving(worker, "segv")
+
+
+def test_os_exit_3_gets_a_clear_error(worker: Worker) -> None:
+    worker.drop(job("quitter", "test.exit", {"code": 3}))
+    res = worker.wait_result("quitter")
+    assert res["status"] == "failed"
+    assert res["error"]["code"] == "EXECUTION_ERROR"
+    assert "exited with status 3 without sending a result" in res["error"]["message"]
+    _still_serving(worker, "exit")
+
+
+def test_a_handler_exception_is_execution_error_with_its_message(worker: Worker) -> None:
+    worker.drop(job("raiser", "test.raise", {"message": "disk on fire"}))
+    res = worker.wait_result("raiser")
+    assert res["error"]["code"] == "EXECUTION_ERROR"
+    assert res["error"]["message"] == "RuntimeError: disk on fire"
+    assert "Traceback" in res["error"]["details"]["traceback"]
+
+
+def test_job_output_is_captured_per_job_not_in_the_daemon_log(worker: Worker) -> None:
+    worker.drop(job("chatty", "test.print", {}))
+    assert worker.wait_result("chatty")["status"] == "completed"
+    assert (worker.work / "chatty" / "stdout.log").read_text() == "hello on stdout\n"
+    assert (worker.work / "chatty" / "stderr.log").read_text() == "hello on stderr\n"
+    assert "hello on" not in worker.log()
+    out = worker.cli("logs", "chatty").stdout
+    assert "hello on stdout" in out and "hello on stderr" in out

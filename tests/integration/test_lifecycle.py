@@ -1,0 +1,150 @@
+"""Crash recovery, drain on SIGTERM, one supervisor per spool, retries, priority, idempotency."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import orjson
+import psutil
+import pytest
+
+from conftest import Worker, job, no_process_left, wait_until
+
+
+def _running(w: Worker, n: int) -> list[psutil.Process]:
+    """Wait (on status-file events) until `n` jobs run; return the job processes."""
+
+    def check() -> list[psutil.Process] | None:
+        states = [orjson.loads(p.read_bytes()).get("state") for p in (w.jobs / ".status").glob("*.json")]
+        return w.children() if states.count("running") >= n else None
+
+    return wait_until(check, [w.jobs / ".status"], 20, f"{n} running job(s)")
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_restart_every_job_ends_once_within_max_attempts(make_worker) -> None:
+    w = make_worker("--max-concurrent", "4", "--kill-grace", "1").start()
+    ids = [f"crashy-{i}" for i in range(8)]
+    for i, jid in enumerate(ids):
+        attempts = 1 + i % 3
+        w.drop(job(jid, "test.sleep", {"seconds": 1.5}, max_attempts=attempts))
+    children = _running(w, 4)
+    w.kill()  # SIGKILL the supervisor while 4 jobs run
+    pids = [c.pid for c in children]
+    wait_until(lambda: no_process_left(pids), [w.base], 10, "PDEATHSIG to end the jobs")
+    w.start()
+    for jid in ids:
+        w.wait_result(jid, timeout=60)
+    for i, jid in enumerate(ids):
+        res = w.result(jid)
+        max_attempts = 1 + i % 3
+        assert len(w.runs(jid)) <= max_attempts, (jid, w.runs(jid))
+        assert res["execution_summary"]["attempt"] <= max_attempts
+        if res["status"] != "completed":
+            assert res["error"]["code"] == "WORKER_LOST"
+            assert "no attempts left" in res["error"]["message"]
+    assert sorted(os.listdir(w.results)) == sorted(f"{j}-result.json" for j in ids)
+    assert not any((w.jobs / ".active").iterdir())
+
+
+@pytest.mark.slow
+def test_sigterm_with_4_running_lets_them_complete_and_exits_0(make_worker) -> None:
+    w = make_worker("--max-concurrent", "4").start()
+    for i in range(4):
+        w.drop(job(f"drain-{i}", "test.sleep", {"seconds": 2}))
+    pids = [c.pid for c in _running(w, 4)]
+    assert w.stop() == 0
+    for i in range(4):
+        assert w.result(f"drain-{i}")["status"] == "completed"
+    assert no_process_left(pids)
+    assert "draining" in w.log()
+
+
+@pytest.mark.slow
+def test_drain_timeout_kills_and_requeues_then_a_second_term_skips_the_wait(make_worker) -> None:
+    w = make_worker("--shutdown-timeout", "60", "--kill-grace", "1").start()
+    w.drop(job("long", "test.sleep", {}, max_attempts=2))
+    pids = [c.pid for c in _running(w, 1)]
+    w.signal(signal.SIGTERM)
+    wait_until(lambda: "draining" in w.log(), [w.base], 10, "the drain to start")
+    w.signal(signal.SIGTERM)
+    assert w.proc.wait(20) == 0
+    assert no_process_left(pids)
+    assert w.result("long") is None  # requeued, not lost
+    status = orjson.loads((w.jobs / ".status" / "long.json").read_bytes())
+    assert status["state"] == "queued" and status["attempt"] == 2
+
+
+def test_a_second_supervisor_on_the_same_spool_exits_with_a_clear_message(worker: Worker) -> None:
+    proc = subprocess.run([sys.executable, "-m", "worker", "supervise", *worker.args()],
+                          capture_output=True, text=True, env=worker.env, timeout=60)
+    assert proc.returncode == 1
+    assert f"another supervisor (pid {worker.proc.pid}) already serves the spool" in proc.stderr
+
+
+def test_retryable_failures_are_retried_with_backoff_until_success(make_worker) -> None:
+    w = make_worker().start()
+    w.drop(job("flaky", "test.retry", {"succeed_on": 3}, max_attempts=3))
+    res = w.wait_result("flaky", timeout=30)
+    assert res["status"] == "completed"
+    assert res["execution_summary"]["attempt"] == 3
+    assert [line.split()[0] for line in w.runs("flaky")] == ["1", "2", "3"]
+    assert "retrying in 1.0 s" in w.log() and "retrying in 2.0 s" in w.log()
+
+
+def test_a_permanent_handler_error_is_not_retried(worker: Worker) -> None:
+    worker.drop(job("doomed", "test.raise", {"permanent": True, "message": "bad image"},
+                    max_attempts=3))
+    res = worker.wait_result("doomed")
+    assert res["error"]["code"] == "EXECUTION_ERROR" and res["error"]["message"] == "bad image"
+    assert len(worker.runs("doomed")) == 1
+
+
+def test_higher_priority_runs_first(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1").start()
+    w.drop(job("blocker", "test.sleep", {"seconds": 0.5}))
+    _running(w, 1)
+    for i, prio in enumerate([2, 9, 5, 1, 7]):
+        w.drop(job(f"p{prio}-{i}", "test.ledger", {}, priority=prio))
+    wait_until(lambda: "queued: test.ledger, priority 7" in w.log(), [w.base], 10)
+    w.wait_results(6)
+    order = sorted(
+        (w.result(j)["execution_summary"]["started_at"], j)
+        for j in ("p2-0", "p9-1", "p5-2", "p1-3", "p7-4")
+    )
+    assert [j for _, j in order] == ["p9-1", "p7-4", "p5-2", "p2-0", "p1-3"]
+
+
+def test_idempotency_key_replays_the_first_result_even_after_restart(make_worker) -> None:
+    w = make_worker().start()
+    w.drop(job("first", "test.ledger", {}, idempotency_key="k-1"))
+    assert w.wait_result("first")["status"] == "completed"
+    assert w.stop() == 0
+    w.start()
+    w.drop(job("second", "test.ledger", {}, idempotency_key="k-1"))
+    res = w.wait_result("second")
+    assert res["status"] == "completed"
+    assert res["idempotent_replay"] == {"job_id": "first"}
+    assert res["data"] == w.result("first")["data"]
+    assert w.runs("second") == []  # never executed
+
+
+def test_a_job_waits_for_a_running_job_with_the_same_key(make_worker) -> None:
+    w = make_worker().start()
+    w.drop(job("holder", "test.sleep", {"seconds": 0.5}, idempotency_key="k-2"))
+    _running(w, 1)
+    w.drop(job("follower", "test.ledger", {}, idempotency_key="k-2"))
+    res = w.wait_result("follower")
+    assert res["idempotent_replay"] == {"job_id": "holder"}
+    assert w.runs("follower") == []
+
+
+def test_a_failed_key_may_run_again(worker: Worker) -> None:
+    worker.drop(job("fails", "test.raise", {"permanent": True}, idempotency_key="k-3"))
+    assert worker.wait_result("fails")["status"] == "failed"
+    worker.drop(job("runs", "test.ledger", {}, idempotency_key="k-3"))
+    res = worker.wait_result("runs")
+    assert res["status"] == "completed" and "idempotent_replay" not in res

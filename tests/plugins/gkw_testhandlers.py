@@ -1,0 +1,104 @@
+"""Handlers for the test suite: each misbehaves in one way the worker must contain."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from handlers.base import Context, Handler, HandlerResult
+from worker.errors import HandlerError, RetryableError
+
+
+def _ledger(ctx: Context) -> None:
+    """Append one line per execution to <output_dir>/<job_id>.runs (counts attempts)."""
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    with open(ctx.output_dir / f"{ctx.job_id}.runs", "a") as f:
+        f.write(f"{ctx.attempt} {os.getpid()}\n")
+
+
+def _forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def _grandchild(ctx: Context) -> None:
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _forever()
+    (ctx.workdir / "grandchild.pid").write_text(str(pid))
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+class MisbehavingHandler(Handler):
+    """`test.<behaviour>`: sleep, alloc, spin, grandchild, segv, exit, raise, retry, echo."""
+
+    name = "misbehaving"
+    operations = ("test.sleep", "test.alloc", "test.spin", "test.grandchild", "test.segv",
+                  "test.exit", "test.raise", "test.retry", "test.ledger", "test.print")
+    payload_types = ()
+
+    def execute(self, ctx: Context, payload: Any) -> HandlerResult:
+        data = payload if isinstance(payload, dict) else {}
+        _ledger(ctx)
+        ctx.report_progress("execution", 10, f"{ctx.operation} starting")
+        behaviour = ctx.operation.split(".", 1)[1]
+        if behaviour == "sleep":
+            if "seconds" in data:
+                time.sleep(float(data["seconds"]))
+            else:
+                _forever()
+        elif behaviour == "alloc":
+            block = bytearray(int(data.get("mb", 2048)) << 20)
+            block[:: 4096] = b"x" * len(block[:: 4096])
+        elif behaviour == "spin":
+            _spin()
+        elif behaviour == "grandchild":
+            _grandchild(ctx)
+            if data.get("wait"):
+                _forever()
+        elif behaviour == "segv":
+            ctypes.string_at(0)
+        elif behaviour == "exit":
+            os._exit(int(data.get("code", 3)))
+        elif behaviour == "raise":
+            if data.get("permanent"):
+                raise HandlerError(str(data.get("message", "permanent failure")))
+            raise RuntimeError(str(data.get("message", "boom")))
+        elif behaviour == "retry":
+            if ctx.attempt < int(data.get("succeed_on", 2)):
+                raise RetryableError(f"transient failure on attempt {ctx.attempt}")
+        elif behaviour == "print":
+            print("hello on stdout", flush=True)
+            os.write(2, b"hello on stderr\n")
+        ctx.report_progress("execution", 100, "done")
+        return HandlerResult(data={"behaviour": behaviour, "attempt": ctx.attempt})
+
+
+class Count(BaseModel):
+    """The payload of `test.schema`."""
+
+    count: int
+    label: str = "x"
+
+
+class SchemaHandler(Handler):
+    """`test.schema`: validates payload.data against a pydantic model before fork."""
+
+    name = "schema"
+    operations = ("test.schema",)
+    payload_types = ("test.schema.v1",)
+    payload_model = Count
+
+    def execute(self, ctx: Context, payload: Any) -> HandlerResult:
+        assert isinstance(payload, Count)
+        return HandlerResult(data={"doubled": payload.count * 2})
