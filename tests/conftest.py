@@ -79,13 +79,12 @@ class Worker:
 
     def start(self, *more: str, wait_ready: bool = True) -> Worker:
         """Start the supervisor; return once its log says it is ready."""
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "supervise", *self.args(), "--log-format", "human",
-             *self.extra_args, *more],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.base,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "worker", "supervise", *self.args(), "--log-format",
+                 "human", *self.extra_args, *more],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.base,
+            )
         if wait_ready:
             wait_until(lambda: self.proc.poll() is not None or "ready:" in self.log(),
                        [self.base], 30, "the worker to be ready")

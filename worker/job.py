@@ -79,6 +79,7 @@ class Run:
     kill_at: float | None = None  # monotonic time of the SIGKILL step
     killed: bool = False  # SIGKILL sent
     last_status: float = 0.0  # monotonic time of the last status write
+    status_dirty: bool = False  # progress not yet in the status file
     status: int | None = None
     rusage: Any = None
     logs: list[dict[str, Any]] = field(default_factory=list)

@@ -29,6 +29,7 @@ from worker.watch import Watch
 
 log = logging.getLogger("guestkit.supervisor")
 HOUSEKEEPING = 1.0  #: longest the loop sleeps: retries, deadlines and waiting jobs are checked
+STATUS_EVERY = 0.25  #: at most this often a running job's progress is written to its status
 
 
 class Supervisor:
@@ -106,6 +107,8 @@ class Supervisor:
             run = job.run
             assert run is not None
             nearest = min(nearest, run.kill_at or run.deadline)
+            if run.status_dirty:
+                nearest = min(nearest, run.last_status + STATUS_EVERY)
         if self.drain_deadline is not None:
             nearest = min(nearest, self.drain_deadline)
         return max(0.0, nearest - now)
@@ -295,7 +298,8 @@ class Supervisor:
             run.progress = {k: msg.get(k) for k in ("phase", "percent", "message")}
             pct = f" ({msg['percent']}%)" if msg.get("percent") is not None else ""
             self._log(job, "%s - %s%s", msg.get("phase"), msg.get("message"), pct)
-            if run.last_message - run.last_status > 0.25:
+            run.status_dirty = True
+            if run.last_message - run.last_status >= STATUS_EVERY:
                 self._write_status(job)
         elif kind == "log":
             level = logging.getLevelName(str(msg.get("level", "info")).upper())
@@ -389,27 +393,37 @@ class Supervisor:
                                              f"({job.waiting_for})"))
 
     def _enforce(self, now: float) -> None:
-        grace = self.settings.kill_grace
+        """Apply every time-based rule to running jobs: timeouts, kill steps, drain, status, stall."""
         shutdown = self.drain_deadline is not None and now >= self.drain_deadline
         for job in list(self.running.values()):
-            run = job.run
-            assert run is not None
-            if run.kill_at is not None and now >= run.kill_at and not run.killed:
-                run.signal_group(signal.SIGKILL)
-                run.killed = True
-            elif run.kill_reason is None and now >= run.deadline:
-                self._log(job, "timed out after %.0f s; stopping it", now - run.started,
-                          level=logging.WARNING)
-                run.begin_kill("timeout", grace, now)
-            elif shutdown and run.kill_reason is None:
-                self._log(job, "still running at the end of the drain; stopping it",
-                          level=logging.WARNING)
-                run.begin_kill("shutdown", grace, now)
-            elif not run.stalled and now - run.last_message > self.settings.stall_timeout:
-                run.stalled = True
-                self._write_status(job)
-                self._log(job, "stalled: no report for %.0f s", now - run.last_message,
-                          level=logging.WARNING)
+            self._escalate(job, now, shutdown)
+            self._observe(job, now)
+
+    def _escalate(self, job: Job, now: float, shutdown: bool) -> None:
+        run = job.run
+        assert run is not None
+        if run.kill_at is not None and now >= run.kill_at and not run.killed:
+            run.signal_group(signal.SIGKILL)  # STOPPING -> KILL
+            run.killed = True
+        elif run.kill_reason is None and now >= run.deadline:
+            self._log(job, "timed out after %.0f s; stopping it", now - run.started,
+                      level=logging.WARNING)
+            run.begin_kill("timeout", self.settings.kill_grace, now)
+        elif shutdown and run.kill_reason is None:
+            self._log(job, "still running at the end of the drain; stopping it",
+                      level=logging.WARNING)
+            run.begin_kill("shutdown", self.settings.kill_grace, now)
+
+    def _observe(self, job: Job, now: float) -> None:
+        run = job.run
+        assert run is not None
+        if run.status_dirty and now - run.last_status >= STATUS_EVERY:
+            self._write_status(job)
+        if not run.stalled and now - run.last_message > self.settings.stall_timeout:
+            run.stalled = True
+            self._write_status(job)
+            self._log(job, "stalled: no report for %.0f s", now - run.last_message,
+                      level=logging.WARNING)
 
     # -- ends -----------------------------------------------------------------------------------
 
@@ -554,6 +568,7 @@ class Supervisor:
     def _write_status(self, job: Job, durable: bool = False) -> None:
         if job.run is not None:
             job.run.last_status = time.monotonic()
+            job.run.status_dirty = False
         self.spool.write_status(job.job_id, job.status_doc(self.settings.worker_id), durable)
 
     def _log(self, job: Job, fmt: str, *args: Any, level: int = logging.INFO) -> None:

@@ -1,0 +1,123 @@
+"""The client commands against a live supervisor: submit --wait, status, result, list, cancel."""
+
+from __future__ import annotations
+
+import orjson
+from conftest import Worker, job, wait_until
+
+
+def test_submit_from_flags_with_wait_prints_progress_and_the_result(worker: Worker) -> None:
+    out = worker.cli("submit", "--operation", "system.echo", "--data", '{"hi": 1}',
+                     "--job-id", "cli-1", "--idempotency-key", "cli-key", "--timeout", "30",
+                     "--priority", "7", "--wait")
+    assert out.stdout.startswith("submitted cli-1\n")
+    res = orjson.loads(out.stdout.split("\n", 1)[1])
+    assert res["status"] == "completed" and res["data"]["echo"] == {"hi": 1}
+    assert res["execution_summary"]["idempotency_key"] == "cli-key"
+    archived = orjson.loads((worker.jobs / "done" / "cli-1.json").read_bytes())
+    assert archived["execution"] == {"idempotency_key": "cli-key", "timeout_seconds": 30,
+                                     "priority": 7}
+
+
+def test_submit_from_a_file_and_fetch_result_status_list(worker: Worker, tmp_path) -> None:
+    path = tmp_path / "mine.json"
+    path.write_bytes(orjson.dumps(job("from-file")))
+    assert worker.cli("submit", str(path)).stdout == "submitted from-file\n"
+    worker.wait_result("from-file")
+    assert orjson.loads(worker.cli("result", "from-file").stdout)["status"] == "completed"
+    assert '"status": "completed"' in worker.cli("status", "from-file").stdout
+    table = worker.cli("list", "--state", "completed").stdout
+    assert "from-file" in table and "completed" in table
+    assert "from-file" not in worker.cli("list", "--state", "failed").stdout
+
+
+def test_submit_refuses_an_invalid_job_with_the_reason(worker: Worker, tmp_path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_bytes(orjson.dumps(job("bad-submit", timeout_seconds=0)))
+    out = worker.cli("submit", str(path), check=False)
+    assert out.returncode == 1
+    assert "job 'bad-submit': field 'execution.timeout_seconds'" in out.stderr
+    assert not (worker.jobs / "bad-submit.json").exists()
+
+
+def test_submit_wait_exits_1_for_a_failed_job(worker: Worker) -> None:
+    out = worker.cli("submit", "-o", "test.raise", "-d", '{"permanent": true}', "--job-id",
+                     "cli-fail", "--wait", check=False)
+    assert out.returncode == 1
+    assert '"code": "EXECUTION_ERROR"' in out.stdout
+
+
+def test_status_table_shows_running_jobs_with_progress(worker: Worker) -> None:
+    worker.drop(job("slowpoke", "test.sleep", {"seconds": 30}))
+    wait_until(lambda: "running" in worker.cli("status").stdout, [worker.jobs / ".status"], 20)
+    table = worker.cli("status").stdout
+    line = next(ln for ln in table.splitlines() if ln.startswith("slowpoke"))
+    assert "running" in line and "1/1" in line and "10%" in line
+
+
+def test_cancel_a_queued_and_a_running_job(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1", "--kill-grace", "1").start()
+    w.drop(job("busy", "test.sleep", {}))
+    wait_until(lambda: (w.jobs / ".status" / "busy.json").exists() and
+               b'"running"' in (w.jobs / ".status" / "busy.json").read_bytes(),
+               [w.jobs / ".status"], 20)
+    w.drop(job("waiting"))
+    wait_until(lambda: (w.jobs / ".status" / "waiting.json").exists(), [w.jobs / ".status"])
+    assert w.cli("cancel", "waiting").stdout == "cancel requested for waiting\n"
+    res = w.wait_result("waiting")
+    assert res["status"] == "cancelled" and res["error"]["code"] == "CANCELLED"
+    w.cli("cancel", "busy")
+    res = w.wait_result("busy")
+    assert res["status"] == "cancelled" and "while running" in res["error"]["message"]
+
+
+def test_a_non_cancellable_job_refuses_cancel(worker: Worker) -> None:
+    worker.drop(job("stubborn", "test.sleep", {"seconds": 1}, cancellable=False))
+    wait_until(lambda: (worker.jobs / ".status" / "stubborn.json").exists(),
+               [worker.jobs / ".status"])
+    worker.cli("cancel", "stubborn")
+    assert worker.wait_result("stubborn")["status"] == "completed"
+    assert "cancel refused: execution.cancellable is false" in worker.log()
+
+
+def test_a_deadline_in_the_past_fails_with_deadline_exceeded(worker: Worker) -> None:
+    worker.drop(job("late", deadline="2020-01-01T00:00:00Z"))
+    res = worker.wait_result("late")
+    assert res["error"]["code"] == "DEADLINE_EXCEEDED"
+    assert "field 'execution.deadline'" in res["error"]["message"]
+
+
+def test_a_job_this_worker_cannot_satisfy_waits_and_says_why(worker: Worker) -> None:
+    doc = job("elsewhere")
+    doc["constraints"] = {"allowed_worker_pools": ["pool-secure"]}
+    worker.drop(doc)
+    status = wait_until(lambda: (worker.jobs / ".status" / "elsewhere.json").exists() and
+                        orjson.loads((worker.jobs / ".status" / "elsewhere.json").read_bytes()),
+                        [worker.jobs / ".status"])
+    assert status["state"] == "queued"
+    assert "allowed_worker_pools is ['pool-secure']; this worker serves pool 'default'" in \
+        status["waiting_for"]
+    assert "allowed_worker_pools" in worker.cli("status").stdout
+    assert worker.result("elsewhere") is None
+
+
+def test_capabilities_lists_operations_and_payload_types(worker: Worker) -> None:
+    caps = orjson.loads(worker.cli("capabilities").stdout)
+    ops = {o["operation"]: o for o in caps["operations"]}
+    assert ops["system.echo"]["payload_types"] == ["system.echo.v1", "test.echo.v1"]
+    assert ops["test.schema"]["available"] is True
+    assert "system.echo" in caps["capabilities"]
+
+
+def test_config_show_says_where_each_value_came_from(worker: Worker, tmp_path) -> None:
+    cfg = tmp_path / "w.toml"
+    cfg.write_text("[worker]\nmax_concurrent = 3\npool = 'from-file'\n")
+    env = {**worker.env, "GUESTKIT_WORKER_POOL": "from-env"}
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "worker", "config", "show", "--config", str(cfg)],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    assert f"max_concurrent = 3    # file {cfg}" in out
+    assert 'pool = "from-env"    # environment' in out
+    assert "kill_grace = 5.0    # default" in out
