@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Make this checkout runnable: the Debian packages named in the given lists, then a
+# virtualenv in .venv with the worker installed (editable) and the given extras.
+#   scripts/bootstrap.sh [--packages FILE]... [--extras dev,guestkit]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+lists=()
+extras=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --packages) lists+=("$2"); shift 2 ;;
+    --extras) extras="$2"; shift 2 ;;
+    *) echo "bootstrap: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+want=()
+for list in "${lists[@]}"; do
+  while read -r pkg _; do
+    case "$pkg" in ""|\#*) continue ;; esac
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || want+=("$pkg")
+  done < "$list"
+done
+if [ ${#want[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "bootstrap: installing ${want[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
