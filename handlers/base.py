@@ -109,6 +109,10 @@ class Handler:
             return data
         return self.payload_model.model_validate(data)
 
+    def input_paths(self, payload: Any) -> list[str]:
+        """Files or dirs the job must read (e.g. its disk image); all else is closed to it."""
+        return []
+
     def prepare(self) -> None:
         """Import and warm up what `execute` needs; runs once in the process jobs are forked from."""
 

@@ -159,10 +159,19 @@ class Worker:
         self.proc.wait(10)
 
 
+def _open_for_job_user(path: Path) -> None:
+    """Let the unprivileged job user traverse (not list) the test's directories, as in production."""
+    for d in [path, *path.parents]:
+        mode = d.stat().st_mode
+        if not mode & 0o001:
+            d.chmod((mode & 0o7777) | 0o001)
+
+
 @pytest.fixture
 def make_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     """Build workers on the test's spool; any left running are stopped (killed if stuck)."""
     made: list[Worker] = []
+    _open_for_job_user(tmp_path)
 
     def make(*extra_args: str, env: dict[str, str] | None = None) -> Worker:
         w = Worker(tmp_path, list(extra_args), env)

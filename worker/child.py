@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import encodings.idna  # noqa: F401 - lazy imports fail once the job runs as another user
 import logging
 import os
+import socket  # noqa: F401 - ditto
+import subprocess  # noqa: F401 - ditto
 import sys
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 from handlers.base import Context, Handler, HandlerResult
@@ -25,11 +27,7 @@ class ChildSpec:
     attempt: int
     data: Any
     handler: Handler
-    workdir: Path
-    output_dir: Path
-    limits: sandbox.Limits
-    env: dict[str, str]
-    supervisor_pid: int
+    plan: sandbox.Plan
     message_cap: int
 
 
@@ -38,27 +36,34 @@ def run_child(spec: ChildSpec, pipe_fd: int) -> NoReturn:
     code = ExitCode.SANDBOX
     try:
         signals.reset_in_child()
-        pipe_fd = sandbox.enter(
-            workdir=spec.workdir, limits=spec.limits, pipe_fd=pipe_fd,
-            supervisor_pid=spec.supervisor_pid, env=spec.env,
-        )
+        layers = sandbox.enter_privileged(spec.plan)
+        if spec.plan.pid_ns:
+            init = sandbox.split_pid_namespace()
+            if init:
+                os.close(pipe_fd)
+                sandbox.relay(init)
+            layers.append("pid-namespace")
+        pipe_fd, more = sandbox.enter(spec.plan, pipe_fd)
         _reset_logging()
         writer = MessageWriter(pipe_fd, spec.message_cap)
-        code = _run_handler(spec, writer)
+        code = _run_handler(spec, writer, layers + more)
     except BaseException:  # the sandbox failed: nothing of the job ran
         _print_exc()
     finally:
         os._exit(code)
 
 
-def _run_handler(spec: ChildSpec, writer: MessageWriter) -> ExitCode:
+def _run_handler(spec: ChildSpec, writer: MessageWriter, layers: list[str]) -> ExitCode:
+    plan = spec.plan
     ctx = Context(
-        job_id=spec.job_id, operation=spec.operation, attempt=spec.attempt, workdir=spec.workdir,
-        output_dir=spec.output_dir, limits=spec.limits.as_dict(),
+        job_id=spec.job_id, operation=spec.operation, attempt=spec.attempt, workdir=plan.workdir,
+        output_dir=plan.output_dir, limits=plan.limits.as_dict(),
         settings=dict(spec.handler.settings), send=writer.send,
     )
     try:
         payload = spec.handler.validate(spec.data)
+        layers = layers + sandbox.confine(plan, spec.handler.input_paths(payload))
+        writer.send({"type": "sandbox", "layers": layers})
         out = spec.handler.execute(ctx, payload)
         writer.send(_result_message(out))
         return ExitCode.OK
@@ -66,11 +71,8 @@ def _run_handler(spec: ChildSpec, writer: MessageWriter) -> ExitCode:
         _send_error(writer, ErrorCode.MEMORY_LIMIT, "the job ran out of memory (MemoryError)",
                     retryable=False)
         return ExitCode.MEMORY
-    except HandlerError as e:
-        _send_error(writer, ErrorCode.EXECUTION_ERROR, str(e), retryable=e.retryable)
-        return ExitCode.HANDLER_FAILED
-    except MessageTooLarge as e:
-        _send_error(writer, ErrorCode.EXECUTION_ERROR, str(e), retryable=False)
+    except (HandlerError, MessageTooLarge) as e:
+        _send_error(writer, ErrorCode.EXECUTION_ERROR, str(e), retryable=getattr(e, "retryable", False))
         return ExitCode.HANDLER_FAILED
     except Exception as e:
         _print_exc()

@@ -8,13 +8,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from worker.errors import ConfigError
 from worker.spec import describe
 
 DEFAULT_CONFIG = Path("/etc/guestkit-worker/worker.toml")
 ENV_PREFIX = "GUESTKIT_WORKER_"
+#: Optional isolation layers (DESIGN §5), all on by default where the host offers them.
+ISOLATION_LAYERS = ("cgroup", "pid-namespace", "network-namespace", "landlock", "seccomp", "user")
 
 
 class Settings(BaseModel):
@@ -56,6 +58,18 @@ class Settings(BaseModel):
     privileged: bool = Field(
         default_factory=lambda: os.geteuid() == 0, description="Whether jobs may need root"
     )
+    user: str = Field(
+        "auto", description="Job user when run as root: auto (guestkit, else nobody), a name, or root"
+    )
+    group: str = Field("", description="Job group (default: the job user's primary group)")
+    isolation: list[str] = Field(
+        default_factory=lambda: list(ISOLATION_LAYERS),
+        description="Optional isolation layers to apply where the host offers them",
+    )
+    operation_limits: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="Per-operation caps, e.g. {'guestkit.inspect': {'memory_mb': 4096}}",
+    )
     fsync: bool = Field(True, description="fsync results and state changes (durability)")
     log_format: str = Field(
         "auto", pattern="^(auto|human|json|journal)$", description="auto|human|json|journal"
@@ -66,6 +80,26 @@ class Settings(BaseModel):
     metrics_addr: str = Field(
         "", description="host:port for /metrics and /healthz; empty disables it"
     )
+
+    @field_validator("isolation")
+    @classmethod
+    def _known_layers(cls, value: list[str]) -> list[str]:
+        unknown = [v for v in value if v not in ISOLATION_LAYERS]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {unknown}; known: {list(ISOLATION_LAYERS)}")
+        return value
+
+    @field_validator("operation_limits")
+    @classmethod
+    def _known_limits(cls, value: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        known = {"memory_mb", "cpu_seconds", "max_processes", "max_open_files", "max_file_size_mb"}
+        for op, limits in value.items():
+            unknown = sorted(set(limits) - known)
+            if unknown:
+                raise ValueError(f"operation_limits.{op}: unknown limit(s) {unknown}")
+            if any(not isinstance(v, int) or v < 1 for v in limits.values()):
+                raise ValueError(f"operation_limits.{op}: limits must be positive integers")
+        return value
 
 
 def _from_env(environ: dict[str, str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker import signals
+from worker.cgroups import JobCgroup
 from worker.child import ChildSpec, run_child
 from worker.errors import ErrorCode, ExitCode
 from worker.progress import MessageReader, MessageTooLarge
@@ -82,7 +83,9 @@ class Run:
     status_dirty: bool = False  # progress not yet in the status file
     status: int | None = None
     rusage: Any = None
-    logs: list[dict[str, Any]] = field(default_factory=list)
+    cgroup: JobCgroup | None = None
+    cgroup_stats: dict[str, int] = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)
 
     def signal_group(self, sig: int) -> None:
         """Send `sig` to the job's process group (its own session); a group already gone is fine."""
@@ -100,6 +103,12 @@ class Run:
         if self.kill_at is None:
             self.signal_group(signal.SIGTERM)
             self.kill_at = now + grace
+
+    def kill_tree(self) -> None:
+        """SIGKILL everything of the job: its process group and whatever is left in its cgroup."""
+        self.signal_group(signal.SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.kill()
 
     def take_messages(self) -> list[dict[str, Any]]:
         """Read what the child sent; a line over the cap becomes the job's error."""
@@ -123,10 +132,11 @@ def spawn(spec: ChildSpec, timeout: float, now: float) -> Run:
             os.close(r)
             run_child(spec, w)
     os.close(w)
+    limits = spec.plan.limits
     return Run(
         pid=pid, reader=MessageReader(r, spec.message_cap), started=now, started_wall=time.time(),
-        deadline=now + timeout, cpu_limit=spec.limits.cpu_seconds,
-        memory_limit_mb=spec.limits.memory_mb, last_message=now,
+        deadline=now + timeout, cpu_limit=limits.cpu_seconds, memory_limit_mb=limits.memory_mb,
+        last_message=now, cgroup=spec.plan.cgroup,
     )
 
 
@@ -175,9 +185,16 @@ def _signalled(sig: int, cpu: float, run: Run) -> Outcome:
     if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= run.cpu_limit):
         return Outcome("failed", ErrorCode.CPU_LIMIT,
                        f"the job used its CPU limit of {run.cpu_limit} s ({cpu:.1f} s; {name})")
-    if sig == signal.SIGKILL and peak_mb(run) >= run.memory_limit_mb * 0.9:
+    oom = run.cgroup_stats.get("oom_kill", 0) > 0
+    if sig == signal.SIGKILL and (oom or peak_mb(run) >= run.memory_limit_mb * 0.9):
+        how = "the kernel's OOM killer ended it in its cgroup" if oom else "killed"
         return Outcome("failed", ErrorCode.MEMORY_LIMIT,
-                       f"the job was killed at its memory limit of {run.memory_limit_mb} MiB")
+                       f"the job reached its memory limit of {run.memory_limit_mb} MiB "
+                       f"(peak {peak_mb(run):.0f} MiB; {how})")
+    if sig == signal.SIGSYS:
+        return Outcome("failed", ErrorCode.KILLED,
+                       "the job was killed by SIGSYS: it made a system call the seccomp "
+                       "filter forbids (e.g. ptrace)")
     return Outcome("failed", ErrorCode.KILLED,
                    f"the job process was killed by signal {name} ({sig})", retryable=True)
 
@@ -194,7 +211,9 @@ def _cpu_seconds(run: Run) -> float:
 
 
 def peak_mb(run: Run) -> float:
-    """Peak resident memory of the child in MiB, from wait4's rusage."""
+    """Peak memory of the job in MiB: its cgroup's peak where known, else wait4's max RSS."""
+    if "memory_peak" in run.cgroup_stats:
+        return run.cgroup_stats["memory_peak"] / (1 << 20)
     return float(run.rusage.ru_maxrss) / 1024 if run.rusage is not None else 0.0
 
 

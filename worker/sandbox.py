@@ -1,17 +1,30 @@
-"""Everything applied to a job child before its handler runs (DESIGN §5), in order."""
+"""Everything applied to a job child before its handler runs (DESIGN §5), in order.
+
+Stage 1 (the supervisor's child, still privileged): session, parent-death signal,
+cgroups, network namespace, then optionally a PID namespace whose init (stage 2)
+runs the job while stage 1 relays its fate. Then, in the process that runs the
+job: stdio, fds, environment, rlimits, privilege drop, NO_NEW_PRIVS; after the
+payload is validated, Landlock and seccomp, last.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
+
+from worker import landlock, syscall_filter
+from worker.cgroups import JobCgroup
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
+CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x4000000, 0x8000000, 0x20000000, 0x40000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -21,6 +34,13 @@ def prctl(option: int, arg: int = 0) -> None:
     if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def unshare(flags: int) -> None:
+    """Call unshare(2) (os.unshare exists only from Python 3.12); raise OSError on failure."""
+    if _libc.unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare: {os.strerror(err)}")
 
 
 def become_subreaper() -> bool:
@@ -47,25 +67,44 @@ class Limits:
         return {s: getattr(self, s) for s in self.__slots__}
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What the supervisor decided for one job's box, before fork."""
+
+    workdir: Path
+    output_dir: Path
+    limits: Limits
+    env: dict[str, str]
+    supervisor_pid: int
+    cgroup: JobCgroup | None = None
+    uid: int | None = None
+    gid: int | None = None
+    nproc: int | None = None
+    new_net: bool = False
+    pid_ns: bool = False
+    landlock_abi: int = 0
+    read_paths: tuple[str, ...] = ()
+    seccomp: bytes | None = None
+    layers: list[str] = field(default_factory=list)
+
+
 def _vm_size() -> int:
     with open("/proc/self/statm", "rb") as f:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def apply_rlimits(limits: Limits, is_root: bool) -> None:
-    """Set the job's rlimits: memory above the inherited address space, CPU (soft<hard), files, core."""
+def apply_rlimits(limits: Limits, cgroup_memory: bool, nproc: int | None) -> None:
+    """Set rlimits: address space (only without a cgroup memory limit), CPU soft<hard, files, core."""
     mb = 1 << 20
-    address_space = _vm_size() + limits.memory_mb * mb
-    for res, value in (
-        (resource.RLIMIT_CORE, 0),
-        (resource.RLIMIT_NOFILE, limits.max_open_files),
-        (resource.RLIMIT_FSIZE, limits.max_file_size_mb * mb),
-        (resource.RLIMIT_AS, address_space),
-    ):
+    values = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, limits.max_open_files),
+              (resource.RLIMIT_FSIZE, limits.max_file_size_mb * mb)]
+    if not cgroup_memory:
+        values.append((resource.RLIMIT_AS, _vm_size() + limits.memory_mb * mb))
+    if nproc is not None:
+        values.append((resource.RLIMIT_NPROC, nproc))
+    for res, value in values:
         resource.setrlimit(res, (value, value))
     resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 2))
-    if not is_root:
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
 
 
 def redirect_stdio(workdir: Path) -> None:
@@ -90,30 +129,110 @@ def keep_only(fd: int, target: int = 3) -> int:
 
 def scrub_environment(workdir: Path, extra: dict[str, str]) -> None:
     """Replace the environment with a minimal one: PATH, HOME, TMPDIR, LANG and `extra`."""
-    tmp = workdir / "tmp"
-    tmp.mkdir(mode=0o700, exist_ok=True)
     os.environ.clear()
     os.environ.update(
         PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        HOME=str(workdir),
-        TMPDIR=str(tmp),
-        LANG="C.UTF-8",
-        **extra,
+        HOME=str(workdir), TMPDIR=str(workdir / "tmp"), LANG="C.UTF-8", **extra,
     )
 
 
-def enter(
-    *, workdir: Path, limits: Limits, pipe_fd: int, supervisor_pid: int, env: dict[str, str]
-) -> int:
-    """Put the calling (freshly forked) process in its box; return the pipe's new fd."""
+def enter_privileged(plan: Plan) -> list[str]:
+    """Stage 1, still privileged: session, PDEATHSIG, cgroups, namespaces; return the layers."""
     os.setsid()
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != supervisor_pid:  # the supervisor died before PDEATHSIG was armed
+    if os.getppid() != plan.supervisor_pid:  # the supervisor died before PDEATHSIG was armed
         os._exit(1)
+    layers = ["session", "pdeathsig"]
+    if plan.cgroup is not None:
+        plan.cgroup.join()
+        layers += plan.layers
+    if plan.new_net:
+        unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+        layers.append("network-namespace")
+    return layers
+
+
+def split_pid_namespace() -> int:
+    """Fork the job as PID 1 of a new PID namespace; return 0 there, the init's pid in stage 1."""
+    unshare(CLONE_NEWPID)
+    pid = os.fork()
+    if pid == 0:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        # PID 1 ignores signals it has no handler for: make SIGTERM end the job (and its namespace).
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
+    return pid
+
+
+def relay(pid: int) -> NoReturn:
+    """Stage 1 with a PID namespace: wait for the job's init and die the same way."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    os.closerange(0, 1 << 20)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        died_of = os.WTERMSIG(status)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if died_of not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(died_of, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {died_of})
+        os.kill(os.getpid(), died_of)
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+
+
+def enter(plan: Plan, pipe_fd: int) -> tuple[int, list[str]]:
+    """Put the process that runs the job in its box; return the pipe's new fd and the layers."""
+    layers = ["rlimits", "closed-fds", "scrubbed-environment"]
     os.umask(0o077)
-    redirect_stdio(workdir)
+    redirect_stdio(plan.workdir)
     pipe_fd = keep_only(pipe_fd)
-    scrub_environment(workdir, env)
-    os.chdir(workdir)
-    apply_rlimits(limits, os.geteuid() == 0)
-    return pipe_fd
+    scrub_environment(plan.workdir, plan.env)
+    os.chdir(plan.workdir)
+    cgroup_memory = plan.cgroup is not None and plan.cgroup.limits_memory
+    apply_rlimits(plan.limits, cgroup_memory, plan.nproc if plan.uid is not None else None)
+    if plan.uid is not None and plan.gid is not None:
+        drop_privileges(plan.uid, plan.gid, None if plan.pid_ns else plan.supervisor_pid)
+        layers.append(f"user:{plan.uid}")
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    layers.append("no-new-privs")
+    return pipe_fd, layers
+
+
+def drop_privileges(uid: int, gid: int, parent: int | None) -> None:
+    """Become uid:gid with no supplementary groups; re-arm PDEATHSIG, which setuid clears."""
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
+def confine(plan: Plan, inputs: list[str]) -> list[str]:
+    """Last steps before the handler runs: Landlock, then seccomp; return the layers applied."""
+    layers = []
+    if plan.landlock_abi:
+        read = [*plan.read_paths, *inputs]
+        write = [str(plan.workdir), str(plan.output_dir), os.devnull]
+        landlock.restrict(read, write, plan.landlock_abi)
+        layers.append(f"landlock-abi{plan.landlock_abi}")
+    if plan.seccomp is not None:
+        syscall_filter.load(plan.seccomp)
+        layers.append("seccomp")
+    return layers
+
+
+def readable_runtime() -> tuple[str, ...]:
+    """Paths a Python job must read to run: system dirs, the interpreter and the import path."""
+    import sys
+
+    paths = {"/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/dev/urandom",
+             "/dev/random", "/dev/zero", sys.prefix, sys.base_prefix, sys.exec_prefix}
+    paths.update(p for p in sys.path if p and os.path.exists(p))
+    with contextlib.suppress(OSError):
+        paths.add(os.path.realpath(sys.executable))
+    return tuple(sorted(paths))

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from worker import sandbox
+from worker import cgroups, isolation, sandbox
 from worker.child import ChildSpec
 from worker.config import Settings
 from worker.errors import ErrorCode, UnsafeFile
@@ -22,7 +22,7 @@ from worker.job import RETRYABLE, Job, Outcome, decide, run_metrics, spawn
 from worker.registry import Registry
 from worker.results import Ending, build
 from worker.signals import SignalPipe
-from worker.spec import JobDocument, Limits, parse_job
+from worker.spec import Limits, parse_job
 from worker.spool import ACTIVE, RETRY, Spool
 from worker.states import JobState
 from worker.watch import Watch
@@ -51,6 +51,7 @@ class Supervisor:
         self.draining = False
         self.drain_deadline: float | None = None
         self.orphans_reaped = 0
+        self.stale_cgroups: list[cgroups.JobCgroup] = []
         self._seq = itertools.count()
         self.sel = selectors.DefaultSelector()
         self.intake = Intake(self.spool, registry, settings, version, self.jobs.__contains__)
@@ -72,6 +73,14 @@ class Supervisor:
         self.spool.setup()
         self.spool.lock()
         sandbox.become_subreaper()
+        self.host = isolation.probe(self.settings)
+        if self.host.cgroups is not None and (n := cgroups.sweep(self.host.cgroups)):
+            log.warning("removed %d job cgroup(s) left by a previous run", n)
+        isolation.open_output_dir(self.host, self.settings.output_dir.absolute())
+        isolation.check_reachable(self.host, self.spool.work, self.settings.output_dir)
+        log.info("isolation: %s", ", ".join(self.host.layers()))
+        for note in self.host.notes:
+            log.info("isolation: %s", note)
         self.registry.prepare_all()
         self.signals = SignalPipe()
         self.sel.register(self.signals, selectors.EVENT_READ, self._on_signals)
@@ -97,7 +106,7 @@ class Supervisor:
             key.data()
         now = time.monotonic()
         self._enforce(now)
-        self._release_retries()
+        self._housekeep()
         self._fill_slots(now)
 
     def _timeout(self) -> float:
@@ -208,19 +217,20 @@ class Supervisor:
         doc, _ = parse_job(data, job.claimed)
         handler = self.registry.get(job.operation)
         assert handler is not None
-        limits = self._limits(doc.execution.limits, job.timeout)
+        limits = self._limits(job.operation, doc.execution.limits, job.timeout)
         timeout = float(job.timeout)
         if job.deadline is not None:
             timeout = min(timeout, job.deadline - time.time())
         job.move(JobState.ASSIGNED)
         self._write_status(job, durable=True)  # the attempt is on disk before it starts
-        spec = ChildSpec(
-            job_id=job.job_id, operation=job.operation, attempt=job.attempt,
-            data=doc.payload.data, handler=handler, workdir=self.spool.workdir(job.job_id),
-            output_dir=self.settings.output_dir.absolute(), limits=limits,
-            env=self._child_env(job, doc), supervisor_pid=os.getpid(),
-            message_cap=self.settings.max_message_bytes,
-        )
+        workdir = self.spool.workdir(job.job_id)
+        isolation.prepare_dirs(self.host, workdir, self.settings.output_dir)
+        plan = isolation.plan(self.host, self.settings, workdir=workdir, limits=limits,
+                              env=self._child_env(job), job_name=job.job_id,
+                              needs_network=handler.needs_network)
+        spec = ChildSpec(job_id=job.job_id, operation=job.operation, attempt=job.attempt,
+                         data=doc.payload.data, handler=handler, plan=plan,
+                         message_cap=self.settings.max_message_bytes)
         run = spawn(spec, timeout, now)
         job.run = run
         job.move(JobState.RUNNING)
@@ -230,22 +240,18 @@ class Supervisor:
         self._log(job, "running: pid %d, attempt %d/%d, timeout %.0f s", run.pid, job.attempt,
                   job.max_attempts, timeout)
 
-    def _limits(self, asked: Limits | None, timeout: int) -> sandbox.Limits:
+    def _limits(self, operation: str, asked: Limits | None, timeout: int) -> sandbox.Limits:
+        """The job's limits: what it asks for, never above its operation's or the worker's caps."""
         s = self.settings
+        caps = {"memory_mb": s.memory_limit_mb, "cpu_seconds": s.cpu_limit_seconds or timeout,
+                "max_processes": s.max_processes, "max_open_files": s.max_open_files,
+                "max_file_size_mb": s.max_file_size_mb}
+        caps.update(s.operation_limits.get(operation, {}))
+        wanted = (asked or Limits()).model_dump(exclude_none=True)
+        return sandbox.Limits(**{k: min(wanted.get(k, cap), cap) for k, cap in caps.items()
+                                 if k in sandbox.Limits.__slots__})
 
-        def pick(want: int | None, cap: int) -> int:
-            return min(want, cap) if want else cap
-
-        asked = asked or Limits()
-        return sandbox.Limits(
-            memory_mb=pick(asked.memory_mb, s.memory_limit_mb),
-            cpu_seconds=pick(asked.cpu_seconds, s.cpu_limit_seconds or timeout),
-            max_processes=pick(asked.max_processes, s.max_processes),
-            max_open_files=pick(asked.max_open_files, s.max_open_files),
-            max_file_size_mb=pick(asked.max_file_size_mb, s.max_file_size_mb),
-        )
-
-    def _child_env(self, job: Job, doc: JobDocument) -> dict[str, str]:
+    def _child_env(self, job: Job) -> dict[str, str]:
         env = {"GUESTKIT_JOB_ID": job.job_id, "GUESTKIT_OPERATION": job.operation,
                "GUESTKIT_ATTEMPT": str(job.attempt)}
         if job.idempotency_key:
@@ -308,6 +314,8 @@ class Supervisor:
             run.result = msg
         elif kind == "error":
             run.error = msg
+        elif kind == "sandbox":
+            run.layers = [str(x) for x in msg.get("layers") or []]
         else:
             self._log(job, "ignored a malformed message from the job: %r", msg,
                       level=logging.WARNING)
@@ -333,7 +341,11 @@ class Supervisor:
         assert run is not None
         for msg in run.take_messages():
             self._on_message(job, msg)
-        run.signal_group(signal.SIGKILL)  # nothing of the job outlives it
+        if run.cgroup is not None:
+            run.cgroup_stats = run.cgroup.stats()
+        run.kill_tree()  # nothing of the job outlives it
+        if run.cgroup is not None and not run.cgroup.remove():
+            self.stale_cgroups.append(run.cgroup)
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(run.reader.fd)
         run.reader.close()
@@ -374,8 +386,15 @@ class Supervisor:
         self._write_status(job, durable=True)
         heapq.heappush(self.retries, (job.not_before, job.job_id))
 
-    def _release_retries(self) -> None:
+    def _housekeep(self) -> None:
+        """Time-based work outside running jobs: retries due, waiting jobs too late, old cgroups."""
         now = time.time()
+        self._release_retries(now)
+        self._expire_waiting(now)
+        if self.stale_cgroups:
+            self.stale_cgroups = [cg for cg in self.stale_cgroups if not cg.remove()]
+
+    def _release_retries(self, now: float) -> None:
         while self.retries and self.retries[0][0] <= now:
             _, job_id = heapq.heappop(self.retries)
             job = self.jobs.get(job_id)
@@ -385,6 +404,8 @@ class Supervisor:
                 self.spool.move(job.claimed, RETRY, ACTIVE)
                 job.where = ACTIVE
             self._enqueue(job)
+
+    def _expire_waiting(self, now: float) -> None:
         for job_id in [j for j in self.waiting if (self.jobs[j].deadline or now + 1) <= now]:
             self.waiting.discard(job_id)
             job = self.jobs[job_id]
@@ -403,7 +424,7 @@ class Supervisor:
         run = job.run
         assert run is not None
         if run.kill_at is not None and now >= run.kill_at and not run.killed:
-            run.signal_group(signal.SIGKILL)  # STOPPING -> KILL
+            run.kill_tree()  # STOPPING -> KILL
             run.killed = True
         elif run.kill_reason is None and now >= run.deadline:
             self._log(job, "timed out after %.0f s; stopping it", now - run.started,
@@ -438,6 +459,7 @@ class Supervisor:
             started_at=run.started_wall if run else None, finished_at=now,
             metrics=run_metrics(run, time.monotonic()) if run else None,
             progress=run.progress or None if run else None, observability=job.observability,
+            extra={"isolation": run.layers} if run else {},
         )
 
     def _conclude(self, job: Job, end: Ending) -> None:

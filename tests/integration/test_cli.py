@@ -72,7 +72,7 @@ def test_cancel_a_queued_and_a_running_job(make_worker) -> None:
 
 
 def test_a_non_cancellable_job_refuses_cancel(worker: Worker) -> None:
-    worker.drop(job("stubborn", "test.sleep", {"seconds": 1}, cancellable=False))
+    worker.drop(job("stubborn", "test.sleep", {"seconds": 4}, cancellable=False))
     wait_until(lambda: (worker.jobs / ".status" / "stubborn.json").exists(),
                [worker.jobs / ".status"])
     worker.cli("cancel", "stubborn")

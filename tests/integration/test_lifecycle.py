@@ -10,7 +10,6 @@ import sys
 import orjson
 import psutil
 import pytest
-
 from conftest import Worker, job, no_process_left, wait_until
 
 

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 
 import orjson
-
 from conftest import EXAMPLES, Worker, job
 
 QUICK_START = """

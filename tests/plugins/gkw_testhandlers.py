@@ -26,12 +26,18 @@ def _forever() -> None:
         time.sleep(3600)
 
 
+def host_pid() -> int:
+    """This process's pid as the host sees it (a job may run in its own PID namespace)."""
+    return int(os.readlink("/proc/self"))
+
+
 def _grandchild(ctx: Context) -> None:
-    pid = os.fork()
-    if pid == 0:
+    r, w = os.pipe()
+    if os.fork() == 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.write(w, str(host_pid()).encode())
         _forever()
-    (ctx.workdir / "grandchild.pid").write_text(str(pid))
+    (ctx.workdir / "grandchild.pid").write_bytes(os.read(r, 32))
 
 
 def _spin() -> None:

@@ -11,17 +11,19 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS: dict[str, int] = {
     "worker.errors": 0,
     "worker.states": 1, "worker.fsutil": 1, "worker.signals": 1, "worker.systemd": 1,
-    "worker.logs": 1, "worker.metrics": 1,
+    "worker.logs": 1, "worker.metrics": 1, "worker.cgroups": 1, "worker.landlock": 1,
+    "worker.syscall_filter": 1,
     "worker.spec": 2,
     "worker.config": 3, "handlers.base": 3,
     "worker.progress": 4, "worker.spool": 4, "worker.watch": 4, "worker.registry": 4,
     "worker.routing": 4, "worker.results": 4,
     "worker.sandbox": 5,
-    "worker.child": 6,
-    "worker.job": 7,
-    "worker.intake": 8,
-    "worker.supervisor": 9,
-    "worker.cli": 10, "worker.__main__": 11, "worker": 0,
+    "worker.isolation": 6,
+    "worker.child": 7,
+    "worker.job": 8,
+    "worker.intake": 9,
+    "worker.supervisor": 10,
+    "worker.cli": 11, "worker.__main__": 12, "worker": 0,
 }
 HANDLER_MAY_IMPORT = {"handlers.base", "worker.spec", "worker.errors", "worker"}
 

@@ -1,0 +1,174 @@
+"""The guest file parsers, guest facts and profile checks, on real files in a directory tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from handlers import guestkit_parsers as p
+from handlers.guestkit_checks import run_profile
+from handlers.guestkit_facts import GuestFacts
+from handlers.guestkit_formats import normalize_format
+from handlers.guestkit_output import to_yaml
+from handlers.guestkit_rpmdb import RpmdbError, parse_header
+
+
+class DirFiles:
+    """A guest root that is a plain directory (the GuestFiles interface over the host fs)."""
+
+    def __init__(self, root: Path) -> None:
+        """Serve guest paths from under `root`."""
+        self.root = root
+
+    def _host(self, guest_path: str) -> Path:
+        """The host path of a guest path."""
+        return self.root / guest_path.lstrip("/")
+
+    def read_bytes(self, guest_path: str, limit: int = 1 << 26) -> bytes | None:
+        """A file's bytes, None when missing."""
+        try:
+            return self._host(guest_path).read_bytes()[:limit]
+        except OSError:
+            return None
+
+    def read_text(self, guest_path: str) -> str | None:
+        """A file's text, None when missing."""
+        data = self.read_bytes(guest_path)
+        return None if data is None else data.decode()
+
+    def exists(self, guest_path: str) -> bool:
+        """Whether the guest path exists."""
+        return self._host(guest_path).exists()
+
+    def listdir(self, guest_path: str) -> list[str]:
+        """Sorted names in a guest directory, [] when missing."""
+        try:
+            return sorted(os.listdir(self._host(guest_path)))
+        except OSError:
+            return []
+
+
+def tree(root: Path, files: dict[str, str]) -> DirFiles:
+    """Write `files` (guest path → text) under `root`."""
+    for path, text in files.items():
+        host = root / path.lstrip("/")
+        host.parent.mkdir(parents=True, exist_ok=True)
+        host.write_text(text)
+    return DirFiles(root)
+
+
+def test_sshd_config_first_value_wins_includes_first_and_match_ends_globals() -> None:
+    texts = {"/etc/ssh/sshd_config.d/*.conf": ["PermitRootLogin no\n"]}
+    conf = ("Include /etc/ssh/sshd_config.d/*.conf\nPermitRootLogin yes  # comment\n"
+            "PasswordAuthentication yes\nPasswordAuthentication no\n"
+            "Match User bob\n  PermitEmptyPasswords yes\n")
+    opts = p.parse_sshd_config(conf, lambda pattern: texts.get(pattern, []))
+    assert opts == {"permitrootlogin": "no", "passwordauthentication": "yes"}
+
+
+def test_dpkg_status_keeps_installed_packages_only() -> None:
+    text = ("Package: a\nStatus: install ok installed\nVersion: 1\nArchitecture: amd64\n"
+            "Description: x\n continued line: not a key\n\n"
+            "Package: b\nStatus: deinstall ok config-files\nVersion: 2\n\n"
+            "Package: c\nStatus: hold ok installed\nVersion: 3\n")
+    assert p.parse_dpkg_status(text) == [{"name": "a", "version": "1", "arch": "amd64"},
+                                         {"name": "c", "version": "3", "arch": ""}]
+
+
+def test_passwd_and_shadow_skip_malformed_and_nis_lines() -> None:
+    users = p.parse_passwd("root:x:0:0:root:/root:/bin/bash\n+::::::\nbad\nx:x:NaN:0::/:/bin/sh\n")
+    assert [u["name"] for u in users] == ["root"]
+    assert p.parse_shadow("bob::1:0:99999:7:::\nroot:!:1::::::\n") == {"bob": "", "root": "!"}
+
+
+def test_network_config_styles_give_interfaces_gateways_and_dns() -> None:
+    nm, nm_dns = p.parse_nm_keyfile("[connection]\nid=x\ninterface-name=ens3\n[ipv4]\n"
+                                    "method=manual\naddress1=10.0.0.2/24,10.0.0.1\n"
+                                    "dns=10.0.0.53;10.0.0.54;\n", "nm")
+    assert (nm["name"], nm["gateway"], nm["addresses"], nm_dns) == \
+        ("ens3", "10.0.0.1", ["10.0.0.2/24"], ["10.0.0.53", "10.0.0.54"])
+    ifcfg, ifcfg_dns = p.parse_ifcfg('DEVICE=eth1\nBOOTPROTO=none\nIPADDR=10.1.0.5\nPREFIX=16\n'
+                                     'GATEWAY="10.1.0.1"\nDNS1=10.1.0.53\n', "ifcfg")
+    assert (ifcfg["addresses"], ifcfg["gateway"], ifcfg_dns) == \
+        (["10.1.0.5/16"], "10.1.0.1", ["10.1.0.53"])
+    nd, nd_dns = p.parse_networkd("[Match]\nName=en*\n[Network]\nDNS=9.9.9.9\n[Route]\n"
+                                  "Gateway=10.2.0.1\n", "nd")
+    assert (nd["name"], nd["gateway"], nd_dns) == ("en*", "10.2.0.1", ["9.9.9.9"])
+    plan, plan_dns = p.parse_netplan(
+        "network:\n  ethernets:\n    eth0:\n      dhcp4: true\n      nameservers:\n"
+        "        addresses: [1.1.1.1]\n      routes:\n        - to: 10.9.0.0/16\n"
+        "          via: 10.0.0.9\n        - to: default\n          via: 10.0.0.1\n", "np")
+    assert (plan[0]["method"], plan[0]["gateway"], plan_dns) == ("dhcp", "10.0.0.1", ["1.1.1.1"])
+    debian = p.parse_interfaces("auto lo\niface lo inet loopback\niface eth0 inet dhcp\n", "if")
+    assert [(i["name"], i["method"]) for i in debian] == [("eth0", "dhcp")]
+
+
+def test_rpm_header_blob_decoding_and_bounds() -> None:
+    store = b"bash\x005.1.8\x006.el9\x00"
+    index = [(1000, 6, 0, 1), (1001, 6, 5, 1), (1002, 6, 11, 1), (1003, 4, 20, 1)]
+    data = store + b"\0\0\0" + struct.pack(">i", 2)  # the INT32 epoch aligned at offset 20
+    blob = struct.pack(">II", len(index), len(data)) + b"".join(
+        struct.pack(">iiii", *e) for e in index) + data
+    assert parse_header(blob) == {"name": "bash", "version": "5.1.8", "release": "6.el9",
+                                  "epoch": 2}
+    with pytest.raises(RpmdbError, match="out of range"):
+        parse_header(struct.pack(">II", 70000, 0))
+
+
+def test_format_names_and_yaml_output() -> None:
+    assert [normalize_format(n) for n in ("QCOW2", "img", "vpc")] == ["qcow2", "raw", "vhd"]
+    with pytest.raises(ValueError, match="unsupported image format 'iso'"):
+        normalize_format("iso")
+    data = {"a": [{"id": "X", "n": None, "s": "yes"}, []], "b": {"c": "x: y", "d": 1.5}}
+    text = to_yaml(data)
+    assert text == ('a:\n  - id: X\n    "n": null\n    s: "yes"\n  - []\nb:\n  c: "x: y"\n'
+                    '  d: 1.5\n')
+    yaml = pytest.importorskip("yaml", reason="PyYAML absent: emitter checked by text only")
+    assert yaml.safe_load(text) == json.loads(json.dumps(data))
+
+
+def test_facts_and_checks_on_a_rhel_like_tree_with_legacy_services(tmp_path: Path) -> None:
+    files = tree(tmp_path, {
+        "/etc/os-release": 'ID="almalinux"\nID_LIKE="rhel centos fedora"\nVERSION_ID="8.9"\n',
+        "/etc/passwd": "root:x:0:0::/root:/bin/bash\ntoor:x:0:0::/root:/bin/sh\n",
+        "/etc/shadow": "root:$6$x:1::::::\ntoor:$6$y:1::::::\n",
+        "/etc/ssh/sshd_config": "PermitEmptyPasswords yes\nPasswordAuthentication no\n",
+        "/etc/xinetd.d/rsh": "service shell\n{\n disable = no\n}\nservice rsh\n{\n}\n",
+        "/etc/xinetd.d/tftp": "service tftp\n{\n\tdisable\t= yes\n}\n",
+        "/etc/inetd.conf": "#telnet stream tcp nowait root /usr/sbin/in.telnetd\n"
+                           "talk dgram udp wait nobody /usr/sbin/in.talkd in.talkd\n",
+        "/etc/rc3.d/S20rlogin": "", "/etc/ufw/ufw.conf": "ENABLED=yes\n",
+        "/etc/default/grub": 'GRUB_CMDLINE_LINUX="quiet"\n',
+    })
+    facts = GuestFacts(files)
+    assert facts.selinux == {"mode": "disabled", "policy": None, "enabled": False,
+                             "configured": False}
+    assert facts.services["xinetd"] == ["rsh", "shell"] and facts.services["inetd"] == ["talk"]
+    assert facts.firewall["ufw"] == {"present": True, "enabled": True}
+    ids = {f["id"]: f for prof in ("security", "compliance", "hardening")
+           for f in run_profile(prof, facts, None)}
+    assert {"CIS-AUTH-002", "CIS-SSH-003", "CIS-MAC-001", "CIS-SVC-001"} <= set(ids)
+    assert {"CIS-FW-001", "CIS-SSH-002", "CIS-SSH-001", "CIS-AUTH-001"}.isdisjoint(ids)
+    assert ids["CIS-AUTH-002"]["affected"] == ["toor"]
+    assert ids["CIS-SVC-001"]["affected"] == ["rlogin (rlogin, sysv)", "rsh (rsh, xinetd)",
+                                              "talk (talk, inetd)"]
+
+
+def test_masked_units_are_not_enabled_and_selinux_zero_on_the_cmdline_disables(
+        tmp_path: Path) -> None:
+    files = tree(tmp_path, {
+        "/etc/selinux/config": "SELINUX=enforcing\n",
+        "/etc/kernel/cmdline": "root=/dev/vda1 selinux=0\n",
+        "/usr/lib/systemd/system/telnet.socket": "",
+    })
+    wants = tmp_path / "etc/systemd/system/sockets.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "telnet.socket").symlink_to("/usr/lib/systemd/system/telnet.socket")
+    (tmp_path / "etc/systemd/system/telnet.socket").symlink_to("/dev/null/masked")
+    facts = GuestFacts(files)
+    assert facts.services["systemd"] == []
+    assert facts.selinux is not None and facts.selinux["mode"] == "disabled"

@@ -1,0 +1,254 @@
+"""A cgroup per job: limits, stats, whole-tree kill; cgroup v2 where delegated, v1 memory/pids else."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+
+
+def _write(path: Path, value: str) -> None:
+    """Unbuffered, checked write: a cgroup file reports errors on write, not on close."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _keyed(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[key] = int(value)
+    return out
+
+
+def _own_paths() -> dict[str, str]:
+    """This process's cgroup path per hierarchy: '' for v2, controller names for v1."""
+    paths: dict[str, str] = {}
+    for line in _read(Path("/proc/self/cgroup")).splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            paths[c] = path
+    return paths
+
+
+@dataclass
+class Hierarchies:
+    """Where job cgroups go on this host: a v2 parent, and v1 memory/pids parents."""
+
+    v2: Path | None = None
+    v2_controllers: frozenset[str] = frozenset()
+    memory_v1: Path | None = None
+    pids_v1: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[str]:
+        """The cgroup features jobs get here, e.g. ['cgroup-v2-kill', 'cgroup-v1-memory']."""
+        out = []
+        if self.v2 is not None:
+            out.append("cgroup-v2-kill")
+            out += [f"cgroup-v2-{c}" for c in sorted(self.v2_controllers)]
+        if self.memory_v1 is not None:
+            out.append("cgroup-v1-memory")
+        if self.pids_v1 is not None:
+            out.append("cgroup-v1-pids")
+        return out
+
+    def has_memory(self) -> bool:
+        """True when job memory is limited by a cgroup (not only by RLIMIT_AS)."""
+        return self.memory_v1 is not None or "memory" in self.v2_controllers
+
+    def has_pids(self) -> bool:
+        """True when a job's process count is limited by a cgroup."""
+        return self.pids_v1 is not None or "pids" in self.v2_controllers
+
+
+def probe(name: str) -> Hierarchies:
+    """Find (and prepare) the parents of job cgroups named `name`; absent layers are just absent."""
+    h = Hierarchies()
+    own = _own_paths()
+    if (ROOT / "cgroup.controllers").exists():
+        _probe_v2_delegated(h, ROOT / own.get("", "/").lstrip("/"))
+    elif (ROOT / "unified" / "cgroup.procs").exists():
+        h.v2 = _parent(h, "v2", ROOT / "unified" / own.get("", "/").lstrip("/") / name)
+    if "memory" in own and (ROOT / "memory" / "cgroup.procs").exists():
+        h.memory_v1 = _parent(h, "memory", ROOT / "memory" / own["memory"].lstrip("/") / name)
+    if "pids" in own and (ROOT / "pids" / "cgroup.procs").exists():
+        h.pids_v1 = _parent(h, "pids", ROOT / "pids" / own["pids"].lstrip("/") / name)
+    return h
+
+
+def _parent(h: Hierarchies, label: str, path: Path) -> Path | None:
+    try:
+        return _mkparent(path)
+    except OSError as e:
+        h.notes.append(f"{label}: {e}")
+        return None
+
+
+def _mkparent(path: Path) -> Path:
+    path.mkdir(exist_ok=True)
+    probe_dir = path / f"probe-{os.getpid()}"
+    probe_dir.mkdir(exist_ok=True)  # can we create children at all?
+    probe_dir.rmdir()
+    return path
+
+
+def _probe_v2_delegated(h: Hierarchies, own: Path) -> None:
+    """Pure v2 (a systemd host with Delegate=yes): move into a leaf, enable controllers below."""
+    try:
+        leaf = own / "supervisor"
+        leaf.mkdir(exist_ok=True)
+        _write(leaf / "cgroup.procs", "0")
+        wanted = {"memory", "pids", "cpu"} & set(_read(own / "cgroup.controllers").split())
+        if wanted:
+            _write(own / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(wanted)))
+        h.v2 = own
+        h.v2_controllers = frozenset(wanted)
+    except OSError as e:
+        h.notes.append(f"v2 (delegated): {e}")
+
+
+@dataclass
+class JobCgroup:
+    """The cgroup directories of one job, one per hierarchy in use."""
+
+    dirs: list[Path]
+    v2: Path | None
+    memory_v1: Path | None
+    pids_v1: Path | None
+    limits_memory: bool = False
+
+    @classmethod
+    def create(cls, h: Hierarchies, name: str, memory_mb: int, pids: int,
+               cpu_quota: float | None = None) -> JobCgroup:
+        """Make the job's cgroups and set its limits (before fork)."""
+        cg = cls([], None, None, None, h.has_memory())
+        mb = memory_mb << 20
+        if h.v2 is not None:
+            cg.v2 = _fresh(h.v2 / name)
+            cg.dirs.append(cg.v2)
+            if "memory" in h.v2_controllers:
+                for f, v in (("memory.max", mb), ("memory.swap.max", 0), ("memory.oom.group", 1)):
+                    with contextlib.suppress(FileNotFoundError):
+                        _write(cg.v2 / f, str(v))
+            if "pids" in h.v2_controllers:
+                _write(cg.v2 / "pids.max", str(pids))
+            if "cpu" in h.v2_controllers and cpu_quota:
+                _write(cg.v2 / "cpu.max", f"{int(cpu_quota * 100000)} 100000")
+        if h.memory_v1 is not None:
+            cg.memory_v1 = _fresh(h.memory_v1 / name)
+            cg.dirs.append(cg.memory_v1)
+            _write(cg.memory_v1 / "memory.limit_in_bytes", str(mb))
+            with contextlib.suppress(OSError):  # no swap accounting: nothing to limit
+                _write(cg.memory_v1 / "memory.memsw.limit_in_bytes", str(mb))
+        if h.pids_v1 is not None:
+            cg.pids_v1 = _fresh(h.pids_v1 / name)
+            cg.dirs.append(cg.pids_v1)
+            _write(cg.pids_v1 / "pids.max", str(pids))
+        return cg
+
+    def join(self) -> None:
+        """Move the calling process into every directory (in the child, before any job code)."""
+        for d in self.dirs:
+            _write(d / "cgroup.procs", "0")
+
+    def stats(self) -> dict[str, int]:
+        """Peak memory (bytes), OOM kills, pids-limit hits and CPU (usec) as far as known."""
+        out: dict[str, int] = {}
+        if self.v2 is not None:
+            peak = _read(self.v2 / "memory.peak").strip()
+            if peak.isdigit():
+                out["memory_peak"] = int(peak)
+            events = _keyed(_read(self.v2 / "memory.events"))
+            if "oom_kill" in events:
+                out["oom_kill"] = events["oom_kill"]
+            out["cpu_usec"] = _keyed(_read(self.v2 / "cpu.stat")).get("usage_usec", 0)
+            pev = _keyed(_read(self.v2 / "pids.events"))
+            if "max" in pev:
+                out["pids_max_hit"] = pev["max"]
+        if self.memory_v1 is not None:
+            peak = _read(self.memory_v1 / "memory.max_usage_in_bytes").strip()
+            if peak.isdigit():
+                out["memory_peak"] = int(peak)
+            out["oom_kill"] = _keyed(_read(self.memory_v1 / "memory.oom_control")).get("oom_kill", 0)
+        if self.pids_v1 is not None:
+            out["pids_max_hit"] = _keyed(_read(self.pids_v1 / "pids.events")).get("max", 0)
+        return out
+
+    def kill(self) -> None:
+        """SIGKILL every process left in the job's cgroups (cgroup.kill where there is one)."""
+        if self.v2 is not None and (self.v2 / "cgroup.kill").exists():
+            with contextlib.suppress(OSError):
+                _write(self.v2 / "cgroup.kill", "1")
+                return
+        for d in self.dirs:
+            for pid in _read(d / "cgroup.procs").split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+    def empty(self) -> bool:
+        """True when no process (zombies included) is left in any of the job's cgroups."""
+        return all(not _read(d / "cgroup.procs").strip() for d in self.dirs if d.exists())
+
+    def remove(self) -> bool:
+        """Remove the directories; False while a process (or zombie) still holds one."""
+        left = []
+        for d in self.dirs:
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left.append(d)
+        self.dirs = left
+        return not left
+
+
+def _fresh(path: Path) -> Path:
+    """Create `path`, first clearing a stale one of the same name left by a crash."""
+    try:
+        path.mkdir()
+    except FileExistsError:
+        sweep_one(path)
+        path.mkdir()
+    return path
+
+
+def sweep_one(path: Path) -> None:
+    """Kill what is left in a stale job cgroup and remove it."""
+    if (path / "cgroup.kill").exists():
+        with contextlib.suppress(OSError):
+            _write(path / "cgroup.kill", "1")
+    for pid in _read(path / "cgroup.procs").split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+def sweep(h: Hierarchies) -> int:
+    """Remove every job cgroup a previous run left behind; return how many were found."""
+    n = 0
+    for parent in (h.v2, h.memory_v1, h.pids_v1):
+        if parent is None:
+            continue
+        for child in parent.glob("job-*"):
+            sweep_one(child)
+            n += 1
+    return n

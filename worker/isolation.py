@@ -1,0 +1,159 @@
+"""What this host lets us apply to a job, probed once at start, and each job's sandbox plan."""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import logging
+import os
+import pwd
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker import cgroups, landlock, syscall_filter
+from worker.config import Settings
+from worker.errors import ConfigError
+from worker.sandbox import Limits, Plan, readable_runtime
+
+log = logging.getLogger("guestkit.isolation")
+
+
+@dataclass
+class Host:
+    """The isolation layers available here, and the job user."""
+
+    cgroups: cgroups.Hierarchies | None = None
+    landlock_abi: int = 0
+    seccomp: bytes | None = None
+    uid: int | None = None
+    gid: int | None = None
+    namespaces: bool = False
+    runtime: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+    def layers(self) -> list[str]:
+        """Every layer a job can get on this host."""
+        out = ["session", "pdeathsig", "subreaper", "rlimits", "closed-fds",
+               "scrubbed-environment", "no-new-privs"]
+        if self.cgroups is not None:
+            out += self.cgroups.layers
+        if self.namespaces:
+            out += ["pid-namespace", "network-namespace"]
+        if self.uid is not None:
+            out.append(f"user:{self.uid}")
+        if self.landlock_abi:
+            out.append(f"landlock-abi{self.landlock_abi}")
+        if self.seccomp is not None:
+            out.append("seccomp")
+        return out
+
+
+def cgroup_name(settings: Settings) -> str:
+    """The parent cgroup of this spool's jobs: unique per spool, stable across restarts."""
+    digest = hashlib.sha256(str(settings.jobs_dir.absolute()).encode()).hexdigest()[:10]
+    return f"guestkit-{settings.pool}-{digest}"
+
+
+def probe(settings: Settings) -> Host:
+    """Find out which layers this host offers, as far as `settings.isolation` asks for them."""
+    want = set(settings.isolation)
+    host = Host(runtime=readable_runtime())
+    root = os.geteuid() == 0
+    if "cgroup" in want:
+        host.cgroups = cgroups.probe(cgroup_name(settings))
+        host.notes += host.cgroups.notes
+        if not host.cgroups.layers:
+            host.cgroups = None
+    host.namespaces = root and bool(want & {"pid-namespace", "network-namespace"})
+    if "landlock" in want:
+        host.landlock_abi = landlock.abi()
+    if "seccomp" in want:
+        try:
+            host.seccomp = syscall_filter.compile_program()
+        except (ImportError, OSError, RuntimeError) as e:
+            host.notes.append(f"seccomp unavailable: {e}")
+    if "user" in want and root:
+        host.uid, host.gid = job_user(settings.user, settings.group)
+    return host
+
+
+def job_user(user: str, group: str) -> tuple[int | None, int | None]:
+    """The uid and gid jobs run as: `auto` is the `guestkit` user if it exists, else nobody."""
+    if user in ("", "root", "0"):
+        return None, None
+    names = ["guestkit", "nobody"] if user == "auto" else [user]
+    for name in names:
+        try:
+            pw = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
+        except KeyError:
+            continue
+        gid = pw.pw_gid if not group else (int(group) if group.isdigit() else grp.getgrnam(group).gr_gid)
+        return pw.pw_uid, gid
+    raise ValueError(f"setting 'user': no such user {user!r}")
+
+
+def unreachable(path: Path, uid: int, gid: int) -> Path | None:
+    """The first ancestor of `path` that uid:gid may not traverse, or None when all are open."""
+    for parent in [*reversed(path.absolute().parents), path.absolute()]:
+        try:
+            st = parent.stat()
+        except FileNotFoundError:
+            return None
+        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+        if not st.st_mode & bit:
+            return parent
+    return None
+
+
+def check_reachable(host: Host, *dirs: Path) -> None:
+    """Raise ConfigError when the job user cannot reach one of `dirs` (a 0700 parent, say)."""
+    if host.uid is None or host.gid is None:
+        return
+    for d in dirs:
+        blocker = unreachable(d, host.uid, host.gid)
+        if blocker is not None:
+            raise ConfigError(
+                f"{d}: jobs run as uid {host.uid} and cannot enter {blocker} "
+                f"(mode {blocker.stat().st_mode & 0o7777:o}); open it (chmod o+x) or set "
+                "'user' to a user that can, or 'root' to run jobs as root"
+            )
+
+
+def prepare_dirs(host: Host, workdir: Path, output_dir: Path) -> None:
+    """Give the job user its work dir (and tmp) and group access to the output dir."""
+    (workdir / "tmp").mkdir(mode=0o700, exist_ok=True)
+    if host.uid is None or host.gid is None:
+        return
+    for p in (workdir, workdir / "tmp"):
+        os.chown(p, host.uid, host.gid)
+
+
+def open_output_dir(host: Host, output_dir: Path) -> None:
+    """Create the output dir; when jobs run as another user, make it writable by their group."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if host.gid is not None:
+        st = output_dir.stat()
+        if st.st_gid != host.gid or st.st_mode & 0o2070 != 0o2070:
+            os.chown(output_dir, -1, host.gid)
+            os.chmod(output_dir, (st.st_mode & 0o7777) | 0o2070)
+            log.info("output dir %s: group %d may write (jobs run as uid %d)", output_dir,
+                     host.gid, host.uid)
+
+
+def plan(host: Host, settings: Settings, *, workdir: Path, limits: Limits, env: dict[str, str],
+         job_name: str, needs_network: bool) -> Plan:
+    """Decide one job's sandbox: create its cgroup now, list the rest for the child to apply."""
+    want = set(settings.isolation)
+    cg = None
+    if host.cgroups is not None:
+        cg = cgroups.JobCgroup.create(host.cgroups, f"job-{job_name}", limits.memory_mb,
+                                      limits.max_processes)
+    return Plan(
+        workdir=workdir, output_dir=settings.output_dir.absolute(), limits=limits, env=env,
+        supervisor_pid=os.getpid(), cgroup=cg, uid=host.uid, gid=host.gid,
+        nproc=limits.max_processes * settings.max_concurrent,
+        new_net=host.namespaces and not needs_network and "network-namespace" in want,
+        pid_ns=host.namespaces and "pid-namespace" in want,
+        landlock_abi=host.landlock_abi, read_paths=host.runtime, seccomp=host.seccomp,
+        layers=host.cgroups.layers if host.cgroups is not None else [],
+    )

@@ -1,0 +1,83 @@
+"""Landlock (best effort by ABI): a job reads only what it is given and writes only its own dirs."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+from collections.abc import Iterable
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
+_CREATE_RULESET_VERSION = 1
+_RULE_PATH_BENEATH = 1
+
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+REMOVE_DIR, REMOVE_FILE, MAKE_CHAR, MAKE_DIR, MAKE_REG = 1 << 4, 1 << 5, 1 << 6, 1 << 7, 1 << 8
+MAKE_SOCK, MAKE_FIFO, MAKE_BLOCK, MAKE_SYM = 1 << 9, 1 << 10, 1 << 11, 1 << 12
+REFER, TRUNCATE, IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+_FILE_ONLY = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
+READ = EXECUTE | READ_FILE | READ_DIR
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def abi() -> int:
+    """The Landlock ABI version of this kernel; 0 when Landlock is unavailable."""
+    v = _libc.syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0),
+                      ctypes.c_uint32(_CREATE_RULESET_VERSION))
+    return max(int(v), 0)
+
+
+def _handled(version: int) -> int:
+    rights = (1 << 13) - 1
+    if version >= 2:
+        rights |= REFER
+    if version >= 3:
+        rights |= TRUNCATE
+    if version >= 5:
+        rights |= IOCTL_DEV
+    return rights
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"landlock {what}: {os.strerror(err)}")
+    return rc
+
+
+def restrict(read: Iterable[str], write: Iterable[str], version: int) -> None:
+    """Allow read-only access below `read`, full access below `write`, nothing else; irreversible.
+
+    Paths that do not exist are skipped. Requires NO_NEW_PRIVS (or CAP_SYS_ADMIN).
+    """
+    handled = _handled(version)
+    attr = (ctypes.c_uint64 * 3)(handled, 0, 0)
+    ruleset = _check(_libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(8),
+                                   ctypes.c_uint32(0)), "create_ruleset")
+    try:
+        for paths, rights in ((read, READ & handled), (write, handled)):
+            for path in paths:
+                _add(ruleset, path, rights)
+        _check(_libc.syscall(_SYS_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)), "restrict_self")
+    finally:
+        os.close(ruleset)
+
+
+def _add(ruleset: int, path: str, rights: int) -> None:
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            rights &= _FILE_ONLY
+        rule = _PathBeneath(rights, fd)
+        _check(_libc.syscall(_SYS_ADD_RULE, ruleset, ctypes.c_uint32(_RULE_PATH_BENEATH),
+                             ctypes.byref(rule), ctypes.c_uint32(0)), f"add_rule {path}")
+    finally:
+        os.close(fd)

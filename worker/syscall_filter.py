@@ -1,0 +1,53 @@
+"""seccomp deny-list: compiled once to BPF in the supervisor, loaded in each child with prctl."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import tempfile
+
+#: Syscalls a job never needs; they fail with EPERM.
+DENIED = (
+    "mount", "umount2", "unshare", "setns", "pivot_root", "chroot", "swapon", "swapoff",
+    "reboot", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
+    "open_by_handle_at", "name_to_handle_at", "acct", "quotactl", "lookup_dcookie",
+    "process_vm_writev", "fanotify_init", "iopl", "ioperm",
+)
+#: Syscalls that end the job at once (SIGSYS): debugging other processes.
+KILLED = ("ptrace", "process_vm_readv")
+
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def compile_program(denied: tuple[str, ...] = DENIED, killed: tuple[str, ...] = KILLED) -> bytes:
+    """Build the filter with libseccomp (pyseccomp) and return its BPF bytes; raise ImportError."""
+    import pyseccomp
+
+    f = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
+    for name in denied:
+        try:
+            f.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+        except (ValueError, RuntimeError, OSError):
+            continue  # not a syscall on this architecture
+    for name in killed:
+        f.add_rule(pyseccomp.KILL_PROCESS, name)
+    with tempfile.TemporaryFile() as out:
+        f.export_bpf(out)
+        out.seek(0)
+        return out.read()
+
+
+def load(program: bytes) -> None:
+    """Install a compiled filter on the calling process (needs NO_NEW_PRIVS); irreversible."""
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp: {os.strerror(err)}")
