@@ -78,22 +78,27 @@ class Hierarchies:
         return self.pids_v1 is not None or "pids" in self.v2_controllers
 
 
-def probe(name: str) -> Hierarchies:
-    """Find (and prepare) the parents of job cgroups named `name`; absent layers are just absent."""
+def probe(name: str, dry: bool = False) -> Hierarchies:
+    """Find (and, unless `dry`, prepare) the parents of job cgroups named `name`.
+
+    A dry probe changes nothing: it only says what a supervisor would get.
+    """
     h = Hierarchies()
     own = _own_paths()
     if (ROOT / "cgroup.controllers").exists():
-        _probe_v2_delegated(h, ROOT / own.get("", "/").lstrip("/"))
+        _probe_v2_delegated(h, ROOT / own.get("", "/").lstrip("/"), dry)
     elif (ROOT / "unified" / "cgroup.procs").exists():
-        h.v2 = _parent(h, "v2", ROOT / "unified" / own.get("", "/").lstrip("/") / name)
-    if "memory" in own and (ROOT / "memory" / "cgroup.procs").exists():
-        h.memory_v1 = _parent(h, "memory", ROOT / "memory" / own["memory"].lstrip("/") / name)
-    if "pids" in own and (ROOT / "pids" / "cgroup.procs").exists():
-        h.pids_v1 = _parent(h, "pids", ROOT / "pids" / own["pids"].lstrip("/") / name)
+        h.v2 = _parent(h, "v2", ROOT / "unified" / own.get("", "/").lstrip("/") / name, dry)
+    for ctl in ("memory", "pids"):
+        if ctl in own and (ROOT / ctl / "cgroup.procs").exists():
+            parent = _parent(h, ctl, ROOT / ctl / own[ctl].lstrip("/") / name, dry)
+            setattr(h, f"{ctl}_v1", parent)
     return h
 
 
-def _parent(h: Hierarchies, label: str, path: Path) -> Path | None:
+def _parent(h: Hierarchies, label: str, path: Path, dry: bool) -> Path | None:
+    if dry:
+        return path if os.access(path.parent, os.W_OK) else None
     try:
         return _mkparent(path)
     except OSError as e:
@@ -109,8 +114,14 @@ def _mkparent(path: Path) -> Path:
     return path
 
 
-def _probe_v2_delegated(h: Hierarchies, own: Path) -> None:
+def _probe_v2_delegated(h: Hierarchies, own: Path, dry: bool) -> None:
     """Pure v2 (a systemd host with Delegate=yes): move into a leaf, enable controllers below."""
+    if dry:
+        if os.access(own, os.W_OK):
+            h.v2 = own
+            h.v2_controllers = frozenset({"memory", "pids", "cpu"} & set(
+                _read(own / "cgroup.controllers").split()))
+        return
     try:
         leaf = own / "supervisor"
         leaf.mkdir(exist_ok=True)

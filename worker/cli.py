@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from worker import __version__, config
+from worker import __version__, config, isolation
 from worker.errors import ConfigError, JobRejected, SpoolLocked, WorkerError
 from worker.intake import Intake
 from worker.registry import Registry
@@ -57,6 +57,9 @@ def main() -> None:
 @click.option("--image-root", "image_roots", multiple=True, type=click.Path(path_type=Path),
               help="A directory disk images may be read from (repeatable)")
 @click.option("--feature", "features", multiple=True, help="A feature this host offers")
+@click.option("--isolation", multiple=True, type=click.Choice(config.ISOLATION_LAYERS),
+              help="An optional isolation layer to apply (repeatable; default: all)")
+@click.option("--user", help="Job user when run as root: auto, a name, or root")
 @click.option("--max-concurrent", "-m", type=int, help="Jobs running at once (default 4)")
 @click.option("--shutdown-timeout", type=float, help="Drain time on SIGTERM, seconds (30)")
 @click.option("--kill-grace", type=float, help="Seconds from SIGTERM to SIGKILL (5)")
@@ -72,7 +75,7 @@ def supervise(config_file: Path | None, **flags: Any) -> None:
     from worker.logs import setup_logging
     from worker.supervisor import Supervisor
 
-    for many in ("image_roots", "features"):
+    for many in ("image_roots", "features", "isolation"):
         flags[many] = list(flags[many]) or None
     settings, _ = _settings(config_file, **flags)
     setup_logging(settings.log_format, settings.log_level)
@@ -327,7 +330,7 @@ def capabilities(config_file: Path | None, **dirs: Any) -> None:
                    "max_processes": settings.max_processes,
                    "max_open_files": settings.max_open_files,
                    "max_file_size_mb": settings.max_file_size_mb},
-        "isolation": ["session", "rlimits", "pdeathsig", "subreaper", "scrubbed-environment"],
+        "isolation": isolation.probe(settings, dry=True).layers(),
     }
     click.echo(dumps_pretty(doc).decode(), nl=False)
 

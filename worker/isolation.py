@@ -54,13 +54,16 @@ def cgroup_name(settings: Settings) -> str:
     return f"guestkit-{settings.pool}-{digest}"
 
 
-def probe(settings: Settings) -> Host:
-    """Find out which layers this host offers, as far as `settings.isolation` asks for them."""
+def probe(settings: Settings, dry: bool = False) -> Host:
+    """Find out which layers this host offers, as far as `settings.isolation` asks for them.
+
+    `dry` changes nothing on the host (for `capabilities`); a supervisor's probe prepares cgroups.
+    """
     want = set(settings.isolation)
     host = Host(runtime=readable_runtime())
     root = os.geteuid() == 0
     if "cgroup" in want:
-        host.cgroups = cgroups.probe(cgroup_name(settings))
+        host.cgroups = cgroups.probe(cgroup_name(settings), dry)
         host.notes += host.cgroups.notes
         if not host.cgroups.layers:
             host.cgroups = None

@@ -71,6 +71,7 @@ class Run:
     deadline: float  # monotonic: wall-clock timeout
     cpu_limit: int
     memory_limit_mb: int
+    limits: dict[str, int] = field(default_factory=dict)
     progress: dict[str, Any] = field(default_factory=dict)
     last_message: float = 0.0
     stalled: bool = False
@@ -136,7 +137,7 @@ def spawn(spec: ChildSpec, timeout: float, now: float) -> Run:
     return Run(
         pid=pid, reader=MessageReader(r, spec.message_cap), started=now, started_wall=time.time(),
         deadline=now + timeout, cpu_limit=limits.cpu_seconds, memory_limit_mb=limits.memory_mb,
-        last_message=now, cgroup=spec.plan.cgroup,
+        last_message=now, cgroup=spec.plan.cgroup, limits=limits.as_dict(),
     )
 
 

@@ -227,12 +227,21 @@ def confine(plan: Plan, inputs: list[str]) -> list[str]:
 
 
 def readable_runtime() -> tuple[str, ...]:
-    """Paths a Python job must read to run: system dirs, the interpreter and the import path."""
+    """Paths a Python job must read to run: system dirs, the interpreter, and the import-path
+    entries that loaded modules came from (not the working directory, which may be the spool)."""
     import sys
 
     paths = {"/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/dev/urandom",
              "/dev/random", "/dev/zero", sys.prefix, sys.base_prefix, sys.exec_prefix}
-    paths.update(p for p in sys.path if p and os.path.exists(p))
+    entries = sorted({os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)},
+                     key=len, reverse=True)
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not path:
+            continue
+        path = os.path.abspath(path)
+        entry = next((e for e in entries if path.startswith(e + os.sep)), None)
+        paths.add(entry or os.path.dirname(path))
     with contextlib.suppress(OSError):
         paths.add(os.path.realpath(sys.executable))
     return tuple(sorted(paths))

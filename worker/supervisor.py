@@ -73,6 +73,7 @@ class Supervisor:
         self.spool.setup()
         self.spool.lock()
         sandbox.become_subreaper()
+        self.registry.prepare_all()  # before the probe: what it imports must stay readable
         self.host = isolation.probe(self.settings)
         if self.host.cgroups is not None and (n := cgroups.sweep(self.host.cgroups)):
             log.warning("removed %d job cgroup(s) left by a previous run", n)
@@ -81,7 +82,6 @@ class Supervisor:
         log.info("isolation: %s", ", ".join(self.host.layers()))
         for note in self.host.notes:
             log.info("isolation: %s", note)
-        self.registry.prepare_all()
         self.signals = SignalPipe()
         self.sel.register(self.signals, selectors.EVENT_READ, self._on_signals)
         self.watch = Watch()
@@ -459,7 +459,7 @@ class Supervisor:
             started_at=run.started_wall if run else None, finished_at=now,
             metrics=run_metrics(run, time.monotonic()) if run else None,
             progress=run.progress or None if run else None, observability=job.observability,
-            extra={"isolation": run.layers} if run else {},
+            extra={"isolation": run.layers, "limits": run.limits} if run else {},
         )
 
     def _conclude(self, job: Job, end: Ending) -> None:

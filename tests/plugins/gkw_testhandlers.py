@@ -6,6 +6,7 @@ import ctypes
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -88,6 +89,101 @@ class MisbehavingHandler(Handler):
             os.write(2, b"hello on stderr\n")
         ctx.report_progress("execution", 100, "done")
         return HandlerResult(data={"behaviour": behaviour, "attempt": ctx.attempt})
+
+
+def _attempt(action: str, arg: Any) -> str:
+    """Try one thing a hostile job might do; return 'ok ...' or the error it met."""
+    try:
+        return "ok " + str(_ACTIONS[action](arg))
+    except OSError as e:
+        return f"{type(e).__name__}: errno {e.errno}"
+
+
+def _connect(arg: Any) -> str:
+    import socket
+
+    with socket.create_connection((arg["host"], int(arg["port"])), timeout=2):
+        return "connected"
+
+
+def _syscall(name: str) -> int:
+    numbers = {"unshare": 272, "mount": 165, "keyctl": 250, "ptrace": 101}
+    libc = ctypes.CDLL(None, use_errno=True)
+    args = {"unshare": (0x40000000,), "ptrace": (0, 0, 0, 0)}.get(name, (0, 0, 0, 0, 0))
+    if libc.syscall(numbers[name], *args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return 0
+
+
+def _fork_bomb(limit: int) -> int:
+    """Fork sleeping children until refused (or `limit`); return how many were made."""
+    made = []
+    try:
+        for _ in range(limit):
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(60)
+                os._exit(0)
+            made.append(pid)
+    except OSError:
+        pass
+    for pid in made:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return len(made)
+
+
+def _daemon(path: str) -> int:
+    """Double-fork and setsid, like a daemon escaping its session; write the escaper's host pid."""
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.write(w, str(host_pid()).encode())
+            _forever()
+        os._exit(0)
+    pid = int(os.read(r, 32))
+    with open(path, "w") as f:
+        f.write(str(pid))
+    return pid
+
+
+def _run(argv: list[str]) -> str:
+    import subprocess
+
+    return subprocess.run(argv, capture_output=True, text=True, check=False).stdout.strip()
+
+
+_ACTIONS: dict[str, Any] = {
+    "read": lambda p: len(Path(p).read_bytes()),
+    "write": lambda p: Path(p).write_text("x"),
+    "setuid0": lambda _: os.setuid(0),
+    "run": _run,
+    "connect": _connect,
+    "syscall": _syscall,
+    "forkbomb": _fork_bomb,
+    "daemon": _daemon,
+    "whoami": lambda _: f"uid={os.getuid()} euid={os.geteuid()} pid={os.getpid()}",
+}
+
+
+class ProbeHandler(Handler):
+    """`test.probe`: tries each action in payload.data['actions'] and reports what happened."""
+
+    name = "probe"
+    operations = ("test.probe",)
+    payload_types = ("test.probe.v1",)
+
+    def input_paths(self, payload: Any) -> list[str]:
+        return list(payload.get("inputs", []))
+
+    def execute(self, ctx: Context, payload: Any) -> HandlerResult:
+        out = [_attempt(a, arg) for a, arg in payload["actions"]]
+        if payload.get("then_sleep"):
+            _forever()
+        return HandlerResult(data={"outcomes": out})
 
 
 class Count(BaseModel):

@@ -1,0 +1,153 @@
+"""Untrusted jobs stay in their box. Each test names the host feature it needs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import Worker, job, no_process_left, wait_until
+
+from worker import cgroups, landlock
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: jobs drop to another user")
+
+
+def _probe(w: Worker, job_id: str, actions: list, **data) -> list[str]:
+    w.drop(job(job_id, "test.probe", {"actions": actions, **data}))
+    res = w.wait_result(job_id)
+    assert res["status"] == "completed", res
+    return res["data"]["outcomes"]
+
+
+def _hierarchies() -> cgroups.Hierarchies:
+    return cgroups.probe("guestkit-feature-probe")
+
+
+@pytest.mark.skipif(not _hierarchies().has_pids(), reason="needs a pids cgroup controller")
+def test_a_fork_bomb_is_contained_by_the_pids_limit(make_worker) -> None:
+    w = make_worker("--kill-grace", "1").start()
+    doc = job("bomb", "test.probe", {"actions": [["forkbomb", 500]]}, limits={"max_processes": 20})
+    w.drop(doc)
+    w.drop(job("bystander", "test.sleep", {"seconds": 0.5}))
+    res = w.wait_result("bomb")
+    made = int(res["data"]["outcomes"][0].split()[1])
+    assert made < 20
+    assert "cgroup-v1-pids" in res["isolation"] or "cgroup-v2-pids" in res["isolation"]
+    assert w.wait_result("bystander")["status"] == "completed"
+
+
+@pytest.mark.skipif(not _hierarchies().has_memory(), reason="needs a memory cgroup controller")
+def test_a_job_over_its_cgroup_memory_ends_as_memory_limit_with_its_peak(make_worker) -> None:
+    w = make_worker("--memory-limit-mb", "128").start()
+    w.drop(job("hog", "test.alloc", {"mb": 1024}))
+    res = w.wait_result("hog")
+    assert res["error"]["code"] == "MEMORY_LIMIT"
+    assert "OOM killer" in res["error"]["message"]
+    assert 100 <= res["metrics"]["peak_memory_mb"] <= 129
+
+
+@ROOT_ONLY
+def test_the_job_user_cannot_read_root_files_regain_root_or_use_setuid_binaries(
+        make_worker, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("root only")
+    secret.chmod(0o600)
+    suid = tmp_path / "suid-id"
+    shutil.copy("/usr/bin/id", suid)
+    suid.chmod(0o4755)
+    w = make_worker("--isolation", "user", "--isolation", "cgroup").start()
+    out = _probe(w, "priv", [["read", str(secret)], ["setuid0", None], ["run", [str(suid), "-u"]],
+                             ["whoami", None]])
+    assert out[0] == "PermissionError: errno 13"
+    assert out[1] == "PermissionError: errno 1"
+    assert out[2] == "ok 65534"  # the setuid bit is ignored under NO_NEW_PRIVS
+    assert out[3].startswith("ok uid=65534 euid=65534")
+
+
+@ROOT_ONLY
+def test_without_network_a_job_cannot_reach_host_loopback(make_worker) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    w = make_worker().start()
+    try:
+        out = _probe(w, "net", [["connect", {"host": "127.0.0.1", "port": port}]])
+    finally:
+        listener.close()
+    assert out[0] == "OSError: errno 101"  # network unreachable: only a down lo exists
+    assert "network-namespace" in w.result("net")["isolation"]
+
+
+@pytest.mark.skipif(landlock.abi() < 1, reason="needs Landlock in the kernel")
+def test_with_landlock_a_job_writes_only_its_dirs_and_reads_only_allowed_paths(
+        make_worker, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    outside.chmod(0o777)
+    (outside / "data").write_text("private")
+    (outside / "data").chmod(0o644)
+    allowed = tmp_path / "image.raw"
+    allowed.write_text("disk")
+    allowed.chmod(0o644)
+    w = make_worker().start()
+    out = _probe(w, "ll", [["write", str(outside / "new")], ["read", str(outside / "data")],
+                           ["read", str(allowed)], ["write", "scratch.txt"]],
+                 inputs=[str(allowed)])
+    assert out == ["PermissionError: errno 13", "PermissionError: errno 13", "ok 4", "ok 1"]
+    assert not (outside / "new").exists()
+    assert any(x.startswith("landlock-abi") for x in w.result("ll")["isolation"])
+
+
+def test_a_forbidden_syscall_fails_and_ptrace_kills_the_job(make_worker) -> None:
+    pytest.importorskip("pyseccomp", reason="needs libseccomp through pyseccomp")
+    w = make_worker().start()
+    out = _probe(w, "sc", [["syscall", "unshare"], ["syscall", "keyctl"]])
+    assert out == ["PermissionError: errno 1", "PermissionError: errno 1"]
+    w.drop(job("tracer", "test.probe", {"actions": [["syscall", "ptrace"]]}))
+    res = w.wait_result("tracer")
+    assert res["error"]["code"] == "KILLED"
+    assert "seccomp" in res["error"]["message"] and "SIGSYS" in res["error"]["message"]
+
+
+@ROOT_ONLY
+def test_kill_9_of_the_supervisor_takes_every_job_process_with_it(make_worker) -> None:
+    w = make_worker().start()
+    pidfile = w.outputs / "escaper.pid"
+    w.drop(job("victim", "test.probe", {"actions": [["daemon", str(pidfile)]], "then_sleep": True}))
+    escaper = wait_until(lambda: pidfile.exists() and pidfile.read_text() and int(pidfile.read_text()),
+                         [w.outputs], 20, "the job to daemonise a grandchild")
+    job_pids = [c.pid for c in w.children()] + [escaper]
+    assert all(os.stat(f"/proc/{p}").st_uid == 65534 for p in job_pids[1:])  # after the drop
+    w.kill()
+    wait_until(lambda: no_process_left(job_pids), [w.base], 10, "every job process to die")
+
+
+def test_a_daemonised_grandchild_dies_when_its_job_ends(worker: Worker) -> None:
+    pidfile = worker.outputs / "left.pid"
+    out = _probe(worker, "leaver", [["daemon", str(pidfile)]])
+    escaper = int(out[0].split()[1])
+    wait_until(lambda: no_process_left([int(pidfile.read_text())]), [worker.base], 10,
+               "the daemonised grandchild to die")
+    assert escaper > 0
+
+
+def test_capabilities_report_the_host_layers_and_results_the_applied_ones(worker: Worker) -> None:
+    caps = orjson.loads(worker.cli("capabilities").stdout)
+    assert {"session", "rlimits", "no-new-privs"} <= set(caps["isolation"])
+    worker.drop(job("layers"))
+    applied = worker.wait_result("layers")["isolation"]
+    assert {"session", "pdeathsig", "rlimits", "no-new-privs"} <= set(applied)
+    assert set(applied) - {"pid-namespace"} <= set(caps["isolation"]) | {"pid-namespace"}
+
+
+def test_a_job_may_ask_for_less_than_the_cap_never_more(make_worker) -> None:
+    w = make_worker("--memory-limit-mb", "512").start()
+    w.drop(job("modest", "test.probe", {"actions": []}, limits={"memory_mb": 256}))
+    w.drop(job("greedy", "test.probe", {"actions": []}, limits={"memory_mb": 100000}))
+    assert w.wait_result("modest")["limits"]["memory_mb"] == 256
+    assert w.wait_result("greedy")["limits"]["memory_mb"] == 512
