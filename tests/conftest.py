@@ -68,9 +68,9 @@ class Worker:
         self.outputs = base / "outputs"
         self.log_path = base / "worker.log"
         self.extra_args = extra_args
-        self.env = {**os.environ, "PYTHONPATH": str(PLUGINS), "GUESTKIT_WORKER_CONFIG": "/dev/null",
-                    **(env or {})}
-        self.env.pop("NOTIFY_SOCKET", None)
+        base_env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        self.env = {**base_env, "PYTHONPATH": str(PLUGINS), "GUESTKIT_WORKER_CONFIG": "/dev/null",
+                    "GUESTKIT_WORKER_METRICS_ADDR": "", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def args(self) -> list[str]:

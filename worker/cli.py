@@ -335,6 +335,28 @@ def capabilities(config_file: Path | None, **dirs: Any) -> None:
     click.echo(dumps_pretty(doc).decode(), nl=False)
 
 
+@main.command()
+@_spool_options
+@click.option("--metrics-addr", help="host:port of the worker (default: from its config)")
+def health(config_file: Path | None, metrics_addr: str | None, **dirs: Any) -> None:
+    """Ask a running worker whether it is healthy and ready; exit 0 only when both."""
+    from worker import metrics
+
+    settings, _ = _settings(config_file, metrics_addr=metrics_addr, **dirs)
+    if not settings.metrics_addr:
+        raise click.ClickException("metrics_addr is empty: the worker serves no health endpoint")
+    try:
+        host, port = metrics.parse_address(settings.metrics_addr)
+        answers = {path: metrics.fetch(host, port, path) for path in ("/healthz", "/readyz")}
+    except (OSError, ConfigError) as e:
+        raise click.ClickException(f"no worker answers at {settings.metrics_addr}: {e}") from None
+    ok = True
+    for path, (code, body) in answers.items():
+        click.echo(f"{path.strip('/')}: {code} {body.decode(errors='replace').strip()}")
+        ok = ok and code == 200
+    sys.exit(0 if ok else 1)
+
+
 @main.group(name="config")
 def config_group() -> None:
     """Inspect the configuration."""

@@ -78,7 +78,7 @@ class Settings(BaseModel):
         "info", pattern="^(debug|info|warning|error)$", description="debug|info|warning|error"
     )
     metrics_addr: str = Field(
-        "", description="host:port for /metrics and /healthz; empty disables it"
+        "127.0.0.1:9464", description="host:port for /metrics, /healthz, /readyz; empty: off"
     )
 
     @field_validator("isolation")

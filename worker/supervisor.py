@@ -19,8 +19,10 @@ from worker.config import Settings
 from worker.errors import ErrorCode, UnsafeFile
 from worker.intake import Accepted, Intake
 from worker.job import RETRYABLE, Job, Outcome, decide, run_metrics, spawn
+from worker.logs import setup_logging
 from worker.registry import Registry
 from worker.results import Ending, build
+from worker.service import Service
 from worker.signals import SignalPipe
 from worker.spec import Limits, parse_job
 from worker.spool import ACTIVE, RETRY, Spool
@@ -55,6 +57,7 @@ class Supervisor:
         self._seq = itertools.count()
         self.sel = selectors.DefaultSelector()
         self.intake = Intake(self.spool, registry, settings, version, self.jobs.__contains__)
+        self.service = Service(settings, version)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -88,14 +91,17 @@ class Supervisor:
         self.watch.add("inbox", self.spool.inbox)
         self.watch.add("cancel", self.spool.cancel_dir)
         self.sel.register(self.watch, selectors.EVENT_READ, self._on_watch)
+        self.service.open(self.sel, self._gauges)
         self.spool.sweep_tmp()
         self._recover()
         self._scan()
+        self.service.ready(self._status_text())
         log.info("ready: worker %s, pool %s, %d slot(s), spool %s, %d job(s) queued",
                  self.settings.worker_id, self.settings.pool, self.settings.max_concurrent,
                  self.spool.inbox, len(self.jobs))
 
     def _stop(self) -> None:
+        self.service.close()
         with contextlib.suppress(Exception):
             self.watch.close()
         self.signals.close()
@@ -108,10 +114,27 @@ class Supervisor:
         self._enforce(now)
         self._housekeep()
         self._fill_slots(now)
+        self.service.heartbeat(now, self._status_text())
+
+    def _status_text(self) -> str:
+        queued = len(self.jobs) - len(self.running)
+        text = f"running {len(self.running)}/{self.settings.max_concurrent}, queued {queued}"
+        return f"draining: {text}" if self.draining else text
+
+    def _gauges(self) -> None:
+        """Refresh the gauges a scrape reads."""
+        m = self.service.m
+        m.running_jobs.set(len(self.running))
+        waiting = [j for j in self.jobs.values() if j.run is None]
+        m.queue_depth.set(len(waiting))
+        oldest = min((j.queued_at for j in waiting), default=None)
+        m.oldest_queued_age.set(time.time() - oldest if oldest else 0.0)
 
     def _timeout(self) -> float:
         now = time.monotonic()
         nearest = now + HOUSEKEEPING
+        if (svc := self.service.next_deadline()) is not None:
+            nearest = min(nearest, svc)
         for job in self.running.values():
             run = job.run
             assert run is not None
@@ -232,6 +255,7 @@ class Supervisor:
                          data=doc.payload.data, handler=handler, plan=plan,
                          message_cap=self.settings.max_message_bytes)
         run = spawn(spec, timeout, now)
+        self.service.m.spawn_latency.observe(time.monotonic() - now)
         job.run = run
         job.move(JobState.RUNNING)
         self.running[run.pid] = job
@@ -300,6 +324,7 @@ class Supervisor:
         assert run is not None
         run.last_message = time.monotonic()
         kind = msg.get("type")
+        self.service.progressed()
         if kind == "progress":
             run.progress = {k: msg.get(k) for k in ("phase", "percent", "message")}
             pct = f" ({msg['percent']}%)" if msg.get("percent") is not None else ""
@@ -350,6 +375,10 @@ class Supervisor:
             self.sel.unregister(run.reader.fd)
         run.reader.close()
         outcome = decide(run)
+        reason = run.kill_reason or (outcome.code.value.lower() if outcome.code in (
+            ErrorCode.CPU_LIMIT, ErrorCode.MEMORY_LIMIT, ErrorCode.KILLED) else None)
+        if reason:
+            self.service.m.kills.labels(reason=reason).inc()
         if outcome.status == "requeue" or (
             outcome.status == "failed" and outcome.retryable and outcome.code in RETRYABLE
             and job.attempt < job.max_attempts
@@ -379,6 +408,7 @@ class Supervisor:
         job.run = None
         job.move(JobState.QUEUED)
         job.attempt += 1
+        self.service.m.retries.inc()
         job.not_before = time.time() + delay
         if delay > 0 and job.where == ACTIVE:
             self.spool.move(job.claimed, ACTIVE, RETRY)
@@ -471,6 +501,12 @@ class Supervisor:
                            f"{end.code}: {end.message}" if end.code else "")
         self.jobs.pop(job.job_id, None)
         self.waiting.discard(job.job_id)
+        m = self.service.m
+        m.jobs.labels(operation=job.operation, outcome=end.code or end.status).inc()
+        if job.run is not None:
+            m.job_duration.labels(operation=job.operation).observe(
+                time.monotonic() - job.run.started)
+        self.service.progressed()
         level = logging.INFO if end.status == "completed" else logging.WARNING
         detail = f" ({end.code}: {end.message})" if end.code else ""
         self._log(job, "%s%s", end.status, detail, level=level)
@@ -556,14 +592,17 @@ class Supervisor:
             self.sel.unregister(self.watch)
         log.info("%s: draining; %d running job(s) get %.0f s to finish", why, len(self.running),
                  self.settings.shutdown_timeout)
+        self.service.stopping(self._status_text())
 
     def _reload(self) -> None:
         if self.reload_settings is None:
             return
+        self.service.reloading()
         try:
             new = self.reload_settings()
         except Exception as e:
             log.error("reload failed, keeping the current settings: %s", e)
+            self.service.ready(self._status_text())
             return
         fixed = [k for k in ("worker_id", "pool", "jobs_dir", "results_dir", "work_dir")
                  if getattr(new, k) != getattr(self.settings, k)]
@@ -574,7 +613,9 @@ class Supervisor:
         self.settings = new
         self.intake.settings = new
         self.spool.fsync = new.fsync
+        setup_logging(new.log_format, new.log_level)  # also reopens the log
         log.info("reloaded settings: %d slot(s)", new.max_concurrent)
+        self.service.ready(self._status_text())
 
     def _dump(self) -> None:
         log.info("status: %d running, %d queued, %d waiting, %d retrying, draining=%s",

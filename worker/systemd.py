@@ -20,14 +20,18 @@ NOTIFY_SOCKET = "NOTIFY_SOCKET"
 
 
 def notify(*fields: str) -> bool:
-    """Send ``fields`` as one notification datagram; True when it was sent, False otherwise."""
+    """Send ``fields`` as one notification datagram; True when it was sent, False otherwise.
+
+    Never blocks: a receiver whose queue is full (net.unix.max_dgram_qlen, often 10) costs
+    this message, not the supervisor's loop.
+    """
     address = _socket_address(os.environ.get(NOTIFY_SOCKET, ""))
     if address is None or not fields:
         return False
     payload = "\n".join(fields).encode("utf-8", "replace")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(payload, address)
+            sock.sendto(payload, socket.MSG_DONTWAIT, address)
     except (OSError, ValueError):
         return False
     return True

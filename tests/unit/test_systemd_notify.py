@@ -196,3 +196,18 @@ class TestWatchdogInterval:
         monkeypatch.setenv("WATCHDOG_USEC", "4000000")
         monkeypatch.setenv("WATCHDOG_PID", "self")
         assert systemd.watchdog_interval() is None
+
+
+def test_notify_never_blocks_on_a_receiver_that_stopped_reading(tmp_path, monkeypatch) -> None:
+    import socket as _socket
+
+    from worker import systemd as _systemd
+
+    path = tmp_path / "full.sock"
+    receiver = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    sent = [_systemd.notify("WATCHDOG=1") for _ in range(200)]  # far past max_dgram_qlen
+    assert sent[0] is True
+    assert sent[-1] is False  # dropped, not blocked
+    receiver.close()
