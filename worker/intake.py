@@ -47,6 +47,7 @@ class Intake:
         self.known = known
         self.capabilities = registry.capabilities()
         self.features = registry.features()
+        self.last_rejection: dict[str, Any] | None = None
 
     def take(self, name: str) -> Accepted | None:
         """Claim and validate inbox file `name`; None when gone, still open, or rejected."""
@@ -146,6 +147,7 @@ class Intake:
         """Move a file aside with its reason; write a failed result when a safe, new id is known."""
         record: dict[str, Any] = {"job_id": job_id or duplicate_of, "code": code.value,
                                   "message": message}
+        self.last_rejection = record
         try:
             dest = self.spool.reject(src, record)
         except FileNotFoundError:

@@ -38,6 +38,7 @@ class Job:
     waiting_for: str | None = None
     queued_at: float = field(default_factory=time.time)
     observability: dict[str, Any] | None = None
+    message_id: str | None = None  # the shared queue's id for a job that came from it
     run: Run | None = None
 
     def move(self, new: JobState) -> None:

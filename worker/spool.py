@@ -74,6 +74,13 @@ class Spool:
             return None
         return claimed
 
+    def materialize(self, message_id: str, data: bytes) -> str:
+        """Store a job delivered by a shared queue as a claimed file; return its claimed name."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in message_id)
+        claimed = f"{time.time_ns():020d}-{next(self._seq):06d}-queue-{safe}.json"
+        fsutil.write_atomic(self.inbox / ACTIVE / claimed, data, fsync=self.fsync)
+        return claimed
+
     def path(self, where: str, claimed: str) -> Path:
         """Where a claimed job file lives (`where` is .active or .retry)."""
         return self.inbox / where / claimed

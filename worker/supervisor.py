@@ -27,6 +27,7 @@ from worker.signals import SignalPipe
 from worker.spec import Limits, parse_job
 from worker.spool import ACTIVE, RETRY, Spool
 from worker.states import JobState
+from worker.transports import Remote
 from worker.watch import Watch
 
 log = logging.getLogger("guestkit.supervisor")
@@ -38,7 +39,7 @@ class Supervisor:
     """Owns the spool, the job table and every child; single-threaded."""
 
     def __init__(self, settings: Settings, registry: Registry, version: str,
-                 reload: Callable[[], Settings] | None = None) -> None:
+                 reload: Callable[[], Settings] | None = None, remote: Remote | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.version = version
@@ -58,6 +59,7 @@ class Supervisor:
         self.sel = selectors.DefaultSelector()
         self.intake = Intake(self.spool, registry, settings, version, self.jobs.__contains__)
         self.service = Service(settings, version)
+        self.remote = remote or Remote()
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -95,12 +97,14 @@ class Supervisor:
         self.spool.sweep_tmp()
         self._recover()
         self._scan()
+        self.remote.open(self.sel, self._deliver, self._on_cancel)
         self.service.ready(self._status_text())
         log.info("ready: worker %s, pool %s, %d slot(s), spool %s, %d job(s) queued",
                  self.settings.worker_id, self.settings.pool, self.settings.max_concurrent,
                  self.spool.inbox, len(self.jobs))
 
     def _stop(self) -> None:
+        self.remote.close()
         self.service.close()
         with contextlib.suppress(Exception):
             self.watch.close()
@@ -114,6 +118,9 @@ class Supervisor:
         self._enforce(now)
         self._housekeep()
         self._fill_slots(now)
+        free = self.settings.max_concurrent - len(self.running) - len(self.ready)
+        self.remote.poll(now, 0 if self.draining else max(0, free),
+                         [j.message_id for j in self.running.values() if j.message_id])
         self.service.heartbeat(now, self._status_text())
 
     def _status_text(self) -> str:
@@ -133,8 +140,9 @@ class Supervisor:
     def _timeout(self) -> float:
         now = time.monotonic()
         nearest = now + HOUSEKEEPING
-        if (svc := self.service.next_deadline()) is not None:
-            nearest = min(nearest, svc)
+        for other in (self.service.next_deadline(), self.remote.next_deadline()):
+            if other is not None:
+                nearest = min(nearest, other)
         for job in self.running.values():
             run = job.run
             assert run is not None
@@ -183,6 +191,19 @@ class Supervisor:
             return
         if accepted is not None:
             self._admit(accepted)
+
+    def _deliver(self, message_id: str, data: bytes, running_attempt: int | None) -> None:
+        """A job from the shared queue: keep a durable local copy, then admit it like a drop."""
+        claimed = self.spool.materialize(message_id, data)
+        if running_attempt is not None:
+            self._recover_one(ACTIVE, claimed, data, None, running_attempt, message_id)
+            return
+        acc = self.intake.admit(ACTIVE, claimed, data, f"message {message_id}")
+        if acc is None:
+            self.remote.reject(message_id, self.intake.last_rejection or {})
+            return
+        acc.job.message_id = message_id
+        self._admit(acc)
 
     def _admit(self, acc: Accepted) -> None:
         job = acc.job
@@ -286,16 +307,23 @@ class Supervisor:
         """Take the job's idempotency key, or replay / park it; True when it may run now."""
         key = job.idempotency_key
         assert key is not None
-        owner = self.spool.key_owner(key)
+        holder = self.remote.take_key(key, job.job_id)
+        owner = self.spool.key_owner(key) if holder == job.job_id else holder
         if owner and owner != job.job_id:
             if owner in self.jobs:
                 self.key_waiters.setdefault(key, []).append(job.job_id)
                 job.waiting_for = f"idempotency key {key!r} is held by job {owner!r}, not yet finished"
                 self._write_status(job)
                 return False
-            first = self.spool.read_result(owner)
+            first = self.remote.result(owner) or self.spool.read_result(owner)
             if first and first.get("status") == "completed":
                 self._replay(job, owner, first)
+                return False
+            if first is None and self.remote.name != "spool":  # held by a job on another worker
+                job.waiting_for = f"idempotency key {key!r} is held by job {owner!r} elsewhere"
+                job.not_before = time.time() + 1.0
+                heapq.heappush(self.retries, (job.not_before, job.job_id))
+                self._write_status(job)
                 return False
         self.spool.take_key(key, job.job_id)
         return True
@@ -495,10 +523,15 @@ class Supervisor:
     def _conclude(self, job: Job, end: Ending) -> None:
         """Publish the one result, archive the job file, forget the job, wake its waiters."""
         job.move(JobState(end.status))
-        if not self.spool.publish_result(job.job_id, build(end, self.settings)):
+        doc = build(end, self.settings)
+        if not self.remote.publish(job.job_id, doc):
+            self._log(job, "another worker's result came first; kept it", level=logging.WARNING)
+        elif not self.spool.publish_result(job.job_id, doc):
             self._log(job, "a result already existed; kept the first", level=logging.WARNING)
         self.spool.archive(job.where, job.claimed, job.job_id, end.status == "completed",
                            f"{end.code}: {end.message}" if end.code else "")
+        if job.message_id:
+            self.remote.acknowledge(job.message_id, job.job_id, end.status == "completed")
         self.jobs.pop(job.job_id, None)
         self.waiting.discard(job.job_id)
         m = self.service.m
@@ -554,25 +587,30 @@ class Supervisor:
                 continue
             self._recover_one(where, claimed, data, doc.job_id)
 
-    def _recover_one(self, where: str, claimed: str, data: bytes, job_id: str) -> None:
-        status = self.spool.read_status(job_id) or {}
-        attempt = int(status.get("attempt") or 0) or None
-        was_running = status.get("state") in ("assigned", "running")
+    def _recover_one(self, where: str, claimed: str, data: bytes, job_id: str | None,
+                     running_attempt: int | None = None, message_id: str | None = None) -> None:
+        """Admit a job a stopped worker had claimed: the attempt it was running counts."""
+        status = (self.spool.read_status(job_id) if job_id else None) or {}
+        attempt = running_attempt or int(status.get("attempt") or 0) or None
+        was_running = running_attempt is not None or status.get("state") in ("assigned", "running")
         acc = self.intake.admit(where, claimed, data, claimed,
                                 attempt=(attempt + 1) if was_running and attempt else attempt)
         if acc is None:
+            if message_id:
+                self.remote.reject(message_id, self.intake.last_rejection or {})
             return
         job = acc.job
+        job.message_id = message_id
         if was_running and attempt and attempt >= job.max_attempts:
             job.attempt = attempt
             self.jobs[job.job_id] = job
             self._conclude(job, self._ending(
                 job, "failed", ErrorCode.WORKER_LOST,
-                f"job {job_id!r}: the worker stopped while attempt {attempt} of "
+                f"job {job.job_id!r}: the worker stopped while attempt {attempt} of "
                 f"{job.max_attempts} ran; no attempts left"))
             return
         if was_running:
-            self._log(job, "recovered after a worker restart; attempt %d/%d next", job.attempt,
+            self._log(job, "recovered after a worker stopped; attempt %d/%d next", job.attempt,
                       job.max_attempts, level=logging.WARNING)
             self._write_status(job, durable=True)
         job.not_before = float(status.get("not_before") or 0.0)
@@ -588,6 +626,7 @@ class Supervisor:
             return
         self.draining = True
         self.drain_deadline = now + self.settings.shutdown_timeout
+        self.remote.stop_intake()
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(self.watch)
         log.info("%s: draining; %d running job(s) get %.0f s to finish", why, len(self.running),
@@ -632,7 +671,10 @@ class Supervisor:
         if job.run is not None:
             job.run.last_status = time.monotonic()
             job.run.status_dirty = False
-        self.spool.write_status(job.job_id, job.status_doc(self.settings.worker_id), durable)
+        doc = job.status_doc(self.settings.worker_id)
+        self.spool.write_status(job.job_id, doc, durable)
+        if job.message_id:
+            self.remote.status(job.job_id, doc)
 
     def _log(self, job: Job, fmt: str, *args: Any, level: int = logging.INFO) -> None:
         log.log(level, fmt, *args, extra={"job_id": job.job_id, "operation": job.operation,
