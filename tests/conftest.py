@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,22 @@ from inotify_simple import INotify, flags
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = ROOT / "tests" / "plugins"
 EXAMPLES = ROOT.parent / "shared" / "examples"
+MKIMAGES = ROOT / "scripts" / "mkimages.sh"
+FIXTURE_TOOLS = ("qemu-img", "sfdisk", "mkfs.vfat", "mcopy", "mke2fs", "mkfs.xfs")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every fixture disk image, built once per session by scripts/mkimages.sh."""
+    missing = [t for t in FIXTURE_TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"image tools missing: {missing}; install the Debian packages in "
+                    "scripts/image-packages.txt")
+    out = tmp_path_factory.mktemp("images")
+    proc = subprocess.run(["bash", str(MKIMAGES), str(out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable}, timeout=300)
+    assert proc.returncode == 0, f"mkimages.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    return out
 
 
 def job(job_id: str, operation: str = "system.echo", data: Any = None,

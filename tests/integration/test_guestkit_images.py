@@ -31,9 +31,7 @@ from handlers.guestkit_profile import ProfileHandler
 from worker.errors import HandlerError
 
 ROOT = Path(__file__).resolve().parents[2]
-MKIMAGES = ROOT / "scripts" / "mkimages.sh"
 EXAMPLES = ROOT.parent / "shared" / "examples"
-FIXTURE_TOOLS = ("qemu-img", "sfdisk", "mkfs.vfat", "mcopy", "mke2fs", "mkfs.xfs")
 MiB = 1024 * 1024
 WEAK_FINDINGS = {"CIS-AUTH-001", "CIS-SSH-001", "CIS-SSH-002", "CIS-FW-001", "CIS-PWD-001",
                  "CIS-PWD-002", "CIS-FS-001", "CIS-FS-002", "CIS-FS-003", "CIS-SVC-001"}
@@ -41,20 +39,6 @@ ALL_PROFILES = ["security", "compliance", "hardening"]
 
 
 # ---------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every fixture image, built once per session by scripts/mkimages.sh."""
-    missing = [t for t in FIXTURE_TOOLS if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"image tools missing: {missing}; install the Debian packages in "
-                    "scripts/image-packages.txt")
-    out = tmp_path_factory.mktemp("images")
-    proc = subprocess.run(["bash", str(MKIMAGES), str(out)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable}, timeout=300)
-    assert proc.returncode == 0, f"mkimages.sh failed:\n{proc.stdout}\n{proc.stderr}"
-    return out
-
 
 @pytest.fixture(scope="session")
 def dissect_ready() -> None:

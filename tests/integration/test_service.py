@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import Worker, job, wait_until
+
 from worker import metrics
 
 
