@@ -9,8 +9,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from conftest import EXAMPLES, Worker, job
+
 from handlers.guestkit_inspect import InspectHandler
 
 pytestmark = [
