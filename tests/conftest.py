@@ -96,6 +96,7 @@ class Worker:
 
     def start(self, *more: str, wait_ready: bool = True) -> Worker:
         """Start the supervisor; return once its log says it is ready."""
+        _open_for_job_user(self.base)  # another pytest run may have closed /tmp/pytest-of-*
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "worker", "supervise", *self.args(), "--log-format",
