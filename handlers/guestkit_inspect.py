@@ -3,35 +3,26 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from handlers.base import Context, Handler, HandlerResult
+from handlers.base import Context, HandlerResult
+from handlers.guestkit_base import GUESTKIT_CAPABILITIES, GuestImageHandler
 from handlers.guestkit_facts import GuestFacts
 from handlers.guestkit_image import (
     GuestImage,
     ImageSpec,
     OutputSpec,
-    anchored_settings,
-    chain_paths,
-    check_image_spec,
-    dissect_missing,
     guest_facts,
     open_guest,
     output_root,
-    warm_up,
 )
-from handlers.guestkit_output import choose_destination, report_destination, write_report
+from handlers.guestkit_output import choose_destination, write_report
 
 __all__ = ["GUESTKIT_CAPABILITIES", "InspectHandler", "InspectOptions", "InspectPayload"]
 
-#: Containers and filesystems the image reader handles, as constraint capabilities.
-GUESTKIT_CAPABILITIES = ("disk.qcow2", "disk.raw", "disk.vmdk", "disk.vhd", "disk.vhdx",
-                         "disk.vdi", "fs.ext2", "fs.ext3", "fs.ext4", "fs.xfs", "fs.vfat",
-                         "fs.btrfs", "partition.gpt", "partition.mbr")
 _SHOW_ON_SUMMARY = 30
 
 
@@ -142,40 +133,13 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class InspectHandler(Handler):
+class InspectHandler(GuestImageHandler):
     """Inspects a disk image read-only: OS, packages, services, users, network, security."""
 
     name = "guestkit-inspect"
     operations = ("guestkit.inspect",)
     payload_types = ("guestkit.inspect.v1",)
     payload_model = InspectPayload
-    capabilities = GUESTKIT_CAPABILITIES
-    features = ("lvm", "selinux", "apparmor")
-
-    def __init__(self, settings: Mapping[str, Any]) -> None:
-        """Keep the settings with the image roots and output dir made absolute now."""
-        super().__init__(anchored_settings(settings))
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        """Unavailable without the guestkit extra (dissect.target)."""
-        return dissect_missing("guestkit.inspect")
-
-    def validate(self, data: Any) -> InspectPayload:
-        """Check the payload, the image against the roots and any output destination."""
-        payload = InspectPayload.model_validate(data)
-        real = check_image_spec(payload.image, self.settings)
-        if payload.output and payload.output.destination:
-            report_destination(payload.output.destination, output_root(self.settings), real)
-        return payload
-
-    def prepare(self) -> None:
-        """Pre-import the image library so forked jobs start warm."""
-        warm_up()
-
-    def input_paths(self, payload: Any) -> list[str]:
-        """The image file and its backing chain: the only files outside its dirs a job reads."""
-        return chain_paths(payload.image, self.settings)
 
     def execute(self, ctx: Context, payload: Any) -> HandlerResult:
         """Open the image read-only once, build the report, write it, return its summary."""

@@ -2,31 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from handlers.base import Context, Handler, HandlerResult
+from handlers.base import Context, HandlerResult
+from handlers.guestkit_base import GuestImageHandler
 from handlers.guestkit_checks import CHECKS, SEVERITIES, FileScan, run_profile, scan_files
 from handlers.guestkit_facts import GuestFacts
 from handlers.guestkit_image import (
     GuestImage,
     ImageSpec,
     OutputSpec,
-    anchored_settings,
-    chain_paths,
-    check_image_spec,
-    dissect_missing,
     guest_facts,
     open_guest,
     output_root,
-    warm_up,
 )
-from handlers.guestkit_inspect import GUESTKIT_CAPABILITIES
-from handlers.guestkit_output import choose_destination, report_destination, write_report
+from handlers.guestkit_output import choose_destination, write_report
 from worker.errors import HandlerError
 
 __all__ = ["ProfileHandler", "ProfileOptions", "ProfilePayload"]
@@ -86,40 +80,13 @@ def _summary(kept: list[dict[str, Any]], dropped: int, threshold: str) -> dict[s
             "severity_threshold": threshold, "below_threshold": dropped}
 
 
-class ProfileHandler(Handler):
+class ProfileHandler(GuestImageHandler):
     """Runs the requested profiles' checks over one read-only opening of the image."""
 
     name = "guestkit-profile"
     operations = ("guestkit.profile",)
     payload_types = ("guestkit.profile.v1",)
     payload_model = ProfilePayload
-    capabilities = GUESTKIT_CAPABILITIES
-    features = ("lvm", "selinux", "apparmor")
-
-    def __init__(self, settings: Mapping[str, Any]) -> None:
-        """Keep the settings with the image roots and output dir made absolute now."""
-        super().__init__(anchored_settings(settings))
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        """Unavailable without the guestkit extra (dissect.target)."""
-        return dissect_missing("guestkit.profile")
-
-    def validate(self, data: Any) -> ProfilePayload:
-        """Check the payload, the image against the roots and any output destination."""
-        payload = ProfilePayload.model_validate(data)
-        real = check_image_spec(payload.image, self.settings)
-        if payload.output and payload.output.destination:
-            report_destination(payload.output.destination, output_root(self.settings), real)
-        return payload
-
-    def prepare(self) -> None:
-        """Pre-import the image library so forked jobs start warm."""
-        warm_up()
-
-    def input_paths(self, payload: Any) -> list[str]:
-        """The image file and its backing chain: the only files outside its dirs a job reads."""
-        return chain_paths(payload.image, self.settings)
 
     def execute(self, ctx: Context, payload: Any) -> HandlerResult:
         """Run every requested profile over one opening of the image; write the report."""

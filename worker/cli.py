@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import select
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 import click
 
 from worker import __version__, config, isolation
-from worker.errors import ConfigError, JobRejected, SpoolLocked, WorkerError
+from worker.errors import ConfigError, JobRejected, WorkerError
 from worker.intake import Intake
 from worker.registry import Registry
 from worker.spec import dumps, dumps_pretty, loads, parse_job
@@ -84,10 +85,12 @@ def supervise(config_file: Path | None, **flags: Any) -> None:
                      reload=lambda: config.load(flags, config_file)[0])
     try:
         code = sup.run()
-    except SpoolLocked as e:
+    except WorkerError as e:  # a lock held, a bad setting, a busy port: say so plainly
+        logging.getLogger("guestkit").critical("cannot start: %s", e)
         raise click.ClickException(str(e)) from None
-    except WorkerError as e:
-        raise click.ClickException(str(e)) from None
+    except Exception:  # one journal entry with the whole traceback, at PRIORITY 2
+        logging.getLogger("guestkit").critical("supervisor failed", exc_info=True)
+        sys.exit(1)
     sys.exit(code)
 
 

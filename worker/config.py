@@ -8,13 +8,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from worker.errors import ConfigError
 from worker.spec import describe
 
 DEFAULT_CONFIG = Path("/etc/guestkit-worker/worker.toml")
 ENV_PREFIX = "GUESTKIT_WORKER_"
+#: Schemes a Redis URL may have (redis-py's from_url).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 #: Optional isolation layers (DESIGN §5), all on by default where the host offers them.
 ISOLATION_LAYERS = ("cgroup", "pid-namespace", "network-namespace", "landlock", "seccomp", "user")
 
@@ -80,6 +82,38 @@ class Settings(BaseModel):
     metrics_addr: str = Field(
         "127.0.0.1:9464", description="host:port for /metrics, /healthz, /readyz; empty: off"
     )
+    transport: str = Field(
+        "spool", pattern="^(spool|redis)$",
+        description="Where jobs come from: spool (the jobs directory only) or redis (a shared stream too)",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", min_length=1, description="The Redis server of the redis transport"
+    )
+    redis_stream_prefix: str = Field(
+        "guestkit", pattern=r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)*$",
+        description="Prefix of every Redis key: <prefix>:jobs:<pool> is the pool's stream",
+    )
+    redis_group: str = Field(
+        "guestkit-workers", pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="The consumer group all workers of a pool share",
+    )
+    redis_renew_seconds: float = Field(
+        5.0, gt=0, le=3600, description="How often the leases of held messages are renewed"
+    )
+    redis_claim_idle_seconds: float = Field(
+        30.0, gt=0, le=86400,
+        description="Idle time after which another worker takes over a message (> 2 x renew)",
+    )
+    redis_max_deliveries: int = Field(
+        5, ge=1, le=1000,
+        description="Executions of one message across all workers before it goes to the dead-letter stream",
+    )
+    redis_result_ttl_seconds: int = Field(
+        7 * 86400, ge=60, description="How long results and idempotency keys stay in Redis"
+    )
+    redis_status_ttl_seconds: int = Field(
+        86400, ge=60, description="How long a job's live status and cancel request stay in Redis"
+    )
 
     @field_validator("isolation")
     @classmethod
@@ -87,6 +121,22 @@ class Settings(BaseModel):
         unknown = [v for v in value if v not in ISOLATION_LAYERS]
         if unknown:
             raise ValueError(f"unknown layer(s) {unknown}; known: {list(ISOLATION_LAYERS)}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(REDIS_SCHEMES):
+            raise ValueError(f"expected a URL starting with one of {list(REDIS_SCHEMES)}")
+        return value
+
+    @field_validator("redis_claim_idle_seconds")
+    @classmethod
+    def _lease_outlives_renewal(cls, value: float, info: ValidationInfo) -> float:
+        renew = info.data.get("redis_renew_seconds")
+        if renew is not None and value < 2 * renew:
+            raise ValueError(f"expected at least twice redis_renew_seconds ({renew:g}), or live "
+                             "workers would lose their jobs to others")
         return value
 
     @field_validator("operation_limits")

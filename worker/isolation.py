@@ -136,9 +136,10 @@ def open_output_dir(host: Host, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     if host.gid is not None:
         st = output_dir.stat()
-        if st.st_gid != host.gid or st.st_mode & 0o2070 != 0o2070:
+        if st.st_gid != host.gid or st.st_mode & 0o070 != 0o070:
+            # no setgid bit: jobs already run with this gid, and RestrictSUIDSGID= forbids it
             os.chown(output_dir, -1, host.gid)
-            os.chmod(output_dir, (st.st_mode & 0o7777) | 0o2070)
+            os.chmod(output_dir, (st.st_mode & 0o7777) | 0o070)
             log.info("output dir %s: group %d may write (jobs run as uid %d)", output_dir,
                      host.gid, host.uid)
 

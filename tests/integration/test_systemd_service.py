@@ -259,7 +259,6 @@ def ctr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     container = Container(root, nspawn, log)
     try:
         container.boot()
-        grant_output_dir_to_job_group(container)
         # Enabled, as operators install it: the unit stays loaded when stopped, so its exit
         # status can still be read after `systemctl stop`.
         container.systemctl("enable", UNIT)
@@ -312,14 +311,6 @@ def job_group(ctr: Container) -> int:
         if name == "guestkit":
             return int(gid)
     raise AssertionError("no guestkit group in the container")
-
-
-def grant_output_dir_to_job_group(ctr: Container) -> None:
-    """Give the output dir to the job group with the setgid bit, so the supervisor has nothing
-    to chmod: RestrictSUIDSGID=yes makes its chmod g+s fail with EPERM."""
-    outputs = ctr.path(STATE / "outputs")
-    os.chown(outputs, -1, job_group(ctr))
-    outputs.chmod(0o2771)
 
 
 # -- the tests -------------------------------------------------------------------------------
