@@ -222,13 +222,16 @@ def peak_mb(run: Run) -> float:
 def run_metrics(run: Run, now: float) -> dict[str, Any]:
     """The result's `metrics` section for a reaped run."""
     ru = run.rusage
-    return {
+    out: dict[str, Any] = {
         "peak_memory_mb": round(peak_mb(run), 2),
         "cpu_seconds": round(_cpu_seconds(run), 3),
         "wall_seconds": round(now - run.started, 4),
         "disk_read_bytes": int(ru.ru_inblock) * 512 if ru is not None else 0,
         "disk_write_bytes": int(ru.ru_oublock) * 512 if ru is not None else 0,
     }
+    if run.cgroup_stats:
+        out["cgroup"] = dict(run.cgroup_stats)  # memory_peak, oom_kill, pids_max_hit, cpu_usec
+    return out
 
 
 RETRYABLE = frozenset({ErrorCode.KILLED, ErrorCode.INTERNAL, ErrorCode.EXECUTION_ERROR,

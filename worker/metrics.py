@@ -337,6 +337,7 @@ class WorkerMetrics:
     retries: Counter  #: jobs sent back for another attempt
     spawn_latency: Histogram  #: seconds from claiming a job to its child running
     oldest_queued_age: Gauge  #: age in seconds of the oldest waiting job (0 when none)
+    descendants_reaped: Counter  #: orphaned job descendants the supervisor (a subreaper) reaped
     info: Gauge  #: always 1 {worker_id, pool, version}
 
     def set_info(self, worker_id: str, pool: str, version: str) -> None:
@@ -366,6 +367,9 @@ def worker_metrics(registry: Registry) -> WorkerMetrics:
         ),
         oldest_queued_age=registry.gauge(
             prefix + "oldest_queued_age_seconds", "Age of the oldest waiting job."
+        ),
+        descendants_reaped=registry.counter(
+            prefix + "descendants_reaped", "Orphaned job descendants reaped by the supervisor."
         ),
         info=registry.gauge(prefix + "info", "Worker identity.", ("worker_id", "pool", "version")),
     )

@@ -53,7 +53,6 @@ class Supervisor:
         self.waiting: set[str] = set()
         self.draining = False
         self.drain_deadline: float | None = None
-        self.orphans_reaped = 0
         self.stale_cgroups: list[cgroups.JobCgroup] = []
         self._seq = itertools.count()
         self.sel = selectors.DefaultSelector()
@@ -383,7 +382,7 @@ class Supervisor:
                 return
             job = self.running.pop(pid, None)
             if job is None:
-                self.orphans_reaped += 1
+                self.service.m.descendants_reaped.inc()
                 continue
             assert job.run is not None
             job.run.status, job.run.rusage = status, rusage

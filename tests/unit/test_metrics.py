@@ -196,6 +196,7 @@ def test_worker_metric_set() -> None:
         "guestkit_worker_retries_total": "counter",
         "guestkit_worker_spawn_latency_seconds": "histogram",
         "guestkit_worker_oldest_queued_age_seconds": "gauge",
+        "guestkit_worker_descendants_reaped_total": "counter",
         "guestkit_worker_info": "gauge",
     }
     for line in (
