@@ -37,6 +37,12 @@ def _spool_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
 
 
+def _redis_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--redis-url: work against the shared Redis queue instead of the local spool."""
+    return click.option("--redis-url", help="Use the Redis queue at this URL (redis://host:port/db); "
+                        "also implied by transport = \"redis\" in the config")(fn)
+
+
 def _settings(config_file: Path | None, **flags: Any) -> tuple[config.Settings, dict[str, str]]:
     try:
         return config.load(flags, config_file)
@@ -71,18 +77,25 @@ def main() -> None:
 @click.option("--metrics-addr", help="host:port of /metrics and /healthz ('' disables)")
 @click.option("--no-fsync", "fsync", flag_value=False, default=None,
               help="Skip fsync of results and state (faster, not crash-durable)")
+@click.option("--transport", type=click.Choice(["spool", "redis"]),
+              help="Also take jobs from a shared Redis stream (default: spool only)")
+@_redis_option
 def supervise(config_file: Path | None, **flags: Any) -> None:
     """Run the supervisor in the foreground until SIGTERM or SIGINT (then drain)."""
     from worker.logs import setup_logging
     from worker.supervisor import Supervisor
+    from worker.transports.redis import RedisRemote
 
     for many in ("image_roots", "features", "isolation"):
         flags[many] = list(flags[many]) or None
     settings, _ = _settings(config_file, **flags)
     setup_logging(settings.log_format, settings.log_level)
     registry = Registry.load(settings.model_dump(mode="json"))
+    remote = RedisRemote(settings) if settings.transport == "redis" else None
     sup = Supervisor(settings, registry, __version__,
-                     reload=lambda: config.load(flags, config_file)[0])
+                     reload=lambda: config.load(flags, config_file)[0], remote=remote)
+    if remote is not None:
+        _ready_needs(sup, remote.healthy)
     try:
         code = sup.run()
     except WorkerError as e:  # a lock held, a bad setting, a busy port: say so plainly
@@ -92,6 +105,28 @@ def supervise(config_file: Path | None, **flags: Any) -> None:
         logging.getLogger("guestkit").critical("supervisor failed", exc_info=True)
         sys.exit(1)
     sys.exit(code)
+
+
+def _ready_needs(sup: Any, check: Callable[[], tuple[bool, str]]) -> None:
+    """Make the supervisor's /readyz answer not-ready while `check` fails (the queue is away)."""
+    own = sup.service._ready
+
+    def ready() -> tuple[bool, str]:
+        ok, why = check()
+        return own() if ok else (False, why)
+
+    sup.service._ready = ready
+
+
+def _queue(config_file: Path | None, redis_url: str | None,
+           **flags: Any) -> tuple[config.Settings, Any]:
+    """The settings, and a Redis queue client when --redis-url or the config asks for one."""
+    settings, _ = _settings(config_file, redis_url=redis_url, **flags)
+    if redis_url is None and settings.transport != "redis":
+        return settings, None
+    from worker.transports.redis import Queue
+
+    return settings, Queue(settings)
 
 
 def _job_document(file: Path | None, operation: str | None, data: str | None,
@@ -126,14 +161,17 @@ def _job_document(file: Path | None, operation: str | None, data: str | None,
 @click.option("--priority", type=click.IntRange(1, 10), help="execution.priority (1-10)")
 @click.option("--max-attempts", type=int, help="execution.max_attempts")
 @click.option("--wait", is_flag=True, help="Follow progress and print the result")
+@click.option("--pool", help="With Redis: the pool whose stream gets the job (default: the job's "
+              "routing.worker_pool, else the configured pool)")
+@_redis_option
 def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | None,
            work_dir: Path | None, file: Path | None, operation: str | None, data: str | None,
            payload_type: str | None, job_id: str | None, idempotency_key: str | None,
            timeout: int | None, priority: int | None, max_attempts: int | None,
-           wait: bool) -> None:
+           wait: bool, pool: str | None, redis_url: str | None) -> None:
     """Submit a job from FILE or from --operation/--data; --wait follows it to its result."""
-    settings, _ = _settings(config_file, jobs_dir=jobs_dir, results_dir=results_dir,
-                            work_dir=work_dir)
+    settings, queue = _queue(config_file, redis_url, jobs_dir=jobs_dir, results_dir=results_dir,
+                             work_dir=work_dir)
     doc = _job_document(file, operation, data, payload_type)
     doc["job_id"] = job_id or doc.get("job_id") or f"job-{uuid.uuid4().hex[:20]}"
     ex = doc.setdefault("execution", {})
@@ -146,6 +184,11 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
         parse_job(raw, str(file or "--operation"))
     except JobRejected as e:
         raise click.ClickException(e.message) from None
+    if queue is not None:
+        routing: dict[str, Any] = doc["routing"] if isinstance(doc.get("routing"), dict) else {}
+        _submit_redis(queue, doc["job_id"], dumps(doc),
+                      pool or routing.get("worker_pool") or settings.pool, wait)
+        return
     spool = Spool(settings)
     spool.setup()
     try:
@@ -156,6 +199,44 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
     click.echo(f"submitted {doc['job_id']}")
     if wait:
         sys.exit(_follow(spool, doc["job_id"]))
+
+
+def _redis_call(queue: Any, action: Callable[[], Any]) -> Any:
+    """Run one request against Redis; its refusals and outages become clear messages."""
+    import redis
+
+    from worker.transports.redis import QueueError
+
+    try:
+        return action()
+    except QueueError as e:
+        raise click.ClickException(str(e)) from None
+    except (redis.RedisError, OSError) as e:
+        raise click.ClickException(
+            f"redis at {queue.settings.redis_url} is unreachable: {e}") from None
+
+
+def _submit_redis(queue: Any, job_id: str, raw: bytes, pool: str, wait: bool) -> None:
+    mid = _redis_call(queue, lambda: queue.submit(job_id, raw, pool))
+    click.echo(f"submitted {job_id} (message {mid})")
+    if wait:
+        sys.exit(_redis_call(queue, lambda: _follow_redis(queue, job_id)))
+
+
+def _follow_redis(queue: Any, job_id: str) -> int:
+    """Show the job's progress from its Redis status until its result exists; print it."""
+    shown = ""
+    for st in queue.follow(job_id):
+        line = _progress_line(job_id, st)
+        if line != shown:
+            click.echo(("\r" + line.ljust(78)) if sys.stderr.isatty() else line,
+                       nl=not sys.stderr.isatty(), err=True)
+        shown = line
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    result = queue.result(job_id) or {}
+    click.echo(dumps_pretty(result).decode(), nl=False)
+    return 0 if result.get("status") == "completed" else 1
 
 
 def _follow(spool: Spool, job_id: str) -> int:
@@ -232,14 +313,22 @@ def _table(rows: list[dict[str, Any]]) -> None:
 
 @main.command()
 @_spool_options
+@_redis_option
 @click.argument("job_id", required=False)
-def status(config_file: Path | None, job_id: str | None, **dirs: Any) -> None:
+def status(config_file: Path | None, job_id: str | None, redis_url: str | None,
+           **dirs: Any) -> None:
     """Show live jobs (pending, queued, running, waiting) and finished ones, or one job."""
+    _, queue = _queue(config_file, redis_url, **dirs)
+    if queue is not None:
+        _status_redis(queue, job_id)
+        return
     spool = _client_spool(config_file, **dirs)
     if job_id is None:
         _table(_rows(spool))
         return
-    st = spool.read_status(job_id)
+    st = spool.read_status(job_id) or next(
+        (r for r in (spool.statuses() if spool.status_dir.exists() else [])
+         if r["job_id"] == job_id), None)
     if st is not None:
         click.echo(dumps_pretty(st).decode(), nl=False)
         return
@@ -255,11 +344,33 @@ def status(config_file: Path | None, job_id: str | None, **dirs: Any) -> None:
     raise click.ClickException(f"no job {job_id!r} in {spool.inbox} or {spool.results}")
 
 
+def _status_redis(queue: Any, job_id: str | None) -> None:
+    if job_id is None:
+        _table(_redis_call(queue, queue.rows))
+        return
+    st = _redis_call(queue, lambda: queue.status(job_id))
+    if st is None:
+        res = _redis_call(queue, lambda: queue.result(job_id))
+        if res is None:
+            raise click.ClickException(f"no job {job_id!r} in redis at {queue.settings.redis_url}")
+        st = {k: res.get(k) for k in ("job_id", "status", "error", "progress", "execution_summary")}
+    click.echo(dumps_pretty(st).decode(), nl=False)
+
+
 @main.command()
 @_spool_options
+@_redis_option
 @click.argument("job_id")
-def result(config_file: Path | None, job_id: str, **dirs: Any) -> None:
+def result(config_file: Path | None, job_id: str, redis_url: str | None, **dirs: Any) -> None:
     """Print the result document of JOB_ID."""
+    _, queue = _queue(config_file, redis_url, **dirs)
+    if queue is not None:
+        res = _redis_call(queue, lambda: queue.result(job_id))
+        if res is None:
+            raise click.ClickException(f"job {job_id!r} has no result yet in redis at "
+                                       f"{queue.settings.redis_url}")
+        click.echo(dumps_pretty(res).decode(), nl=False)
+        return
     spool = _client_spool(config_file, **dirs)
     try:
         click.echo(spool.result_path(job_id).read_bytes().decode(), nl=False)
@@ -271,17 +382,27 @@ def result(config_file: Path | None, job_id: str, **dirs: Any) -> None:
 @_spool_options
 @click.option("--state", "-s", type=click.Choice(["pending", "queued", "assigned", "running",
                                                   *TERMINAL]), help="Only jobs in this state")
-def list_jobs(config_file: Path | None, state: str | None, **dirs: Any) -> None:
-    """List every job the spool knows, optionally in one state."""
-    rows = _rows(_client_spool(config_file, **dirs))
+@_redis_option
+def list_jobs(config_file: Path | None, state: str | None, redis_url: str | None,
+              **dirs: Any) -> None:
+    """List every job the spool (or the Redis queue) knows, optionally in one state."""
+    _, queue = _queue(config_file, redis_url, **dirs)
+    rows = _redis_call(queue, queue.rows) if queue is not None else \
+        _rows(_client_spool(config_file, **dirs))
     _table([r for r in rows if state is None or r.get("state") == state])
 
 
 @main.command()
 @_spool_options
+@_redis_option
 @click.argument("job_id")
-def cancel(config_file: Path | None, job_id: str, **dirs: Any) -> None:
+def cancel(config_file: Path | None, job_id: str, redis_url: str | None, **dirs: Any) -> None:
     """Ask the supervisor to cancel JOB_ID (queued or running, when cancellable)."""
+    _, queue = _queue(config_file, redis_url, **dirs)
+    if queue is not None:
+        _redis_call(queue, lambda: queue.cancel(job_id))
+        click.echo(f"cancel requested for {job_id}")
+        return
     spool = _client_spool(config_file, **dirs)
     if spool.has_result(job_id):
         raise click.ClickException(f"job {job_id!r} has already finished")

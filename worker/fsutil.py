@@ -49,8 +49,11 @@ def write_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
         fsync_dir(path.parent)
 
 
-def publish_noreplace(path: Path, data: bytes, *, fsync: bool = True) -> bool:
-    """Create `path` with `data` atomically unless it exists; return False when it already did."""
+def publish_noreplace(path: Path, data: bytes, *, fsync: bool = True, sync_dir: bool = True) -> bool:
+    """Create `path` with `data` atomically unless it exists; return False when it already did.
+
+    With `sync_dir` False the caller fsyncs the directory itself (to batch it).
+    """
     tmp = _write_tmp(path, data, fsync)
     try:
         os.link(tmp, path)
@@ -58,7 +61,7 @@ def publish_noreplace(path: Path, data: bytes, *, fsync: bool = True) -> bool:
         return False
     finally:
         os.unlink(tmp)
-    if fsync:
+    if fsync and sync_dir:
         fsync_dir(path.parent)
     return True
 

@@ -33,6 +33,7 @@ class Spool:
         )
         self.done, self.failed, self.rejected = d / "done", d / "failed", d / "rejected"
         self._lock_fd: int | None = None
+        self._unsynced_results = False
         self._seq = itertools.count()
 
     def setup(self) -> None:
@@ -118,11 +119,11 @@ class Spool:
 
     # -- status ---------------------------------------------------------------------------
 
-    def write_status(self, job_id: str, doc: dict[str, Any], durable: bool = False) -> None:
-        """Record a job's live status; durable when the write decides what recovery does."""
+    def write_status(self, job_id: str, doc: dict[str, Any]) -> None:
+        """Record a job's live status: atomic (whole or absent), survives a crash of this process,
+        not fsync'd (a power cut may lose the latest; results and job files are what is durable)."""
         doc = {**doc, "job_id": job_id, "updated_at": rfc3339()}
-        fsutil.write_atomic(self.status_dir / f"{job_id}.json", dumps(doc),
-                            fsync=durable and self.fsync)
+        fsutil.write_atomic(self.status_dir / f"{job_id}.json", dumps(doc), fsync=False)
 
     def read_status(self, job_id: str) -> dict[str, Any] | None:
         """The live status of a job, or None."""
@@ -134,13 +135,21 @@ class Spool:
             os.unlink(self.status_dir / f"{job_id}.json")
 
     def statuses(self) -> list[dict[str, Any]]:
-        """Every live status."""
+        """Every live status; a claimed job with no status file yet is queued."""
         out = []
         for name in sorted(os.listdir(self.status_dir)):
             if name.endswith(".json") and not name.startswith("."):
                 doc = _read_json(self.status_dir / name)
                 if doc:
                     out.append(doc)
+        known = {d.get("job_id") for d in out}
+        for where, claimed in self.claimed():
+            doc = _read_json(self.path(where, claimed)) or {}
+            jid = doc.get("job_id")
+            if isinstance(jid, str) and jid not in known:
+                ex = doc.get("execution") or {}
+                out.append({"job_id": jid, "state": "queued", "attempt": ex.get("attempt", 1),
+                            "max_attempts": ex.get("max_attempts", 1), "file": claimed})
         return out
 
     # -- results ----------------------------------------------------------------------------
@@ -150,9 +159,20 @@ class Spool:
         return self.results / f"{job_id}-result.json"
 
     def publish_result(self, job_id: str, doc: dict[str, Any]) -> bool:
-        """Write the result once; False when one already exists (it is never replaced)."""
-        return fsutil.publish_noreplace(self.result_path(job_id), dumps_pretty(doc),
-                                        fsync=self.fsync)
+        """Write the result once; False when one already exists (it is never replaced).
+
+        The file is fsync'd; its directory entry becomes durable at the next `sync_results`.
+        """
+        made = fsutil.publish_noreplace(self.result_path(job_id), dumps_pretty(doc),
+                                        fsync=self.fsync, sync_dir=False)
+        self._unsynced_results |= made
+        return made
+
+    def sync_results(self) -> None:
+        """Make every result published since the last call durable (one directory fsync)."""
+        if self._unsynced_results and self.fsync:
+            fsutil.fsync_dir(self.results)
+        self._unsynced_results = False
 
     def read_result(self, job_id: str) -> dict[str, Any] | None:
         """The result of `job_id`, or None."""

@@ -54,6 +54,7 @@ class Supervisor:
         self.draining = False
         self.drain_deadline: float | None = None
         self.stale_cgroups: list[cgroups.JobCgroup] = []
+        self.to_archive: list[tuple[Job, bool, str]] = []  # ended; archived once results are synced
         self._seq = itertools.count()
         self.sel = selectors.DefaultSelector()
         self.intake = Intake(self.spool, registry, settings, version, self.jobs.__contains__)
@@ -103,6 +104,7 @@ class Supervisor:
                  self.spool.inbox, len(self.jobs))
 
     def _stop(self) -> None:
+        self._archive_ended()
         self.remote.close()
         self.service.close()
         with contextlib.suppress(Exception):
@@ -117,6 +119,7 @@ class Supervisor:
         self._enforce(now)
         self._housekeep()
         self._fill_slots(now)
+        self._archive_ended()
         free = self.settings.max_concurrent - len(self.running) - len(self.ready)
         self.remote.poll(now, 0 if self.draining else max(0, free),
                          [j.message_id for j in self.running.values() if j.message_id])
@@ -225,8 +228,10 @@ class Supervisor:
             self._enqueue(job)
 
     def _enqueue(self, job: Job) -> None:
+        """Ready to run: no status file is needed (a claimed file without one is queued)."""
         heapq.heappush(self.ready, (-job.priority, next(self._seq), job.job_id))
-        self._write_status(job)
+        if job.attempt > 1 or (self.spool.status_dir / f"{job.job_id}.json").exists():
+            self._write_status(job)  # replace a stale waiting/retry status
 
     def _wait(self, job: Job, why: str) -> None:
         job.waiting_for = why
@@ -265,7 +270,7 @@ class Supervisor:
         if job.deadline is not None:
             timeout = min(timeout, job.deadline - time.time())
         job.move(JobState.ASSIGNED)
-        self._write_status(job, durable=True)  # the attempt is on disk before it starts
+        self._write_status(job)  # the attempt is recorded before the child exists
         workdir = self.spool.workdir(job.job_id)
         isolation.prepare_dirs(self.host, workdir, self.settings.output_dir)
         plan = isolation.plan(self.host, self.settings, workdir=workdir, limits=limits,
@@ -440,7 +445,7 @@ class Supervisor:
         if delay > 0 and job.where == ACTIVE:
             self.spool.move(job.claimed, ACTIVE, RETRY)
             job.where = RETRY
-        self._write_status(job, durable=True)
+        self._write_status(job)
         heapq.heappush(self.retries, (job.not_before, job.job_id))
 
     def _housekeep(self) -> None:
@@ -527,10 +532,8 @@ class Supervisor:
             self._log(job, "another worker's result came first; kept it", level=logging.WARNING)
         elif not self.spool.publish_result(job.job_id, doc):
             self._log(job, "a result already existed; kept the first", level=logging.WARNING)
-        self.spool.archive(job.where, job.claimed, job.job_id, end.status == "completed",
-                           f"{end.code}: {end.message}" if end.code else "")
-        if job.message_id:
-            self.remote.acknowledge(job.message_id, job.job_id, end.status == "completed")
+        self.to_archive.append((job, end.status == "completed",
+                                f"{end.code}: {end.message}" if end.code else ""))
         self.jobs.pop(job.job_id, None)
         self.waiting.discard(job.job_id)
         m = self.service.m
@@ -548,6 +551,17 @@ class Supervisor:
                 if other is not None and other.state is JobState.QUEUED:
                     other.waiting_for = None
                     self._enqueue(other)
+
+    def _archive_ended(self) -> None:
+        """Once per pass: one fsync makes this pass's results durable, then archive and ack."""
+        if not self.to_archive:
+            return
+        self.spool.sync_results()
+        for job, ok, reason in self.to_archive:
+            self.spool.archive(job.where, job.claimed, job.job_id, ok, reason)
+            if job.message_id:
+                self.remote.acknowledge(job.message_id, job.job_id, ok)
+        self.to_archive.clear()
 
     def _cancel_queued(self, job: Job) -> None:
         self._conclude(job, self._ending(job, "cancelled", ErrorCode.CANCELLED,
@@ -611,7 +625,7 @@ class Supervisor:
         if was_running:
             self._log(job, "recovered after a worker stopped; attempt %d/%d next", job.attempt,
                       job.max_attempts, level=logging.WARNING)
-            self._write_status(job, durable=True)
+            self._write_status(job)
         job.not_before = float(status.get("not_before") or 0.0)
         self._admit(acc)
 
@@ -666,12 +680,12 @@ class Supervisor:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _write_status(self, job: Job, durable: bool = False) -> None:
+    def _write_status(self, job: Job) -> None:
         if job.run is not None:
             job.run.last_status = time.monotonic()
             job.run.status_dirty = False
         doc = job.status_doc(self.settings.worker_id)
-        self.spool.write_status(job.job_id, doc, durable)
+        self.spool.write_status(job.job_id, doc)
         if job.message_id:
             self.remote.status(job.job_id, doc)
 

@@ -62,7 +62,8 @@ def test_cancel_a_queued_and_a_running_job(make_worker) -> None:
                b'"running"' in (w.jobs / ".status" / "busy.json").read_bytes(),
                [w.jobs / ".status"], 20)
     w.drop(job("waiting"))
-    wait_until(lambda: (w.jobs / ".status" / "waiting.json").exists(), [w.jobs / ".status"])
+    wait_until(lambda: "[waiting] queued" in w.log(), [w.jobs / ".active"])
+    assert "waiting                              queued" in w.cli("status").stdout
     assert w.cli("cancel", "waiting").stdout == "cancel requested for waiting\n"
     res = w.wait_result("waiting")
     assert res["status"] == "cancelled" and res["error"]["code"] == "CANCELLED"
