@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -190,9 +191,12 @@ def make_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     """Build workers on the test's spool; any left running are stopped (killed if stuck)."""
     made: list[Worker] = []
     _open_for_job_user(tmp_path)
+    # The spool lives outside pytest's base dir, which another pytest run may close (0700).
+    base = Path(tempfile.mkdtemp(prefix="gkw-test-"))
+    base.chmod(0o711)
 
     def make(*extra_args: str, env: dict[str, str] | None = None) -> Worker:
-        w = Worker(tmp_path, list(extra_args), env)
+        w = Worker(base, list(extra_args), env)
         made.append(w)
         return w
 
@@ -206,6 +210,7 @@ def make_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
             except subprocess.TimeoutExpired:
                 w.proc.kill()
                 w.proc.wait()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -144,35 +144,44 @@ class JobCgroup:
     memory_v1: Path | None
     pids_v1: Path | None
     limits_memory: bool = False
+    v2_controllers: frozenset[str] = frozenset()
+    baseline: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, h: Hierarchies, name: str, memory_mb: int, pids: int,
-               cpu_quota: float | None = None) -> JobCgroup:
-        """Make the job's cgroups and set its limits (before fork)."""
-        cg = cls([], None, None, None, h.has_memory())
-        mb = memory_mb << 20
+    def create(cls, h: Hierarchies, name: str) -> JobCgroup:
+        """Make the cgroup directories `name` in every hierarchy in use (before fork)."""
+        cg = cls([], None, None, None, h.has_memory(), h.v2_controllers)
         if h.v2 is not None:
             cg.v2 = _fresh(h.v2 / name)
             cg.dirs.append(cg.v2)
-            if "memory" in h.v2_controllers:
-                for f, v in (("memory.max", mb), ("memory.swap.max", 0), ("memory.oom.group", 1)):
-                    with contextlib.suppress(FileNotFoundError):
-                        _write(cg.v2 / f, str(v))
-            if "pids" in h.v2_controllers:
-                _write(cg.v2 / "pids.max", str(pids))
-            if "cpu" in h.v2_controllers and cpu_quota:
-                _write(cg.v2 / "cpu.max", f"{int(cpu_quota * 100000)} 100000")
         if h.memory_v1 is not None:
             cg.memory_v1 = _fresh(h.memory_v1 / name)
             cg.dirs.append(cg.memory_v1)
-            _write(cg.memory_v1 / "memory.limit_in_bytes", str(mb))
-            with contextlib.suppress(OSError):  # no swap accounting: nothing to limit
-                _write(cg.memory_v1 / "memory.memsw.limit_in_bytes", str(mb))
         if h.pids_v1 is not None:
             cg.pids_v1 = _fresh(h.pids_v1 / name)
             cg.dirs.append(cg.pids_v1)
-            _write(cg.pids_v1 / "pids.max", str(pids))
         return cg
+
+    def limit(self, memory_mb: int, pids: int, cpu_quota: float | None = None) -> None:
+        """Set the next job's limits, reset the peak and note the counters it starts from."""
+        mb = memory_mb << 20
+        if self.v2 is not None:
+            if "memory" in self.v2_controllers:
+                for f, v in (("memory.max", mb), ("memory.swap.max", 0), ("memory.oom.group", 1)):
+                    with contextlib.suppress(FileNotFoundError):
+                        _write(self.v2 / f, str(v))
+            if "pids" in self.v2_controllers:
+                _write(self.v2 / "pids.max", str(pids))
+            if "cpu" in self.v2_controllers and cpu_quota:
+                _write(self.v2 / "cpu.max", f"{int(cpu_quota * 100000)} 100000")
+        if self.memory_v1 is not None:
+            _write(self.memory_v1 / "memory.limit_in_bytes", str(mb))
+            with contextlib.suppress(OSError):  # no swap accounting: nothing to limit
+                _write(self.memory_v1 / "memory.memsw.limit_in_bytes", str(mb))
+            _write(self.memory_v1 / "memory.max_usage_in_bytes", "0")
+        if self.pids_v1 is not None:
+            _write(self.pids_v1 / "pids.max", str(pids))
+        self.baseline = {k: v for k, v in self._raw_stats().items() if k != "memory_peak"}
 
     def join(self) -> None:
         """Move the calling process into every directory (in the child, before any job code)."""
@@ -180,7 +189,10 @@ class JobCgroup:
             _write(d / "cgroup.procs", "0")
 
     def stats(self) -> dict[str, int]:
-        """Peak memory (bytes), OOM kills, pids-limit hits and CPU (usec) as far as known."""
+        """This job's peak memory (bytes), OOM kills, pids-limit hits and CPU (usec), as known."""
+        return {k: v - self.baseline.get(k, 0) for k, v in self._raw_stats().items()}
+
+    def _raw_stats(self) -> dict[str, int]:
         out: dict[str, int] = {}
         if self.v2 is not None:
             peak = _read(self.v2 / "memory.peak").strip()
@@ -259,7 +271,48 @@ def sweep(h: Hierarchies) -> int:
     for parent in (h.v2, h.memory_v1, h.pids_v1):
         if parent is None:
             continue
-        for child in parent.glob("job-*"):
+        for child in [*parent.glob("job-*"), *parent.glob("slot-*")]:
             sweep_one(child)
             n += 1
     return n
+
+
+class Pool:
+    """Job cgroups kept from job to job: creating and removing them costs more than an echo job.
+
+    Reuse needs a resettable peak: with a v2 memory controller each job gets a fresh cgroup.
+    """
+
+    def __init__(self, h: Hierarchies) -> None:
+        self.h = h
+        self.reusable = "memory" not in h.v2_controllers
+        self.free: list[JobCgroup] = []
+        self.draining: list[JobCgroup] = []  # released while a zombie still held them
+        self.made = 0
+
+    def acquire(self, job_name: str, memory_mb: int, pids: int) -> JobCgroup:
+        """A cgroup for the next job, limits set, counters noted."""
+        if self.free:
+            cg = self.free.pop()
+        elif self.reusable:
+            cg = JobCgroup.create(self.h, f"slot-{self.made}")
+            self.made += 1
+        else:
+            cg = JobCgroup.create(self.h, f"job-{job_name}")
+        cg.limit(memory_mb, pids)
+        return cg
+
+    def release(self, cg: JobCgroup) -> None:
+        """Take back a finished job's cgroup (its processes already killed)."""
+        if not cg.empty():
+            self.draining.append(cg)
+        elif self.reusable:
+            self.free.append(cg)
+        elif not cg.remove():
+            self.draining.append(cg)
+
+    def retry(self) -> None:
+        """Release again what a zombie held last time (after the loop reaped it)."""
+        held, self.draining = self.draining, []
+        for cg in held:
+            self.release(cg)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker import cgroups, landlock, syscall_filter
+from worker.cgroups import Hierarchies, Pool
 from worker.config import Settings
 from worker.errors import ConfigError
 from worker.sandbox import Limits, Plan, readable_runtime
@@ -22,7 +23,8 @@ log = logging.getLogger("guestkit.isolation")
 class Host:
     """The isolation layers available here, and the job user."""
 
-    cgroups: cgroups.Hierarchies | None = None
+    cgroups: Hierarchies | None = None
+    pool: Pool | None = None
     landlock_abi: int = 0
     seccomp: bytes | None = None
     uid: int | None = None
@@ -67,6 +69,8 @@ def probe(settings: Settings, dry: bool = False) -> Host:
         host.notes += host.cgroups.notes
         if not host.cgroups.layers:
             host.cgroups = None
+        elif not dry:
+            host.pool = Pool(host.cgroups)
     host.namespaces = root and bool(want & {"pid-namespace", "network-namespace"})
     if "landlock" in want:
         host.landlock_abi = landlock.abi()
@@ -149,9 +153,8 @@ def plan(host: Host, settings: Settings, *, workdir: Path, limits: Limits, env: 
     """Decide one job's sandbox: create its cgroup now, list the rest for the child to apply."""
     want = set(settings.isolation)
     cg = None
-    if host.cgroups is not None:
-        cg = cgroups.JobCgroup.create(host.cgroups, f"job-{job_name}", limits.memory_mb,
-                                      limits.max_processes)
+    if host.pool is not None:
+        cg = host.pool.acquire(job_name, limits.memory_mb, limits.max_processes)
     return Plan(
         workdir=workdir, output_dir=settings.output_dir.absolute(), limits=limits, env=env,
         supervisor_pid=os.getpid(), cgroup=cg, uid=host.uid, gid=host.gid,

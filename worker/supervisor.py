@@ -53,7 +53,6 @@ class Supervisor:
         self.waiting: set[str] = set()
         self.draining = False
         self.drain_deadline: float | None = None
-        self.stale_cgroups: list[cgroups.JobCgroup] = []
         self.to_archive: list[tuple[Job, bool, str]] = []  # ended; archived once results are synced
         self._seq = itertools.count()
         self.sel = selectors.DefaultSelector()
@@ -401,8 +400,8 @@ class Supervisor:
         if run.cgroup is not None:
             run.cgroup_stats = run.cgroup.stats()
         run.kill_tree()  # nothing of the job outlives it
-        if run.cgroup is not None and not run.cgroup.remove():
-            self.stale_cgroups.append(run.cgroup)
+        if run.cgroup is not None and self.host.pool is not None:
+            self.host.pool.release(run.cgroup)
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(run.reader.fd)
         run.reader.close()
@@ -453,8 +452,8 @@ class Supervisor:
         now = time.time()
         self._release_retries(now)
         self._expire_waiting(now)
-        if self.stale_cgroups:
-            self.stale_cgroups = [cg for cg in self.stale_cgroups if not cg.remove()]
+        if self.host.pool is not None and self.host.pool.draining:
+            self.host.pool.retry()
 
     def _release_retries(self, now: float) -> None:
         while self.retries and self.retries[0][0] <= now:
