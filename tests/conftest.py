@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import signal
@@ -155,11 +156,15 @@ class Worker:
         return path.read_text().split("\n")[:-1] if path.exists() else []
 
     def children(self) -> list[psutil.Process]:
+        """The job processes under the supervisor (its warm zygote is not a job)."""
         assert self.proc is not None
+        found = re.search(r"zygote (\d+) warms", self.log())
+        zygote = int(found.group(1)) if found else None
         try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+        return [k for k in kids if k.pid != zygote]
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

@@ -16,6 +16,7 @@ from worker.child import ChildSpec, run_child
 from worker.errors import ErrorCode, ExitCode
 from worker.progress import MessageReader, MessageTooLarge
 from worker.states import JobState, advance
+from worker.zygote import Zygote
 
 
 @dataclass(slots=True)
@@ -73,6 +74,7 @@ class Run:
     cpu_limit: int
     memory_limit_mb: int
     limits: dict[str, int] = field(default_factory=dict)
+    zygote: bool = False  # forked by the warm zygote (its exit is reported, not reaped)
     progress: dict[str, Any] = field(default_factory=dict)
     last_message: float = 0.0
     stalled: bool = False
@@ -123,9 +125,27 @@ class Run:
             return []
 
 
-def spawn(spec: ChildSpec, timeout: float, now: float) -> Run:
-    """Fork a child for `spec` with signals blocked; return its Run (the parent side)."""
+def spawn(spec: ChildSpec, timeout: float, now: float, zygote: Zygote | None = None) -> Run:
+    """Fork a child for `spec` (here, or in the warm zygote); return its Run (the parent side)."""
     r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = zygote.spawn(spec, w) if zygote is not None else _fork(spec, r, w)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    limits = spec.plan.limits
+    return Run(
+        pid=pid, reader=MessageReader(r, spec.message_cap), started=now, started_wall=time.time(),
+        deadline=now + timeout, cpu_limit=limits.cpu_seconds, memory_limit_mb=limits.memory_mb,
+        last_message=now, cgroup=spec.plan.cgroup, limits=limits.as_dict(),
+        zygote=zygote is not None,
+    )
+
+
+def _fork(spec: ChildSpec, r: int, w: int) -> int:
+    """Fork with signals blocked; the child runs the job and never returns."""
     sys.stdout.flush()
     sys.stderr.flush()
     with signals.blocked():
@@ -133,13 +153,7 @@ def spawn(spec: ChildSpec, timeout: float, now: float) -> Run:
         if pid == 0:
             os.close(r)
             run_child(spec, w)
-    os.close(w)
-    limits = spec.plan.limits
-    return Run(
-        pid=pid, reader=MessageReader(r, spec.message_cap), started=now, started_wall=time.time(),
-        deadline=now + timeout, cpu_limit=limits.cpu_seconds, memory_limit_mb=limits.memory_mb,
-        last_message=now, cgroup=spec.plan.cgroup, limits=limits.as_dict(),
-    )
+    return pid
 
 
 @dataclass(frozen=True, slots=True)

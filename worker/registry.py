@@ -67,13 +67,14 @@ class Registry:
         """Features the loaded handlers bring."""
         return {f for h in self.handlers.values() for f in h.features}
 
-    def prepare_all(self) -> None:
-        """Let every handler pre-import what it needs, once, before any fork."""
-        for h in {id(h): h for h in self.handlers.values()}.values():
-            try:
-                h.prepare()
-            except Exception as e:
-                log.warning("handler %s failed to prepare: %s", h.name, e)
+    def needs_warmth(self, handler: Handler) -> bool:
+        """True for a handler with a real `prepare()`: its jobs are forked from the warm zygote."""
+        return type(handler).prepare is not Handler.prepare
+
+    def warm_handlers(self) -> list[Handler]:
+        """The handlers (each once) whose jobs start from a pre-imported process."""
+        unique = {id(h): h for h in self.handlers.values()}.values()
+        return [h for h in unique if self.needs_warmth(h)]
 
     def describe(self) -> list[dict[str, Any]]:
         """One entry per operation: handler, payload types, availability."""

@@ -29,6 +29,7 @@ from worker.spool import ACTIVE, RETRY, Spool
 from worker.states import JobState
 from worker.transports import Remote
 from worker.watch import Watch
+from worker.zygote import Zygote
 
 log = logging.getLogger("guestkit.supervisor")
 HOUSEKEEPING = 1.0  #: longest the loop sleeps: retries, deadlines and waiting jobs are checked
@@ -59,6 +60,7 @@ class Supervisor:
         self.intake = Intake(self.spool, registry, settings, version, self.jobs.__contains__)
         self.service = Service(settings, version)
         self.remote = remote or Remote()
+        self.zygote: Zygote | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -77,7 +79,6 @@ class Supervisor:
         self.spool.setup()
         self.spool.lock()
         sandbox.become_subreaper()
-        self.registry.prepare_all()  # before the probe: what it imports must stay readable
         self.host = isolation.probe(self.settings)
         if self.host.cgroups is not None and (n := cgroups.sweep(self.host.cgroups)):
             log.warning("removed %d job cgroup(s) left by a previous run", n)
@@ -92,6 +93,7 @@ class Supervisor:
         self.watch.add("inbox", self.spool.inbox)
         self.watch.add("cancel", self.spool.cancel_dir)
         self.sel.register(self.watch, selectors.EVENT_READ, self._on_watch)
+        self._start_zygote()
         self.service.open(self.sel, self._gauges)
         self.spool.sweep_tmp()
         self._recover()
@@ -102,7 +104,41 @@ class Supervisor:
                  self.settings.worker_id, self.settings.pool, self.settings.max_concurrent,
                  self.spool.inbox, len(self.jobs))
 
+    def _start_zygote(self) -> None:
+        """Warm handlers (costly prepare) get a pre-imported process to fork their jobs from."""
+        warm = self.registry.warm_handlers()
+        if not warm:
+            return
+        self.zygote = Zygote(warm)
+        self.zygote.start()
+        self.sel.register(self.zygote.fileno(), selectors.EVENT_READ, self._on_zygote)
+        log.info("zygote %d warms %s", self.zygote.pid, ", ".join(h.name for h in warm))
+
+    def _on_zygote(self) -> None:
+        assert self.zygote is not None
+        try:
+            exits = self.zygote.exits()
+        except OSError:
+            exits = []
+        for pid, status, rusage in exits:
+            self._ended(pid, status, rusage)
+
+    def _zygote_died(self) -> None:
+        """Its children died with it (PDEATHSIG): end their runs as killed, start a new one."""
+        assert self.zygote is not None
+        log.error("zygote %d died; its running jobs were killed; starting a new one",
+                  self.zygote.pid)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(self.zygote.fileno())
+        self.zygote.close()
+        for pid, job in list(self.running.items()):
+            if job.run is not None and job.run.zygote:
+                self._ended(pid, signal.SIGKILL, None)
+        self._start_zygote()
+
     def _stop(self) -> None:
+        if self.zygote is not None:
+            self.zygote.close()
         self._archive_ended()
         self.remote.close()
         self.service.close()
@@ -278,7 +314,8 @@ class Supervisor:
         spec = ChildSpec(job_id=job.job_id, operation=job.operation, attempt=job.attempt,
                          data=doc.payload.data, handler=handler, plan=plan,
                          message_cap=self.settings.max_message_bytes)
-        run = spawn(spec, timeout, now)
+        zygote = self.zygote if self.registry.needs_warmth(handler) else None
+        run = spawn(spec, timeout, now, zygote)
         self.service.m.spawn_latency.observe(time.monotonic() - now)
         job.run = run
         job.move(JobState.RUNNING)
@@ -384,13 +421,20 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            job = self.running.pop(pid, None)
-            if job is None:
-                self.service.m.descendants_reaped.inc()
+            if self.zygote is not None and pid == self.zygote.pid:
+                self._zygote_died()
                 continue
-            assert job.run is not None
-            job.run.status, job.run.rusage = status, rusage
-            self._finish_run(job)
+            self._ended(pid, status, rusage)
+
+    def _ended(self, pid: int, status: int, rusage: Any) -> None:
+        """A child is gone (reaped here or reported by the zygote): finish its job."""
+        job = self.running.pop(pid, None)
+        if job is None:
+            self.service.m.descendants_reaped.inc()
+            return
+        assert job.run is not None
+        job.run.status, job.run.rusage = status, rusage
+        self._finish_run(job)
 
     def _finish_run(self, job: Job) -> None:
         run = job.run

@@ -204,3 +204,23 @@ class SchemaHandler(Handler):
     def execute(self, ctx: Context, payload: Any) -> HandlerResult:
         assert isinstance(payload, Count)
         return HandlerResult(data={"doubled": payload.count * 2})
+
+
+_PREPARED_IN: list[int] = []
+
+
+class WarmHandler(Handler):
+    """`test.warm`: has a real prepare(), so its jobs are forked from the warm zygote."""
+
+    name = "warm"
+    operations = ("test.warm",)
+    payload_types = ("test.warm.v1",)
+
+    def prepare(self) -> None:
+        _PREPARED_IN.append(os.getpid())
+
+    def execute(self, ctx: Context, payload: Any) -> HandlerResult:
+        ctx.report_progress("execution", 10, "warm")
+        if isinstance(payload, dict) and payload.get("seconds") and ctx.attempt == 1:
+            time.sleep(float(payload["seconds"]))  # only the first attempt is slow
+        return HandlerResult(data={"prepared_in": _PREPARED_IN, "parent": os.getppid()})

@@ -1,0 +1,46 @@
+"""Handlers with a costly prepare() run their jobs from a warm zygote; the supervisor stays lean."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+from conftest import Worker, job, no_process_left, wait_until
+
+
+def _zygote(w: Worker) -> int:
+    return int(re.search(r"zygote (\d+) warms", w.log()).group(1))
+
+
+def test_a_warm_handler_runs_prepared_in_the_zygote_not_the_supervisor(worker: Worker) -> None:
+    worker.drop(job("warm-1", "test.warm", {}))
+    res = worker.wait_result("warm-1")
+    assert res["status"] == "completed"
+    assert res["data"]["prepared_in"] == [_zygote(worker)]  # prepared once, in the zygote
+    assert _zygote(worker) != worker.proc.pid
+    worker.drop(job("cold-1"))  # an echo job still forks from the supervisor
+    assert worker.wait_result("cold-1")["status"] == "completed"
+
+
+def test_if_the_zygote_dies_its_jobs_end_as_killed_and_a_new_one_starts(make_worker) -> None:
+    w = make_worker("--kill-grace", "1").start()
+    w.drop(job("warm-long", "test.warm", {"seconds": 30}, max_attempts=2))
+    wait_until(lambda: "[warm-long] execution - warm" in w.log(), [w.jobs / ".status"], 20)
+    old = _zygote(w)
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: len(re.findall(r"zygote \d+ warms", w.log())) == 2, [w.base], 20,
+               "a new zygote")
+    assert "zygote %d died" % old in w.log()
+    res = w.wait_result("warm-long", timeout=60)  # retried from the new zygote
+    assert res["status"] == "completed"
+    assert res["execution_summary"]["attempt"] == 2
+
+
+def test_kill_9_of_the_supervisor_takes_the_zygote_and_its_jobs(make_worker) -> None:
+    w = make_worker().start()
+    w.drop(job("warm-orphan", "test.warm", {"seconds": 60}))
+    wait_until(lambda: "[warm-orphan] execution - warm" in w.log(), [w.jobs / ".status"], 20)
+    pids = [_zygote(w)] + [c.pid for c in w.children()]
+    w.kill()
+    wait_until(lambda: no_process_left(pids), [w.base], 10, "the zygote and its job to die")
