@@ -31,7 +31,7 @@ def test_if_the_zygote_dies_its_jobs_end_as_killed_and_a_new_one_starts(make_wor
     os.kill(old, signal.SIGKILL)
     wait_until(lambda: len(re.findall(r"zygote \d+ warms", w.log())) == 2, [w.base], 20,
                "a new zygote")
-    assert "zygote %d died" % old in w.log()
+    assert f"zygote {old} died" in w.log()
     res = w.wait_result("warm-long", timeout=60)  # retried from the new zygote
     assert res["status"] == "completed"
     assert res["execution_summary"]["attempt"] == 2
