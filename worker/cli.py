@@ -84,18 +84,20 @@ def supervise(config_file: Path | None, **flags: Any) -> None:
     """Run the supervisor in the foreground until SIGTERM or SIGINT (then drain)."""
     from worker.logs import setup_logging
     from worker.supervisor import Supervisor
-    from worker.transports.redis import RedisRemote
+    from worker.transports import Remote
 
     for many in ("image_roots", "features", "isolation"):
         flags[many] = list(flags[many]) or None
     settings, _ = _settings(config_file, **flags)
     setup_logging(settings.log_format, settings.log_level)
     registry = Registry.load(settings.model_dump(mode="json"))
-    remote = RedisRemote(settings) if settings.transport == "redis" else None
+    remote: Remote | None = None
+    if settings.transport == "redis":  # imported only when used: it costs the forking process memory
+        from worker.transports.redis import RedisRemote
+
+        remote = RedisRemote(settings)
     sup = Supervisor(settings, registry, __version__,
                      reload=lambda: config.load(flags, config_file)[0], remote=remote)
-    if remote is not None:
-        _ready_needs(sup, remote.healthy)
     try:
         code = sup.run()
     except WorkerError as e:  # a lock held, a bad setting, a busy port: say so plainly
@@ -105,17 +107,6 @@ def supervise(config_file: Path | None, **flags: Any) -> None:
         logging.getLogger("guestkit").critical("supervisor failed", exc_info=True)
         sys.exit(1)
     sys.exit(code)
-
-
-def _ready_needs(sup: Any, check: Callable[[], tuple[bool, str]]) -> None:
-    """Make the supervisor's /readyz answer not-ready while `check` fails (the queue is away)."""
-    own = sup.service._ready
-
-    def ready() -> tuple[bool, str]:
-        ok, why = check()
-        return own() if ok else (False, why)
-
-    sup.service._ready = ready
 
 
 def _queue(config_file: Path | None, redis_url: str | None,

@@ -147,6 +147,8 @@ class Intake:
         """Move a file aside with its reason; write a failed result when a safe, new id is known."""
         record: dict[str, Any] = {"job_id": job_id or duplicate_of, "code": code.value,
                                   "message": message}
+        if duplicate_of:
+            record["duplicate_of"] = duplicate_of
         self.last_rejection = record
         try:
             dest = self.spool.reject(src, record)

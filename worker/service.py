@@ -30,6 +30,8 @@ class Service:
         self.draining = False
         self.started = False
         self._drain_progress = False
+        #: Another readiness condition (the shared queue's reachability), set by the supervisor.
+        self.ready_check: Callable[[], tuple[bool, str]] = lambda: (True, "")
 
     def open(self, selector: selectors.BaseSelector, gauges: Callable[[], None]) -> None:
         """Bind the metrics address (a busy one is a clear start-up error) and serve it."""
@@ -49,7 +51,10 @@ class Service:
     def _ready(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
-        return (True, "ready") if self.started else (False, "starting")
+        if not self.started:
+            return False, "starting"
+        ok, why = self.ready_check()
+        return (True, "ready") if ok else (False, why)
 
     def ready(self, text: str) -> None:
         """The spool is recovered and work can be taken."""

@@ -60,6 +60,7 @@ class Supervisor:
         self.intake = Intake(self.spool, registry, settings, version, self.jobs.__contains__)
         self.service = Service(settings, version)
         self.remote = remote or Remote()
+        self.service.ready_check = self.remote.healthy
         self.zygote: Zygote | None = None
 
     # -- life cycle ------------------------------------------------------------------------
@@ -508,6 +509,7 @@ class Supervisor:
             if job.where == RETRY:
                 self.spool.move(job.claimed, RETRY, ACTIVE)
                 job.where = ACTIVE
+            job.waiting_for = None  # a key held elsewhere is looked at again at dispatch
             self._enqueue(job)
 
     def _expire_waiting(self, now: float) -> None:

@@ -1,0 +1,1114 @@
+"""The Redis Streams transport (DESIGN §8): one stream per pool, one consumer group, leases renewed
+while a job is held, takeover of a dead worker's messages, a dead-letter stream for poison, and the
+results, live status and idempotency keys every worker and client shares.
+
+Names (all under `redis_stream_prefix`, `P`):
+
+| name | what |
+|---|---|
+| `P:jobs:<pool>` | the pool's stream; each entry has a `job` field holding the job document (JSON) |
+| `P:dead:<pool>` | dead letters: poison, malformed and rejected messages, with their history |
+| `P:result:<id>` | the result document; written once with `SET NX` (the first writer wins) |
+| `P:status:<id>` | the live status document (state, attempt, progress, worker) |
+| `P:cancel:<id>` | a cancel request; `P:cancel` is the channel that tells the workers |
+| `P:events:<id>` | channel: every status write of the job, for clients that follow it |
+| `P:idem:<key>` | the job that holds an idempotency key |
+
+A message is a *delivery* each time an execution of it starts anywhere: the first read, a takeover
+and a local retry all count, so a job that crashes its child or its worker every time is moved to
+the dead-letter stream after `redis_max_deliveries` executions. A message is acknowledged (and
+deleted from the stream) only after its result is stored in Redis and in the local results dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import re
+import selectors
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.client import PubSub
+from redis.retry import Retry
+
+from worker.config import Settings
+from worker.errors import ErrorCode
+from worker.results import Ending, build
+from worker.spec import dumps, loads, rfc3339, safe_job_id
+from worker.spool import Spool
+from worker.transports import Cancel, Deliver, Remote
+
+log = logging.getLogger("guestkit.redis")
+
+BLOCK_MS = 2000  #: how long one XREADGROUP waits on the server for new entries
+REPLY_SLACK = 5.0  #: seconds past BLOCK_MS without a reply before the connection counts as dead
+COMMAND_TIMEOUT = 2.0  #: socket timeout of every command (the loop never waits longer)
+BACKOFF_FIRST, BACKOFF_MAX = 0.25, 2.0  #: reconnect back-off, doubling, with jitter
+DEAD_MAXLEN = 100_000  #: the dead-letter stream keeps about this many entries
+UNREACHABLE = "<redis unreachable>"  #: the key holder reported while Redis cannot be asked
+ERRORS = (redis.RedisError, OSError)
+_QUEUE_FILE = re.compile(r"-queue-(\d+-\d+)\.json$")
+
+#: Renew the leases of ARGV[3..] for consumer ARGV[2]; return those it no longer holds.
+_RENEW = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 0 or p[1][2] ~= ARGV[2] then
+    lost[#lost + 1] = ARGV[i]
+  else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  end
+end
+return lost
+"""
+#: Count one more delivery of ARGV[3] held by ARGV[2]; return the new count, or -1 when not held.
+_COUNT = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return -1 end
+local n = p[1][4] + 1
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'RETRYCOUNT', n, 'JUSTID')
+return n
+"""
+#: Store the result once; only the writer that stored it updates the status and tells followers.
+_PUBLISH = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[3])
+return 1
+"""
+#: Make ARGV[1] the holder of the key unless another job holds it that has not failed.
+_TAKE_KEY = """
+local h = redis.call('GET', KEYS[1])
+if h and h ~= ARGV[1] then
+  local r = redis.call('GET', ARGV[3] .. h)
+  if not r then return h end
+  local ok, doc = pcall(cjson.decode, r)
+  if not ok or type(doc) ~= 'table' or doc['status'] == 'completed' then return h end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis name of one pool."""
+
+    prefix: str
+    pool: str
+
+    @property
+    def stream(self) -> str:
+        """The pool's job stream."""
+        return f"{self.prefix}:jobs:{self.pool}"
+
+    @property
+    def dead(self) -> str:
+        """The pool's dead-letter stream."""
+        return f"{self.prefix}:dead:{self.pool}"
+
+    @property
+    def cancel_channel(self) -> str:
+        """The channel cancel requests are announced on."""
+        return f"{self.prefix}:cancel"
+
+    def result(self, job_id: str) -> str:
+        """The result key of a job."""
+        return f"{self.prefix}:result:{job_id}"
+
+    def status(self, job_id: str) -> str:
+        """The live status key of a job."""
+        return f"{self.prefix}:status:{job_id}"
+
+    def cancel(self, job_id: str) -> str:
+        """The cancel request key of a job."""
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        """The channel a job's status writes are published on."""
+        return f"{self.prefix}:events:{job_id}"
+
+    def idem(self, key: str) -> str:
+        """The key naming the holder of an idempotency key."""
+        return f"{self.prefix}:idem:{key}"
+
+
+def connect(url: str, timeout: float = COMMAND_TIMEOUT) -> redis.Redis:
+    """A client that never retries on its own (the caller decides) and never waits past `timeout`."""
+    return redis.Redis.from_url(url, protocol=2, socket_timeout=timeout,
+                                socket_connect_timeout=min(timeout, 1.0),
+                                retry=Retry(NoBackoff(), 0), health_check_interval=0)
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _json(raw: Any) -> dict[str, Any] | None:
+    """A JSON object from Redis bytes, or None."""
+    if raw is None:
+        return None
+    try:
+        doc = loads(raw if isinstance(raw, bytes) else str(raw).encode())
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _entries(reply: Any) -> Iterator[tuple[str, dict[bytes, bytes]]]:
+    """(id, fields) of a raw XREADGROUP reply (None when it timed out)."""
+    for _stream, entries in reply or []:
+        for mid, flat in entries or []:
+            flat = flat or []
+            yield _text(mid), dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def ran_before(status: dict[str, Any] | None) -> int | None:
+    """The attempt a stopped worker had started, from the job's shared status (None: none ran)."""
+    if not status:
+        return None
+    attempt = status.get("attempt")
+    if not isinstance(attempt, int) or attempt < 1:
+        return None
+    if status.get("state") in ("assigned", "running"):
+        return attempt
+    return attempt - 1 if status.get("state") == "queued" and attempt > 1 else None
+
+
+def _idempotency_key(doc: dict[str, Any]) -> str | None:
+    ex = doc.get("execution")
+    key = ex.get("idempotency_key") if isinstance(ex, dict) else None
+    return key if isinstance(key, str) and key else None
+
+
+def _final_status(job_id: str, result: dict[str, Any], worker_id: str) -> dict[str, Any]:
+    """The status a job keeps once its result is stored."""
+    summary = result.get("execution_summary") or {}
+    return {"job_id": job_id, "state": result.get("status"), "worker_id": worker_id,
+            "attempt": summary.get("attempt"), "max_attempts": summary.get("max_attempts"),
+            "detail": (result.get("error") or {}).get("code", ""), "updated_at": rfc3339()}
+
+
+@dataclass
+class Held:
+    """A message this worker took and has not acknowledged yet."""
+
+    job_id: str
+    deliveries: int
+    started: int | None = None  # the last attempt seen starting here
+    state: str = ""
+    status: dict[str, Any] = field(default_factory=dict)
+    fresh: bool = True  # read as a new entry (not taken over from a stopped worker)
+    lost: bool = False  # another worker holds it now: our outcome is not the job's
+    dead: bool = False  # moved to the dead-letter stream (and acked) while held here
+
+
+class RedisRemote(Remote):
+    """Jobs from the pool's stream into the local spool; results and status shared through Redis."""
+
+    name = "redis"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.redis_stream_prefix, settings.pool)
+        self.group = settings.redis_group
+        self.me = settings.worker_id
+        self.spool = Spool(settings)  # read only: the supervisor owns every write
+        self.client: redis.Redis | None = None
+        self.reader: Any = None  # a redis Connection of its own (redis-py leaves it untyped)
+        self.reader_id = 0
+        self.sub: Any = None  # a redis PubSub on the cancel channel
+        self.sel: selectors.BaseSelector | None = None
+        self.fds: list[int] = []  # registered with the selector (redis-py may drop its sockets)
+        self._deliver: Deliver | None = None
+        self._cancel: Cancel | None = None
+        self.scripts: dict[str, Any] = {}
+        self.held: dict[str, Held] = {}  # message id -> what we know of it
+        self.parked: dict[str, tuple[bytes, int | None, str]] = {}  # waiting for a key's holder
+        self.by_job: dict[str, str] = {}  # job id -> message id
+        self.adopted: dict[str, str] = {}  # job id -> message id, recovered from the spool
+        self.foreign: set[str] = set()  # job ids recovered locally whose message is not ours
+        self.to_ack: set[str] = set()  # adopted messages whose result is stored
+        self.unsent_results: dict[str, bytes] = {}
+        self.unsent_acks: set[str] = set()
+        self.dirty: dict[str, dict[str, Any]] = {}  # job id -> status not yet written
+        self.acks: list[str] = []  # results stored: acknowledge at the end of the loop pass
+        self.arrived: list[tuple[str, dict[bytes, bytes]]] = []  # read, not yet checked
+        self.wake = False  # jobs were delivered after the loop filled its slots
+        self.cancels: list[str] = []  # cancel callbacks to make at the next poll
+        self.connected = False
+        self.first = True
+        self.intake = True
+        self.error = "not connected yet"
+        self.down_since: float | None = None
+        self.backoff = BACKOFF_FIRST
+        self.retry_at = 0.0
+        self.reading = 0  # entries asked for by the XREADGROUP in flight
+        self.read_sent = 0.0
+        self.next_renew = 0.0
+        self.takeover_after = 0.0
+        self.next_takeover = 0.0
+        self.cursor = "0-0"
+
+    # -- the seam ------------------------------------------------------------------------------
+
+    def open(self, selector: selectors.BaseSelector, deliver: Deliver, cancel: Cancel) -> None:
+        """Connect (or schedule reconnects), then recover the messages this worker held."""
+        self.sel, self._deliver, self._cancel = selector, deliver, cancel
+        self._connect(time.monotonic())
+
+    def poll(self, now: float, free_slots: int, running: list[str]) -> None:
+        """Reconnect, renew leases, take over dead workers' messages and ask for new ones."""
+        self.wake = False
+        self._run_cancels()
+        if not self.connected and (now < self.retry_at or not self._connect(now)):
+            return
+        try:
+            self._flush()
+            if now >= self.next_renew:
+                self._renew(now)
+            if self.to_ack:
+                self._ack_adopted()
+            if self.parked:
+                self._unpark()
+            self._claim(now, free_slots - len(self.parked))
+        except ERRORS as e:
+            self._down(e, now)
+        self._run_cancels()
+
+    def next_deadline(self) -> float | None:
+        """The next reconnect, renewal or overdue read reply; now when jobs wait to be started."""
+        if self.cancels or self.wake:
+            return time.monotonic()
+        if not self.connected:
+            return self.retry_at
+        times = [self.next_renew]
+        if self.reading:
+            times.append(self.read_sent + BLOCK_MS / 1000 + REPLY_SLACK)
+        return min(times)
+
+    def stop_intake(self) -> None:
+        """Claim nothing more; wake the read in flight so its answer comes back now."""
+        self.intake = False
+        if self.reading and self.client is not None:
+            try:
+                self.client.client_unblock(self.reader_id)
+            except ERRORS as e:
+                self._down(e, time.monotonic())
+
+    def close(self) -> None:
+        """Give back what was claimed but never started, store what is unsent, disconnect."""
+        self.intake = False
+        if self.connected:
+            try:
+                self._finish_read()
+                self._flush()
+                self._give_back_unstarted()
+            except ERRORS as e:
+                log.warning("redis: could not finish cleanly (%s); held messages will be taken "
+                            "over after %.0f s", e, self.settings.redis_claim_idle_seconds)
+        self._disconnect()
+
+    def status(self, job_id: str, doc: dict[str, Any]) -> None:
+        """Mirror a status write: an attempt's start at once, the rest at the end of the loop pass."""
+        mid = self.by_job.get(job_id)
+        held = self.held.get(mid) if mid else None
+        if held is None or held.lost or held.dead:
+            if held is not None and held.dead and doc.get("state") == "assigned":
+                self.cancels.append(job_id)
+            return
+        doc = {**doc, "job_id": job_id, "updated_at": rfc3339(), "message_id": mid}
+        held.state, held.status = str(doc.get("state")), doc
+        self._count_attempt(mid or "", held, doc)
+        self.dirty[job_id] = doc
+        if doc.get("state") == "assigned" and self.connected:  # what a takeover counts on
+            try:
+                self._flush(deliver=False)
+            except ERRORS as e:
+                self._down(e, time.monotonic())
+
+    def publish(self, job_id: str, doc: dict[str, Any]) -> bool:
+        """Store the result with SET NX; False when another result came first or the job is not ours."""
+        mid = self.by_job.get(job_id) or self.adopted.get(job_id)
+        held = self.held.get(mid) if mid else None
+        self.dirty.pop(job_id, None)
+        if job_id in self.foreign or (held is not None and (held.lost or held.dead)):
+            return False
+        data = dumps(doc)
+        if not self.connected:
+            self.unsent_results[job_id] = data
+            return True
+        try:
+            stored = self._store_result(job_id, data, doc)
+        except ERRORS as e:
+            self.unsent_results[job_id] = data
+            self._down(e, time.monotonic())
+            return True
+        if job_id in self.adopted:
+            self.to_ack.add(self.adopted[job_id])
+        return stored
+
+    def acknowledge(self, message_id: str, job_id: str, ok: bool) -> None:
+        """The result is stored here and in Redis: XACK and delete the entry at the end of the loop
+        pass (unless it is not ours any more)."""
+        held = self._forget(message_id)
+        if held is not None and (held.lost or held.dead):
+            return
+        if not self.connected or job_id in self.unsent_results:
+            self.unsent_acks.add(message_id)
+        else:
+            self.acks.append(message_id)
+
+    def reject(self, message_id: str, record: dict[str, Any]) -> None:
+        """The supervisor refused the job: dead-letter it with why, share its result, XACK it."""
+        held = self._forget(message_id)
+        job_id = record.get("job_id")
+        result = self._local_rejection(job_id, record) if isinstance(job_id, str) else None
+        log.warning("redis: message %s rejected: %s", message_id, record.get("message"),
+                    extra={"job_id": job_id})
+        if not self.connected:
+            return  # still pending: it comes back after the idle time and is rejected again
+        try:
+            self._bury(message_id, {
+                "reason": "rejected", "code": str(record.get("code", ErrorCode.VALIDATION_ERROR)),
+                "message": str(record.get("message", "")), "job_id": job_id or "",
+                "deliveries": held.deliveries if held else 1,
+            }, job_id if result else None, result, self._job_bytes(message_id))
+        except ERRORS as e:
+            self._down(e, time.monotonic())
+
+    def key_owner(self, key: str) -> str | None:
+        """The job holding idempotency `key` in Redis, or None."""
+        if self.client is None or not self.connected:
+            return None
+        try:
+            raw = self.client.get(self.keys.idem(key))
+        except ERRORS as e:
+            self._down(e, time.monotonic())
+            return None
+        return _text(raw) if raw is not None else None
+
+    def take_key(self, key: str, job_id: str) -> str:
+        """Make `job_id` the holder of `key` unless a job that has not failed holds it."""
+        if not self.connected:
+            return UNREACHABLE
+        try:
+            holder = self.scripts["take_key"](
+                keys=[self.keys.idem(key)],
+                args=[job_id, self.settings.redis_result_ttl_seconds, self.keys.result("")])
+        except ERRORS as e:
+            self._down(e, time.monotonic())
+            return UNREACHABLE
+        return _text(holder)
+
+    def result(self, job_id: str) -> dict[str, Any] | None:
+        """The shared result of `job_id`, or None (also while Redis cannot be asked)."""
+        if self.client is None or not self.connected:
+            return None
+        try:
+            return _json(self.client.get(self.keys.result(job_id)))
+        except ERRORS as e:
+            self._down(e, time.monotonic())
+            return None
+
+    def healthy(self) -> tuple[bool, str]:
+        """Ready only while Redis answers."""
+        if self.connected:
+            return True, f"redis {self.keys.stream}"
+        return False, f"redis unreachable: {self.error}"
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def _connect(self, now: float) -> bool:
+        """Open the command, read and cancel connections; recover held work; False on failure."""
+        try:
+            client = connect(self.settings.redis_url)
+            self.client = client
+            client.ping()
+            with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists
+                client.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
+            self.scripts = {name: client.register_script(src) for name, src in (
+                ("renew", _RENEW), ("count", _COUNT), ("publish", _PUBLISH), ("take_key", _TAKE_KEY))}
+            self._open_reader(client)
+            self._open_sub(client)
+        except ERRORS as e:
+            self._down(e, now)
+            return False
+        self.connected, self.backoff = True, BACKOFF_FIRST
+        if self.down_since is not None:
+            log.warning("redis reachable again after %.1f s", now - self.down_since)
+        else:
+            log.info("redis: serving %s as %s in group %s", self.keys.stream, self.me, self.group)
+        self.down_since = None
+        self.next_renew = now
+        self.takeover_after = now + self.settings.redis_claim_idle_seconds
+        try:
+            self._resume()
+            if self.first:
+                self._recover_own()
+                self.first = False
+            self._check_cancels([h.job_id for h in self.held.values()] + list(self.adopted))
+        except ERRORS as e:
+            self._down(e, now)
+            return False
+        return True
+
+    def _open_reader(self, client: redis.Redis) -> None:
+        reader: Any = client.connection_pool.make_connection()
+        reader.connect()
+        reader.send_command("CLIENT", "ID")
+        self.reader_id = int(reader.read_response())
+        self.reader, self.reading = reader, 0
+        self._register(reader._sock.fileno(), self._on_reader)
+
+    def _open_sub(self, client: redis.Redis) -> None:
+        sub: Any = PubSub(client.connection_pool, ignore_subscribe_messages=True)
+        self.sub = sub
+        sub.subscribe(self.keys.cancel_channel)
+        self._register(sub.connection._sock.fileno(), self._on_sub)
+
+    def _register(self, fd: int, callback: Callable[[], None]) -> None:
+        assert self.sel is not None
+        self.sel.register(fd, selectors.EVENT_READ, callback)
+        self.fds.append(fd)
+
+    def _down(self, err: BaseException, now: float) -> None:
+        """Redis went away (or misbehaved): drop every connection and retry with back-off."""
+        if self.down_since is None:
+            self.down_since = now
+            log.warning("redis unreachable at %s: %s; reconnecting with back-off, running jobs go "
+                        "on", self.settings.redis_url, err)
+        else:
+            log.debug("redis still unreachable: %s", err)
+        self.error = str(err) or type(err).__name__
+        self.connected = False
+        self.unsent_acks.update(self.acks)
+        self.acks.clear()
+        self.arrived.clear()  # pending here, unrenewed: taken over after the idle time
+        self._disconnect()
+        self.retry_at = now + self.backoff * random.uniform(0.8, 1.2)
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+
+    def _disconnect(self) -> None:
+        while self.fds and self.sel is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.sel.unregister(self.fds.pop())
+        if self.reader is not None:
+            with contextlib.suppress(*ERRORS):
+                self.reader.disconnect()
+        if self.sub is not None:
+            with contextlib.suppress(*ERRORS):
+                self.sub.close()
+        if self.client is not None:
+            with contextlib.suppress(*ERRORS):
+                self.client.close()
+        self.client, self.reader, self.sub, self.reading = None, None, None, 0
+
+    def _resume(self) -> None:
+        """After a (re)connect: store the results, acks and status that could not be sent."""
+        assert self.client is not None
+        for job_id, data in list(self.unsent_results.items()):
+            stored = self._store_result(job_id, data, _json(data) or {})
+            if not stored and self.client.get(self.keys.result(job_id)) != data:  # not our own
+                log.warning("redis: job %s: another worker's result was stored while Redis was "
+                            "unreachable; the local result file differs from the shared one", job_id,
+                            extra={"job_id": job_id})
+            del self.unsent_results[job_id]
+        self.acks.extend(self.unsent_acks)
+        self.unsent_acks.clear()
+        self._flush()
+
+    # -- reading and taking over ----------------------------------------------------------------
+
+    def _claim(self, now: float, free: int) -> None:
+        """Fill `free` slots: dead workers' messages first, then new ones (never more than free)."""
+        if not self.intake or self.reading or free <= 0:
+            if self.reading and now > self.read_sent + BLOCK_MS / 1000 + REPLY_SLACK:
+                raise redis.ConnectionError("no reply to XREADGROUP")
+            return
+        if now >= self.takeover_after and now >= self.next_takeover:
+            free -= self._take_over(now, free)
+        if free > 0 and self.intake and self.reader is not None:
+            self.reader.send_command("XREADGROUP", "GROUP", self.group, self.me, "COUNT", free,
+                                     "BLOCK", BLOCK_MS, "STREAMS", self.keys.stream, ">")
+            self.reading, self.read_sent = free, now
+
+    def _on_reader(self) -> None:
+        """The XREADGROUP in flight answered: its entries are checked and delivered by the
+        flush at the end of this loop pass (one round trip for all of them)."""
+        if self.reader is None:  # dropped earlier in the same loop pass
+            return
+        try:
+            reply = self.reader.read_response()
+        except ERRORS as e:
+            self._down(e, time.monotonic())
+            return
+        self.reading = 0
+        self.arrived.extend(_entries(reply))
+
+    def _finish_read(self) -> None:
+        """At close: wake the read in flight and give back whatever it brought."""
+        if not self.reading or self.reader is None or self.client is None:
+            return
+        self.client.client_unblock(self.reader_id)
+        for mid, fields in _entries(self.reader.read_response()):
+            self._give_back(mid, fields)
+        self.reading = 0
+
+    def _take_over(self, now: float, free: int) -> int:
+        """XAUTOCLAIM messages idle past claim_idle_seconds; deliver them or dead-letter poison."""
+        assert self.client is not None
+        idle_ms = int(self.settings.redis_claim_idle_seconds * 1000)
+        reply: Any = self.client.xautoclaim(self.keys.stream, self.group, self.me, idle_ms,
+                                            start_id=self.cursor, count=free)
+        self.cursor = _text(reply[0])
+        self.next_takeover = now if self.cursor != "0-0" else now + self.settings.redis_renew_seconds
+        claimed = [(_text(mid), fields or {}) for mid, fields in reply[1]
+                   if _text(mid) not in self.held and _text(mid) not in self.adopted.values()]
+        if not claimed:
+            return 0
+        counts = self._deliveries([mid for mid, _ in claimed])
+        for mid, fields in claimed:
+            if self.connected:
+                self._take(mid, fields, counts.get(mid, 1), "takeover")
+        return len(claimed)
+
+    def _deliveries(self, ids: list[str]) -> dict[str, int]:
+        """How often each of `ids` (held by this worker) has been delivered."""
+        assert self.client is not None
+        rows: Any = self.client.xpending_range(self.keys.stream, self.group, min=min(ids),
+                                               max=max(ids),
+                                               count=len(ids) + len(self.held) + len(self.adopted) + 16,
+                                               consumername=self.me)
+        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+    def _take(self, mid: str, fields: dict[bytes, bytes], deliveries: int, how: str) -> None:
+        """A message taken over or recovered: check it, then deliver it or settle it here."""
+        job = self._parse(mid, fields)
+        if job is not None:
+            self._settle(mid, job, self._probe(job[2]), deliveries, how)
+
+    def _parse(self, mid: str, fields: dict[bytes, bytes]) -> tuple[bytes, dict[str, Any], str | None] | None:
+        """(job bytes, document, safe job id) of a message, or None when it was dead-lettered."""
+        raw = fields.get(b"job")
+        doc = _json(raw) if raw is not None else None
+        if raw is None or doc is None or len(raw) > self.settings.max_job_bytes:
+            self._bury_malformed(mid, fields, raw, doc)
+            return None
+        return raw, doc, safe_job_id(doc)
+
+    def _settle(self, mid: str, job: tuple[bytes, dict[str, Any], str | None],
+                probe: tuple[bool, bool, dict[str, Any] | None], deliveries: int,
+                how: str | None) -> None:
+        """Deliver a checked message, or settle it here: done already, poison, or its key held."""
+        raw, doc, job_id = job
+        done, cancelled, status = probe
+        if done:
+            log.info("redis: message %s: job %s already has a result; acknowledged", mid, job_id,
+                     extra={"job_id": job_id})
+            self._ack(mid)
+            return
+        if how and deliveries > self.settings.redis_max_deliveries:
+            self._bury_poison(mid, job_id, raw, doc, deliveries, status)
+            return
+        held = Held(job_id or "", deliveries, fresh=how is None)
+        key = _idempotency_key(doc)
+        if job_id and key and not cancelled and not self._key_free(key, job_id):
+            self.held[mid] = held
+            self.parked[mid] = (raw, ran_before(status) if how else None, key)
+            return
+        self._hand_over(mid, job_id, raw, held, ran_before(status) if how else None)
+        if cancelled and job_id and mid in self.held:
+            self.cancels.append(job_id)
+
+    def _key_free(self, key: str, job_id: str) -> bool:
+        """Take the idempotency key for `job_id` before delivery; False while an unfinished job
+        elsewhere holds it (the message then waits here, its lease renewed)."""
+        holder = self.take_key(key, job_id)
+        if holder == UNREACHABLE:
+            raise redis.ConnectionError(self.error)
+        return holder == job_id or self._has_result(holder)
+
+    def _unpark(self) -> None:
+        """Deliver the parked jobs whose key's holder has finished."""
+        for mid, (raw, running_attempt, key) in list(self.parked.items()):
+            held = self.held.get(mid)
+            if held is None or held.lost:
+                del self.parked[mid]
+                continue
+            if self._key_free(key, held.job_id):
+                del self.parked[mid]
+                self._hand_over(mid, held.job_id, raw, held, running_attempt)
+
+    def _hand_over(self, mid: str, job_id: str | None, raw: bytes, held: Held,
+                   running_attempt: int | None) -> None:
+        """Give the job to the supervisor (it stores it in the spool first)."""
+        assert self._deliver is not None
+        self.held[mid] = held
+        if job_id:
+            self.by_job.setdefault(job_id, mid)
+            self.foreign.discard(job_id)  # its message is ours again
+        try:
+            self._deliver(mid, raw, running_attempt)
+        except OSError as e:  # the spool cannot take it: leave it to another worker
+            log.error("redis: message %s could not be stored in the spool (%s); another worker "
+                      "will take it after %.0f s", mid, e, self.settings.redis_claim_idle_seconds)
+            self._forget(mid)
+
+    def _give_back(self, mid: str, fields: dict[bytes, bytes]) -> None:
+        """Return a message this worker will not run to the stream, as a new entry, at once."""
+        assert self.client is not None
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.keys.stream, fields)  # type: ignore[arg-type]
+        pipe.xack(self.keys.stream, self.group, mid)
+        pipe.xdel(self.keys.stream, mid)
+        pipe.execute()
+
+    def _give_back_unstarted(self) -> None:
+        """At close: messages delivered but never started here go back for the other workers."""
+        assert self.client is not None
+        for mid, held in list(self.held.items()):
+            if held.started is not None or not held.fresh or held.lost or held.dead:
+                continue
+            rows: Any = self.client.xrange(self.keys.stream, mid, mid)
+            if rows:
+                self._give_back(mid, rows[0][1])
+                log.info("redis: job %s went back to the stream unstarted", held.job_id,
+                         extra={"job_id": held.job_id})
+            self._forget(mid)
+
+    # -- leases, counts, cancels ---------------------------------------------------------------
+
+    def _renew(self, now: float) -> None:
+        """Reset the idle time of every message held here; stop what another worker took."""
+        assert self.client is not None
+        self.next_renew = now + self.settings.redis_renew_seconds
+        ids = [m for m, h in self.held.items() if not (h.lost or h.dead)] + list(self.adopted.values())
+        if not ids:
+            return
+        lost = {_text(m) for m in self.scripts["renew"](keys=[self.keys.stream],
+                                                         args=[self.group, self.me, *ids])}
+        for mid in lost:
+            self._lose(mid)
+
+    def _lose(self, mid: str) -> None:
+        if mid in self.parked:  # never delivered here: nothing to stop
+            self._forget(mid)
+            return
+        held = self.held.get(mid)
+        job_id = held.job_id if held else next((j for j, m in self.adopted.items() if m == mid), "")
+        if held is not None:
+            held.lost = True
+        elif job_id:
+            self.foreign.add(job_id)
+            del self.adopted[job_id]
+        log.warning("redis: job %s: another worker holds message %s now (this worker was taken for "
+                    "dead); stopping this copy", job_id, mid, extra={"job_id": job_id})
+        if job_id:
+            self.cancels.append(job_id)
+
+    def _count_attempt(self, mid: str, held: Held, doc: dict[str, Any]) -> None:
+        """Count each execution start as a delivery; dead-letter before one too many starts."""
+        state, attempt = doc.get("state"), doc.get("attempt")
+        if not isinstance(attempt, int) or held.lost:
+            return
+        if state == "assigned":
+            if held.started is not None and attempt > held.started and self.connected:
+                self._count_again(mid, held)
+            held.started = attempt
+        elif (state == "queued" and held.started is not None and attempt > held.started
+              and held.deliveries >= self.settings.redis_max_deliveries and self.connected):
+            self._bury_held(mid, held, doc)
+
+    def _count_again(self, mid: str, held: Held) -> None:
+        try:
+            n = int(self.scripts["count"](keys=[self.keys.stream], args=[self.group, self.me, mid]))
+        except ERRORS as e:
+            self._down(e, time.monotonic())
+            return
+        if n < 0:
+            self._lose(mid)
+        else:
+            held.deliveries = n
+
+    def _on_sub(self) -> None:
+        """Cancel requests announced on the channel: pass on those for jobs held here."""
+        sub = self.sub
+        if sub is None or sub.connection is None:  # dropped earlier in the same loop pass
+            return
+        try:
+            while True:
+                msg = sub.get_message(timeout=0.0)
+                if msg is None and not sub.connection.can_read(timeout=0):
+                    break
+                if msg and msg.get("type") == "message":
+                    job_id = _text(msg["data"])
+                    if job_id in self.by_job or job_id in self.adopted:
+                        self.cancels.append(job_id)
+        except ERRORS as e:
+            self._down(e, time.monotonic())
+        self._run_cancels()
+
+    def _check_cancels(self, job_ids: list[str]) -> None:
+        """Pass on cancel requests stored for `job_ids` (asked before delivery or while away)."""
+        if not job_ids or self.client is None:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(self.keys.cancel(job_id))
+        for job_id, found in zip(job_ids, pipe.execute(), strict=True):
+            if found:
+                self.cancels.append(job_id)
+
+    def _run_cancels(self) -> None:
+        while self.cancels and self._cancel is not None:
+            self._cancel(self.cancels.pop(0))
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _flush(self, deliver: bool = True) -> None:
+        """One round trip: status writes, acknowledgements, and (when `deliver`, i.e. not inside
+        a supervisor call) the checks of new arrivals, which are then delivered."""
+        if self.client is None or not (self.dirty or self.acks or (deliver and self.arrived)):
+            return
+        arrived = [(mid, job) for mid, fields in (self._take_arrived() if deliver else [])
+                   if (job := self._parse(mid, fields)) is not None]
+        pipe = self.client.pipeline(transaction=False)
+        ttl = self.settings.redis_status_ttl_seconds
+        for job_id, doc in self.dirty.items():
+            data = dumps(doc)
+            pipe.set(self.keys.status(job_id), data, ex=ttl)
+            pipe.publish(self.keys.events(job_id), data)
+        for mid in self.acks:
+            pipe.xack(self.keys.stream, self.group, mid)
+            pipe.xdel(self.keys.stream, mid)
+        for _, (_, _, jid) in arrived:
+            self._probe_into(pipe, jid or "")
+        replies = pipe.execute()
+        self.dirty.clear()
+        self.acks.clear()
+        probes = replies[len(replies) - 3 * len(arrived):]
+        for i, (mid, job) in enumerate(arrived):
+            if not self.connected:
+                break
+            done, cancelled, status = probes[3 * i:3 * i + 3]
+            self._settle(mid, job, (bool(done), bool(cancelled), _json(status)), 1, None)
+            self.wake = True
+
+    def _take_arrived(self) -> list[tuple[str, dict[bytes, bytes]]]:
+        """The entries read since the last flush; given back at once when intake is closed."""
+        arrived, self.arrived = self.arrived, []
+        if self.intake:
+            return arrived
+        for mid, fields in arrived:
+            self._give_back(mid, fields)
+        return []
+
+    def _store_result(self, job_id: str, data: bytes, doc: dict[str, Any]) -> bool:
+        """SET NX the result; when stored, the status becomes terminal and followers hear it."""
+        final = dumps(_final_status(job_id, doc, self.me))
+        stored = self.scripts["publish"](
+            keys=[self.keys.result(job_id), self.keys.status(job_id)],
+            args=[data, self.settings.redis_result_ttl_seconds, final,
+                  self.settings.redis_status_ttl_seconds, self.keys.events(job_id)])
+        return bool(stored)
+
+    def _ack(self, mid: str) -> None:
+        assert self.client is not None
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(self.keys.stream, self.group, mid)
+        pipe.xdel(self.keys.stream, mid)
+        pipe.execute()
+
+    def _ack_adopted(self) -> None:
+        for mid in list(self.to_ack):
+            self._ack(mid)
+            self.to_ack.discard(mid)
+            for job_id in [j for j, m in self.adopted.items() if m == mid]:
+                del self.adopted[job_id]
+
+    def _forget(self, mid: str) -> Held | None:
+        self.parked.pop(mid, None)
+        held = self.held.pop(mid, None)
+        if held is not None and self.by_job.get(held.job_id) == mid:
+            del self.by_job[held.job_id]
+        return held
+
+    # -- dead letters ----------------------------------------------------------------------------
+
+    def _bury(self, mid: str, record: dict[str, Any], job_id: str | None,
+              result: dict[str, Any] | None, raw: bytes | None = None) -> None:
+        """Dead-letter `mid` with `record`, store `result` when given, and XACK it, in one MULTI."""
+        assert self.client is not None
+        entry: dict[Any, Any] = {k: v if isinstance(v, bytes | str | int | float) else dumps(v)
+                                 for k, v in record.items() if v is not None}
+        entry.update(message_id=mid, stream=self.keys.stream, worker=self.me, dead_at=rfc3339())
+        if raw is not None:
+            entry["job"] = raw
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.keys.dead, entry, maxlen=DEAD_MAXLEN, approximate=True)
+        if job_id and result is not None:
+            pipe.set(self.keys.result(job_id), dumps(result), nx=True,
+                     ex=self.settings.redis_result_ttl_seconds)
+            pipe.set(self.keys.status(job_id), dumps(_final_status(job_id, result, self.me)),
+                     ex=self.settings.redis_status_ttl_seconds)
+        pipe.xack(self.keys.stream, self.group, mid)
+        pipe.xdel(self.keys.stream, mid)
+        pipe.execute()
+
+    def _failed(self, job_id: str, code: ErrorCode, message: str, phase: str,
+                details: dict[str, Any] | None = None, attempt: int = 1,
+                max_attempts: int = 1) -> dict[str, Any]:
+        end = Ending(job_id=job_id, status="failed", code=code, message=message, phase=phase,
+                     details=details, attempt=attempt, max_attempts=max_attempts)
+        return build(end, self.settings)
+
+    def _bury_malformed(self, mid: str, fields: dict[bytes, bytes], raw: bytes | None,
+                        doc: dict[str, Any] | None) -> None:
+        """A message that is no job at all: record why, share a result if its id is usable, XACK."""
+        names = sorted(_text(k) for k in fields)
+        if raw is None:
+            why = f"message {mid}: no 'job' field (fields: {', '.join(names) or 'none'})"
+        elif len(raw) > self.settings.max_job_bytes:
+            why = (f"message {mid}: the job is {len(raw)} bytes, over the limit of "
+                   f"{self.settings.max_job_bytes}")
+        else:
+            why = f"message {mid}: the 'job' field is not a JSON object"
+        job_id = safe_job_id(doc) if doc is not None else None
+        result = self._failed(job_id, ErrorCode.VALIDATION_ERROR, f"job {job_id!r}: {why}",
+                              "validation") if job_id else None
+        log.warning("redis: %s; moved to %s", why, self.keys.dead, extra={"job_id": job_id})
+        self._bury(mid, {"reason": "malformed", "code": ErrorCode.VALIDATION_ERROR.value,
+                         "message": why, "job_id": job_id or "", "fields": dumps(names)},
+                   job_id, result, raw[: self.settings.max_job_bytes] if raw else None)
+
+    def _bury_poison(self, mid: str, job_id: str | None, raw: bytes, doc: dict[str, Any],
+                     deliveries: int, status: dict[str, Any] | None) -> None:
+        """Taken over once too often: every worker that ran it stopped; dead-letter it."""
+        last = status or {}
+        why = (f"job {job_id!r}: delivered {deliveries} times (max_deliveries "
+               f"{self.settings.redis_max_deliveries}); the worker running it stopped each time "
+               f"(last: {last.get('worker_id', 'unknown')}, state {last.get('state', 'unknown')}, "
+               f"attempt {last.get('attempt', '?')})")
+        self._bury_with_history(mid, job_id, raw, doc, deliveries, last, ErrorCode.WORKER_LOST, why)
+
+    def _bury_held(self, mid: str, held: Held, doc: dict[str, Any]) -> None:
+        """A job held here is about to start once too often: dead-letter it and stop it here."""
+        assert self.client is not None
+        why = (f"job {held.job_id!r}: started {held.deliveries} times (max_deliveries "
+               f"{self.settings.redis_max_deliveries}) and no attempt finished; attempt "
+               f"{doc.get('attempt')} of {doc.get('max_attempts')} was next")
+        try:
+            raw = self._job_bytes(mid) or b""
+            self._bury_with_history(mid, held.job_id, raw, _json(raw) or {}, held.deliveries,
+                                    doc, ErrorCode.EXECUTION_ERROR, why)
+        except ERRORS as e:
+            self._down(e, time.monotonic())
+            return
+        held.dead = True
+        self.cancels.append(held.job_id)
+
+    def _bury_with_history(self, mid: str, job_id: str | None, raw: bytes, doc: dict[str, Any],
+                           deliveries: int, last: dict[str, Any], code: ErrorCode, why: str) -> None:
+        ex: dict[str, Any] = doc["execution"] if isinstance(doc.get("execution"), dict) else {}
+        attempt = int(last["attempt"]) if isinstance(last.get("attempt"), int) else 1
+        history = {"deliveries": deliveries, "max_deliveries": self.settings.redis_max_deliveries,
+                   "last_worker": last.get("worker_id"), "last_state": last.get("state"),
+                   "last_attempt": attempt, "dead_letter_stream": self.keys.dead}
+        result = self._failed(job_id, code, why, "queue", history, attempt,
+                              int(ex.get("max_attempts") or 1)) if job_id else None
+        log.error("redis: %s; moved to %s", why, self.keys.dead, extra={"job_id": job_id})
+        self._bury(mid, {"reason": "poison", "code": code.value, "message": why,
+                         "job_id": job_id or "", "deliveries": deliveries,
+                         "last_worker": str(last.get("worker_id", "")),
+                         "last_status": dumps(last)}, job_id, result, raw)
+
+    def _local_rejection(self, job_id: str, record: dict[str, Any]) -> dict[str, Any] | None:
+        """The failed result the intake wrote for this rejection, if it wrote one (not a duplicate)."""
+        doc = self.spool.read_result(job_id)
+        error = (doc or {}).get("error") or {}
+        return doc if error.get("message") == record.get("message") else None
+
+    # -- recovery at start -------------------------------------------------------------------------
+
+    def _recover_own(self) -> None:
+        """Settle what this worker held before it stopped, against what its spool recovered."""
+        assert self.client is not None
+        local = self._local_claims()
+        rows: Any = self.client.xpending_range(self.keys.stream, self.group, min="-", max="+",
+                                               count=100_000, consumername=self.me)
+        mine = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        for mid, count in mine.items():
+            if mid in local and local[mid] and self._has_result(local[mid]):
+                self._ack(mid)
+                self._disown(mid, local[mid])
+            elif mid in local:
+                self.adopted[local[mid]] = mid  # the supervisor runs it from its spool
+            else:
+                self._recover_message(mid, count)
+        for mid, job_id in local.items():
+            if mid not in mine:
+                self._disown(mid, job_id)
+        if self.adopted:
+            log.info("redis: %d job(s) recovered from the spool keep their messages",
+                     len(self.adopted))
+
+    def _recover_message(self, mid: str, count: int) -> None:
+        """A message held here that the spool does not have: store its result, or deliver it again."""
+        assert self.client is not None
+        rows: Any = self.client.xrange(self.keys.stream, mid, mid)
+        if not rows:
+            self._ack(mid)  # deleted from the stream: nothing to run
+            return
+        fields = rows[0][1]
+        job_id = safe_job_id(_json(fields.get(b"job")) or {})
+        local = self.spool.read_result(job_id) if job_id else None
+        if job_id and local is not None and not self._has_result(job_id):
+            self._store_result(job_id, dumps(local), local)
+        if job_id and local is not None:
+            self._ack(mid)
+            return
+        self._take(mid, fields, count, "recovery")
+
+    def _disown(self, mid: str, job_id: str) -> None:
+        """The spool brought back a job whose message is no longer ours: stop the local copy."""
+        if not job_id:
+            return
+        self.foreign.add(job_id)
+        self.cancels.append(job_id)
+        log.warning("redis: job %s: its message %s went back to the stream or to another worker "
+                    "while this one was stopped; dropping the local copy", job_id, mid,
+                    extra={"job_id": job_id})
+
+    def _local_claims(self) -> dict[str, str]:
+        """message id -> job id of the jobs from the stream that the spool holds as claimed."""
+        out: dict[str, str] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for where, claimed in self.spool.claimed():
+                m = _QUEUE_FILE.search(claimed)
+                if m is None:
+                    continue
+                try:
+                    doc = _json(self.spool.path(where, claimed).read_bytes())
+                except OSError:
+                    continue
+                out[m.group(1)] = safe_job_id(doc or {}) or ""
+        return out
+
+    # -- small reads -----------------------------------------------------------------------------
+
+    def _has_result(self, job_id: str) -> bool:
+        assert self.client is not None
+        return bool(self.client.exists(self.keys.result(job_id)))
+
+    def _probe(self, job_id: str | None) -> tuple[bool, bool, dict[str, Any] | None]:
+        """(has a result, cancel requested, shared status) of a job, in one round trip."""
+        if not job_id:
+            return False, False, None
+        assert self.client is not None
+        pipe = self.client.pipeline(transaction=False)
+        self._probe_into(pipe, job_id)
+        done, cancelled, status = pipe.execute()
+        return bool(done), bool(cancelled), _json(status)
+
+    def _probe_into(self, pipe: Any, job_id: str) -> None:
+        """Queue the three reads of a probe on `pipe` (an empty id reads nothing that exists)."""
+        pipe.exists(self.keys.result(job_id or "-"))
+        pipe.exists(self.keys.cancel(job_id or "-"))
+        pipe.get(self.keys.status(job_id or "-"))
+
+    def _job_bytes(self, mid: str) -> bytes | None:
+        """The `job` field of a message still in the stream."""
+        assert self.client is not None
+        rows: Any = self.client.xrange(self.keys.stream, mid, mid)
+        return rows[0][1].get(b"job") if rows else None
+
+
+class QueueError(Exception):
+    """A client request the queue refuses, with the reason."""
+
+
+class Queue:
+    """What the client commands do against Redis: submit, read status and results, cancel."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.redis_stream_prefix, settings.pool)
+        self.client = connect(settings.redis_url, timeout=10.0)
+
+    def submit(self, job_id: str, raw: bytes, pool: str) -> str:
+        """Record the job as pending and XADD it to `pool`'s stream; return the message id."""
+        stream = Keys(self.keys.prefix, pool).stream
+        if self.client.exists(self.keys.result(job_id)):
+            raise QueueError(f"job {job_id!r} has already finished (see `result {job_id}`)")
+        pending = dumps({"job_id": job_id, "state": "pending", "stream": stream,
+                         "updated_at": rfc3339()})
+        if not self.client.set(self.keys.status(job_id), pending, nx=True,
+                               ex=self.settings.redis_status_ttl_seconds):
+            raise QueueError(f"job {job_id!r} is already in the queue")
+        return _text(self.client.xadd(stream, {"job": raw}))
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        """The job's live (or last) status."""
+        return _json(self.client.get(self.keys.status(job_id)))
+
+    def result(self, job_id: str) -> dict[str, Any] | None:
+        """The job's result document."""
+        return _json(self.client.get(self.keys.result(job_id)))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every job Redis knows: its status, else a summary of its result."""
+        statuses = self._all(self.keys.status("*"))
+        rows = list(statuses.values())
+        for job_id, res in self._all(self.keys.result("*")).items():
+            if job_id in statuses:
+                continue
+            summary = res.get("execution_summary") or {}
+            rows.append({"job_id": job_id, "state": res.get("status", "?"),
+                         "attempt": summary.get("attempt"),
+                         "max_attempts": summary.get("max_attempts"),
+                         "detail": (res.get("error") or {}).get("code", "")})
+        return sorted(rows, key=lambda r: str(r.get("job_id")))
+
+    def _all(self, pattern: str) -> dict[str, dict[str, Any]]:
+        names = [_text(n) for n in self.client.scan_iter(match=pattern, count=1000)]
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            values: Any = self.client.mget(chunk)
+            for name, raw in zip(chunk, values, strict=True):
+                doc = _json(raw)
+                if doc is not None:
+                    out[name.rsplit(":", 1)[1]] = {"job_id": name.rsplit(":", 1)[1], **doc}
+        return out
+
+    def cancel(self, job_id: str) -> None:
+        """Store a cancel request and announce it to every worker."""
+        if self.client.exists(self.keys.result(job_id)):
+            raise QueueError(f"job {job_id!r} has already finished")
+        self.client.set(self.keys.cancel(job_id), rfc3339(), ex=self.settings.redis_status_ttl_seconds)
+        self.client.publish(self.keys.cancel_channel, job_id)
+
+    def follow(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Yield the job's status each time it changes (or every second) until it has a result."""
+        sub: Any = PubSub(self.client.connection_pool, ignore_subscribe_messages=True)
+        sub.subscribe(self.keys.events(job_id))
+        try:
+            while not self.client.exists(self.keys.result(job_id)):
+                yield self.status(job_id) or {"job_id": job_id, "state": "pending"}
+                sub.get_message(timeout=1.0)
+                while sub.get_message(timeout=0.0) is not None:
+                    pass
+        finally:
+            sub.close()
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.close()
