@@ -218,7 +218,7 @@ class SupervisorProc:
         cmd = [sys.executable, "-m", "worker", "supervise", "--jobs-dir", str(spool.inbox),
                "--results-dir", str(spool.results), "--work-dir", str(spool.base / "work"),
                "--output-dir", str(spool.base / "outputs"), "--max-concurrent", str(concurrency),
-               "--log-level", "warning", "--log-format", "human"]
+               "--log-level", "warning", "--log-format", "human", "--metrics-addr", ""]
         if not fsync:
             cmd.append("--no-fsync")
         with open(self.log_path, "wb") as log:
@@ -361,8 +361,7 @@ def import_like_supervisor() -> list[Any]:
     registry_mod = importlib.import_module("worker.registry")
     settings, _ = config.load({})
     registry = registry_mod.Registry.load(settings.model_dump(mode="json"))
-    registry.prepare_all()
-    return [*kept, settings, registry]
+    return [*kept, settings, registry]  # warm handlers prepare in the zygote, not here
 
 
 def own_rss() -> int:
@@ -738,6 +737,7 @@ def run(plan: Plan) -> Report:
     """Every stage, in order; print as it goes."""
     rep = Report(plan)
     t0 = time.perf_counter()
+    code_before = source_state()["code_sha256"]
     b = baseline(plan)
     fork_rate, fork_us = report_baseline(rep, b)
     bursts = {k: burst_median(plan, k, fsync=True) for k in plan.concurrency}
@@ -754,6 +754,8 @@ def run(plan: Plan) -> Report:
     peaks = [r["rss_peak"] for r in (*bursts.values(), nofsync, *depths.values())]
     judge(rep, peaks)
     rep.print_targets()
+    if source_state()["code_sha256"] != code_before:
+        NOISY.append("code changed during the run")
     if NOISY:
         print(f"\n  note: {len(NOISY)} stage(s) started on a busy machine: {', '.join(NOISY)}", flush=True)
     rep.details = {"baseline": b, "bursts": bursts, "nofsync": nofsync, "latency": lat,

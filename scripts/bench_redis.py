@@ -79,7 +79,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "worker", "supervise", "--jobs-dir", str(self.jobs),
                "--results-dir", str(self.results), "--work-dir", str(base / "work"),
                "--output-dir", str(base / "outputs"), "--max-concurrent", str(concurrency),
-               "--log-level", "warning", "--log-format", "human", *extra]
+               "--log-level", "warning", "--log-format", "human", "--metrics-addr", "", *extra]
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                          env=worker_env())

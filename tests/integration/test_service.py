@@ -54,7 +54,7 @@ def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(make_worker,
     assert (w.jobs / ".active").exists()  # READY came after the spool was set up and recovered
     assert "WATCHDOG" in notify.until("WATCHDOG")
     w.wait_result("before-ready")
-    w.drop(job("slow", "test.sleep", {"seconds": 2}))
+    w.drop(job("slow", "test.sleep", {"seconds": 5}))
     while notify.until("STATUS")["STATUS"] != "running 1/4, queued 0":
         pass
     w.signal(signal.SIGTERM)

@@ -360,7 +360,8 @@ def test_jobs_dropped_into_the_spool_complete_in_their_sandbox(ctr: Container) -
     assert (seen["no_new_privs"], seen["seccomp"], seen["cap_eff"]) == ("1", "2", "0000000000000000")
     assert seen["pid"] <= 2  # the job's own PID namespace
     if "cgroup-v2-kill" in want:
-        assert f"/system.slice/{UNIT}/job-" in seen["cgroup"], seen["cgroup"]
+        assert re.search(rf"0::/system.slice/{re.escape(UNIT)}/(job|slot)-", seen["cgroup"]), \
+            seen["cgroup"]
 
 
 def test_journal_has_each_jobs_lines_with_fields_and_priorities(ctr: Container) -> None:
