@@ -197,8 +197,7 @@ def make_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     made: list[Worker] = []
     _open_for_job_user(tmp_path)
     # The spool lives outside pytest's base dir, which another pytest run may close (0700).
-    base = Path(tempfile.mkdtemp(prefix="gkw-test-"))
-    base.chmod(0o711)
+    base = scratch_dir()
 
     def make(*extra_args: str, env: dict[str, str] | None = None) -> Worker:
         w = Worker(base, list(extra_args), env)
@@ -206,6 +205,18 @@ def make_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
         return w
 
     yield make
+    stop_workers(made, base)
+
+
+def scratch_dir() -> Path:
+    """A fresh directory the job user may traverse, outside pytest's private base dir."""
+    base = Path(tempfile.mkdtemp(prefix="gkw-test-"))
+    base.chmod(0o711)
+    return base
+
+
+def stop_workers(made: list[Worker], base: Path) -> None:
+    """Stop every worker still running (double SIGINT, then SIGKILL) and remove `base`."""
     for w in made:
         if w.proc is not None and w.proc.poll() is None:
             w.proc.send_signal(signal.SIGINT)

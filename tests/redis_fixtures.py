@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from conftest import Worker
+from conftest import Worker, scratch_dir, stop_workers
 
 PREFIX = "guestkit"
 STREAM = f"{PREFIX}:jobs:default"
@@ -96,8 +95,7 @@ def redis_workers_fixture(redis_server: RedisServer) -> Iterator[Callable[..., W
     """Build supervisors on the Redis queue, each with its own spool under a fresh dir/<name>
     (outside pytest's base dir, which another pytest run may close to the job user)."""
     made: list[Worker] = []
-    base = Path(tempfile.mkdtemp(prefix="gkw-test-"))
-    base.chmod(0o711)
+    base = scratch_dir()
 
     def make(name: str, *extra: str, env: dict[str, str] | None = None) -> Worker:
         w = Worker(base / name, ["--transport", "redis", "--redis-url", redis_server.url,
@@ -107,16 +105,7 @@ def redis_workers_fixture(redis_server: RedisServer) -> Iterator[Callable[..., W
         return w
 
     yield make
-    for w in made:
-        if w.proc is not None and w.proc.poll() is None:
-            w.proc.send_signal(signal.SIGINT)
-            w.proc.send_signal(signal.SIGINT)
-            try:
-                w.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
-                w.proc.wait()
-    shutil.rmtree(base, ignore_errors=True)
+    stop_workers(made, base)
 
 
 def lease_env(claim_idle: float, renew: float, **more: Any) -> dict[str, str]:
