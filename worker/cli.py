@@ -7,6 +7,7 @@ import logging
 import os
 import select
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -306,46 +307,70 @@ def _table(rows: list[dict[str, Any]]) -> None:
 @_spool_options
 @_redis_option
 @click.argument("job_id", required=False)
-def status(config_file: Path | None, job_id: str | None, redis_url: str | None,
+@click.option("--watch", "-W", is_flag=True,
+              help="Refresh every second until the job (or every listed job) has ended")
+def status(config_file: Path | None, job_id: str | None, redis_url: str | None, watch: bool,
            **dirs: Any) -> None:
     """Show live jobs (pending, queued, running, waiting) and finished ones, or one job."""
     _, queue = _queue(config_file, redis_url, **dirs)
     if queue is not None:
-        _status_redis(queue, job_id)
-        return
-    spool = _client_spool(config_file, **dirs)
+        show = functools.partial(_status_redis, queue, job_id)
+    else:
+        show = functools.partial(_status_spool, _client_spool(config_file, **dirs), job_id)
+    while True:
+        if watch and sys.stdout.isatty():
+            click.clear()
+        if show() or not watch:
+            return
+        time.sleep(1.0)  # a person is reading: refresh once a second
+        if not sys.stdout.isatty():
+            click.echo("")
+
+
+def _ended(state: object) -> bool:
+    return state in TERMINAL
+
+
+def _status_spool(spool: Spool, job_id: str | None) -> bool:
+    """Print the spool's jobs (or one job); True when everything shown has ended."""
     if job_id is None:
-        _table(_rows(spool))
-        return
+        rows = _rows(spool)
+        _table(rows)
+        return all(_ended(r.get("state")) for r in rows)
     st = spool.read_status(job_id) or next(
         (r for r in (spool.statuses() if spool.status_dir.exists() else [])
          if r["job_id"] == job_id), None)
     if st is not None:
         click.echo(dumps_pretty(st).decode(), nl=False)
-        return
+        return False
     res = spool.read_result(job_id)
     if res is not None:
         click.echo(dumps_pretty({k: res.get(k) for k in ("job_id", "status", "error",
                                                          "progress", "execution_summary")})
                    .decode(), nl=False)
-        return
+        return True
     if (spool.inbox / f"{job_id}.json").exists():
         click.echo(f"{job_id}: pending (in the inbox, not yet claimed)")
-        return
+        return False
     raise click.ClickException(f"no job {job_id!r} in {spool.inbox} or {spool.results}")
 
 
-def _status_redis(queue: Any, job_id: str | None) -> None:
+def _status_redis(queue: Any, job_id: str | None) -> bool:
+    """Print the queue's jobs (or one job); True when everything shown has ended."""
     if job_id is None:
-        _table(_redis_call(queue, queue.rows))
-        return
+        rows = _redis_call(queue, queue.rows)
+        _table(rows)
+        return all(_ended(r.get("state")) for r in rows)
     st = _redis_call(queue, lambda: queue.status(job_id))
+    ended = False
     if st is None:
         res = _redis_call(queue, lambda: queue.result(job_id))
         if res is None:
             raise click.ClickException(f"no job {job_id!r} in redis at {queue.settings.redis_url}")
         st = {k: res.get(k) for k in ("job_id", "status", "error", "progress", "execution_summary")}
+        ended = True
     click.echo(dumps_pretty(st).decode(), nl=False)
+    return ended or _ended(st.get("state"))
 
 
 @main.command()

@@ -122,3 +122,11 @@ def test_config_show_says_where_each_value_came_from(worker: Worker, tmp_path) -
     assert f"max_concurrent = 3    # file {cfg}" in out
     assert 'pool = "from-env"    # environment' in out
     assert "kill_grace = 5.0    # default" in out
+
+
+def test_status_watch_follows_a_job_until_it_ends(worker: Worker) -> None:
+    worker.drop(job("watched", "test.sleep", {"seconds": 2}))
+    wait_until(lambda: "[watched] running" in worker.log(), [worker.jobs / ".status"], 20)
+    out = worker.cli("status", "watched", "--watch").stdout
+    assert '"state": "running"' in out  # refreshed while it ran
+    assert out.rstrip().endswith("}") and '"status": "completed"' in out.split("\n\n")[-1]

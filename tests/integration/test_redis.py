@@ -251,6 +251,10 @@ def test_cli_submit_status_result_list_cancel_against_redis(redis_server, redis_
     assert "cli-forever-1" in _cli(redis_server, "list", "--state", "cancelled").stdout
     late = _cli(redis_server, "cancel", "cli-echo-1", check=False)
     assert late.returncode != 0 and "already finished" in late.stderr
+    _cli(redis_server, "submit", "-o", "test.sleep", "-d", '{"seconds": 2}', "--job-id", "cli-watch-1")
+    watched = _cli(redis_server, "status", "cli-watch-1", "--watch").stdout
+    assert '"status": "completed"' in watched or '"state": "completed"' in watched
+    assert watched.count("cli-watch-1") >= 2  # refreshed until the job ended
 
 
 @pytest.mark.slow
