@@ -14,7 +14,9 @@ def test_submit_from_flags_with_wait_prints_progress_and_the_result(worker: Work
     res = orjson.loads(out.stdout.split("\n", 1)[1])
     assert res["status"] == "completed" and res["data"]["echo"] == {"hi": 1}
     assert res["execution_summary"]["idempotency_key"] == "cli-key"
-    archived = orjson.loads((worker.jobs / "done" / "cli-1.json").read_bytes())
+    done = worker.jobs / "done" / "cli-1.json"
+    wait_until(done.exists, [done.parent], 10, "the job file to be archived")
+    archived = orjson.loads(done.read_bytes())
     assert archived["execution"] == {"idempotency_key": "cli-key", "timeout_seconds": 30,
                                      "priority": 7}
 

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 
 import orjson
-from conftest import EXAMPLES, Worker, job
+from conftest import EXAMPLES, Worker, job, wait_until
 
 QUICK_START = """
 cat > jobs/test-job-123.json <<EOF
@@ -35,8 +35,10 @@ def test_original_quick_start(make_worker) -> None:
     assert res["error"] is None
     assert res["metrics"]["peak_memory_mb"] > 0
     assert "[test-job-123] execution - Running operation (50%)" in w.log()
+    # the job file is archived right after its result is durable (same loop pass)
+    wait_until(lambda: not any((w.jobs / ".active").iterdir()), [w.jobs / ".active"], 10,
+               "every job file to be archived")
     assert (w.jobs / "done" / "test-job-123.json").exists()
-    assert not any((w.jobs / ".active").iterdir())
 
 
 def test_every_example_ends_with_a_clear_outcome(worker: Worker) -> None:
@@ -84,6 +86,7 @@ def test_thousand_jobs_at_once_each_get_exactly_one_result(make_worker) -> None:
     w.wait_results(1000, timeout=240)
     results = sorted(p.name for p in w.results.iterdir())
     assert results == [f"bulk-{i:04d}-result.json" for i in range(1000)]
-    assert len(list((w.jobs / "done").iterdir())) == 1000
+    wait_until(lambda: len(list((w.jobs / "done").iterdir())) == 1000, [w.jobs / "done"], 30,
+               "1000 archived job files")
     assert all(w.result(f"bulk-{i:04d}")["status"] == "completed" for i in range(0, 1000, 97))
     assert w.stop() == 0
