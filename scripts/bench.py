@@ -776,12 +776,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def stop_on_signal(signum: int, _frame: object) -> None:
+    """Turn a termination signal into SystemExit."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, internally, the fork probe)."""
     args = parse_args(argv)
     if args.fork_probe is not None:
         sys.stdout.buffer.write(orjson.dumps(fork_probe(args.fork_probe, args.forks)))
         return 0
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop_on_signal)  # unwind, so that every spool is removed
     plan = make_plan(args)
     rep = run(plan)
     if args.json:
