@@ -14,6 +14,7 @@ import ctypes
 import os
 import resource
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -41,6 +42,18 @@ def unshare(flags: int) -> None:
     if _libc.unshare(flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare: {os.strerror(err)}")
+
+
+def reaped() -> Iterator[tuple[int, int, resource.struct_rusage]]:
+    """Reap every exited child of this process now, without blocking: (pid, status, rusage)."""
+    while True:
+        try:
+            pid, status, rusage = os.wait3(os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status, rusage
 
 
 def become_subreaper() -> bool:

@@ -415,13 +415,7 @@ class Supervisor:
                       level=logging.WARNING)
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status, rusage = os.wait3(os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status, rusage in sandbox.reaped():
             if self.zygote is not None and pid == self.zygote.pid:
                 self._zygote_died()
                 continue

@@ -165,13 +165,7 @@ def _fork_one(sock: socket.socket, send: Callable[[Any], None]) -> bool:
 
 
 def _report_exits(send: Callable[[Any], None]) -> None:
-    while True:
-        try:
-            pid, status, ru = os.wait3(os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    for pid, status, ru in sandbox.reaped():
         usage = SimpleNamespace(ru_utime=ru.ru_utime, ru_stime=ru.ru_stime,
                                 ru_maxrss=ru.ru_maxrss, ru_inblock=ru.ru_inblock,
                                 ru_oublock=ru.ru_oublock)
