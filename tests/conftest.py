@@ -54,6 +54,14 @@ def job(job_id: str, operation: str = "system.echo", data: Any = None,
     return doc
 
 
+def idle_spare(p: psutil.Process) -> bool:
+    """A spare child still waiting for its job: it and its descendants are all named so."""
+    try:
+        return all(q.name() == "gkw-spare" for q in [p, *p.children(recursive=True)])
+    except psutil.NoSuchProcess:
+        return True
+
+
 def wait_until(check: Callable[[], Any], watch: list[Path], timeout: float = 30.0,
                what: str = "condition") -> Any:
     """Return check()'s first truthy value, re-checking on each inotify event in `watch` dirs."""
@@ -156,7 +164,7 @@ class Worker:
         return path.read_text().split("\n")[:-1] if path.exists() else []
 
     def children(self) -> list[psutil.Process]:
-        """The job processes under the supervisor (its warm zygote is not a job)."""
+        """The job processes under the supervisor (its warm zygote and idle spares are not jobs)."""
         assert self.proc is not None
         found = re.search(r"zygote (\d+) warms", self.log())
         zygote = int(found.group(1)) if found else None
@@ -164,7 +172,7 @@ class Worker:
             kids = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        return [k for k in kids if k.pid != zygote]
+        return [k for k in kids if k.pid != zygote and not idle_spare(k)]
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

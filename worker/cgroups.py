@@ -21,10 +21,20 @@ def _write(path: Path, value: str) -> None:
 
 
 def _read(path: Path) -> str:
+    """The whole file with plain syscalls (cgroup files report no size); '' when unreadable."""
     try:
-        return path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def _keyed(text: str) -> dict[str, int]:
@@ -146,6 +156,7 @@ class JobCgroup:
     limits_memory: bool = False
     v2_controllers: frozenset[str] = frozenset()
     baseline: dict[str, int] = field(default_factory=dict)
+    limited: tuple[int, int] | None = None  # (memory_mb, pids) last written
 
     @classmethod
     def create(cls, h: Hierarchies, name: str) -> JobCgroup:
@@ -163,7 +174,18 @@ class JobCgroup:
         return cg
 
     def limit(self, memory_mb: int, pids: int, cpu_quota: float | None = None) -> None:
-        """Set the next job's limits, reset the peak and note the counters it starts from."""
+        """Set the next job's limits, reset the peak and note the counters it starts from.
+
+        Limits equal to the last job's are not written again.
+        """
+        if self.limited != (memory_mb, pids):
+            self._write_limits(memory_mb, pids, cpu_quota)
+            self.limited = (memory_mb, pids)
+        if self.memory_v1 is not None:
+            _write(self.memory_v1 / "memory.max_usage_in_bytes", "0")
+        self.baseline = {k: v for k, v in self._raw_stats().items() if k != "memory_peak"}
+
+    def _write_limits(self, memory_mb: int, pids: int, cpu_quota: float | None) -> None:
         mb = memory_mb << 20
         if self.v2 is not None:
             if "memory" in self.v2_controllers:
@@ -178,10 +200,8 @@ class JobCgroup:
             _write(self.memory_v1 / "memory.limit_in_bytes", str(mb))
             with contextlib.suppress(OSError):  # no swap accounting: nothing to limit
                 _write(self.memory_v1 / "memory.memsw.limit_in_bytes", str(mb))
-            _write(self.memory_v1 / "memory.max_usage_in_bytes", "0")
         if self.pids_v1 is not None:
             _write(self.pids_v1 / "pids.max", str(pids))
-        self.baseline = {k: v for k, v in self._raw_stats().items() if k != "memory_peak"}
 
     def join(self) -> None:
         """Move the calling process into every directory (in the child, before any job code)."""
@@ -195,16 +215,18 @@ class JobCgroup:
     def _raw_stats(self) -> dict[str, int]:
         out: dict[str, int] = {}
         if self.v2 is not None:
-            peak = _read(self.v2 / "memory.peak").strip()
-            if peak.isdigit():
-                out["memory_peak"] = int(peak)
-            events = _keyed(_read(self.v2 / "memory.events"))
-            if "oom_kill" in events:
-                out["oom_kill"] = events["oom_kill"]
+            if "memory" in self.v2_controllers:
+                peak = _read(self.v2 / "memory.peak").strip()
+                if peak.isdigit():
+                    out["memory_peak"] = int(peak)
+                events = _keyed(_read(self.v2 / "memory.events"))
+                if "oom_kill" in events:
+                    out["oom_kill"] = events["oom_kill"]
             out["cpu_usec"] = _keyed(_read(self.v2 / "cpu.stat")).get("usage_usec", 0)
-            pev = _keyed(_read(self.v2 / "pids.events"))
-            if "max" in pev:
-                out["pids_max_hit"] = pev["max"]
+            if "pids" in self.v2_controllers:
+                pev = _keyed(_read(self.v2 / "pids.events"))
+                if "max" in pev:
+                    out["pids_max_hit"] = pev["max"]
         if self.memory_v1 is not None:
             peak = _read(self.memory_v1 / "memory.max_usage_in_bytes").strip()
             if peak.isdigit():
@@ -226,7 +248,15 @@ class JobCgroup:
                     os.kill(int(pid), signal.SIGKILL)
 
     def empty(self) -> bool:
-        """True when no process (zombies included) is left in any of the job's cgroups."""
+        """True when no process (zombies included) is left in any of the job's cgroups.
+
+        A job's processes are in all of its cgroups at once, so v2's `populated` flag
+        answers for every hierarchy (reading `cgroup.procs` costs far more).
+        """
+        if self.v2 is not None:
+            events = _keyed(_read(self.v2 / "cgroup.events"))
+            if "populated" in events:
+                return events["populated"] == 0
         return all(not _read(d / "cgroup.procs").strip() for d in self.dirs if d.exists())
 
     def remove(self) -> bool:
@@ -292,15 +322,18 @@ class Pool:
 
     def acquire(self, job_name: str, memory_mb: int, pids: int) -> JobCgroup:
         """A cgroup for the next job, limits set, counters noted."""
-        if self.free:
-            cg = self.free.pop()
-        elif self.reusable:
-            cg = JobCgroup.create(self.h, f"slot-{self.made}")
-            self.made += 1
-        else:
-            cg = JobCgroup.create(self.h, f"job-{job_name}")
+        cg = self.take(job_name)
         cg.limit(memory_mb, pids)
         return cg
+
+    def take(self, name: str) -> JobCgroup:
+        """A cgroup for a job or a spare, its limits not yet set (`limit` does that)."""
+        if self.free:
+            return self.free.pop()
+        if self.reusable:
+            self.made += 1
+            return JobCgroup.create(self.h, f"slot-{self.made - 1}")
+        return JobCgroup.create(self.h, f"job-{name}")
 
     def release(self, cg: JobCgroup) -> None:
         """Take back a finished job's cgroup (its processes already killed)."""

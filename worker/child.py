@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import encodings.idna  # noqa: F401 - lazy imports fail once the job runs as another user
 import logging
 import os
+import pickle
 import socket  # noqa: F401 - ditto
+import struct
 import subprocess  # noqa: F401 - ditto
 import sys
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 from handlers.base import Context, Handler, HandlerResult
 from worker import sandbox, signals
 from worker.errors import ErrorCode, ExitCode, HandlerError
 from worker.progress import MessageTooLarge, MessageWriter
+
+SPARE_NAME = "gkw-spare"  #: process name of a spare waiting for its job
+JOB_NAME = "gkw-job"  #: process name of a child running a job
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,21 +44,108 @@ def run_child(spec: ChildSpec, pipe_fd: int) -> NoReturn:
     code = ExitCode.SANDBOX
     try:
         signals.reset_in_child()
-        layers = sandbox.enter_privileged(spec.plan)
-        if spec.plan.pid_ns:
-            init = sandbox.split_pid_namespace()
-            if init:
-                os.close(pipe_fd)
-                sandbox.relay(init)
-            layers.append("pid-namespace")
-        pipe_fd, more = sandbox.enter(spec.plan, pipe_fd)
-        _reset_logging()
-        writer = MessageWriter(pipe_fd, spec.message_cap)
-        code = _run_handler(spec, writer, layers + more)
+        layers = enter_outer(spec.plan)
+        code = run_boxed(spec, pipe_fd, layers)
     except BaseException:  # the sandbox failed: nothing of the job ran
-        _print_exc()
+        print_exc()
     finally:
         os._exit(code)
+
+
+def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: int,
+              pipe_fd: int) -> NoReturn:
+    """Enter the outer box now, wait for one order, then run that job; never returns.
+
+    End of file on `orders_fd` with no order means the spare is no longer wanted: exit 0.
+    """
+    code = ExitCode.SANDBOX
+    try:
+        signals.reset_in_child()
+        sandbox.set_name(SPARE_NAME)
+        layers = enter_outer(base)
+        order = read_order(orders_fd)
+        os.close(orders_fd)
+        if order is None:
+            code = ExitCode.OK
+        else:
+            plan = dataclasses.replace(base, workdir=order.workdir, limits=order.limits,
+                                       env=order.env, nproc=order.nproc)
+            spec = ChildSpec(job_id=order.job_id, operation=order.operation,
+                             attempt=order.attempt, data=order.data,
+                             handler=handlers[order.operation], plan=plan,
+                             message_cap=order.message_cap)
+            code = run_boxed(spec, pipe_fd, layers)
+    except BaseException:
+        print_exc()
+    finally:
+        os._exit(code)
+
+
+def enter_outer(plan: sandbox.Plan) -> list[str]:
+    """Stage 1 and the PID-namespace split; returns in the process that is to run the job."""
+    layers = sandbox.enter_privileged(plan)
+    if plan.pid_ns:
+        init = sandbox.split_pid_namespace()
+        if init:
+            sandbox.relay(init)
+        layers.append("pid-namespace")
+    return layers
+
+
+def run_boxed(spec: ChildSpec, pipe_fd: int, layers: list[str]) -> ExitCode:
+    """The inner box (stdio, fds, rlimits, user, Landlock, seccomp), then the handler."""
+    sandbox.set_name(JOB_NAME)
+    pipe_fd, more = sandbox.enter(spec.plan, pipe_fd)
+    _reset_logging()
+    writer = MessageWriter(pipe_fd, spec.message_cap)
+    return _run_handler(spec, writer, layers + more)
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """What a spare learns of its job; the rest of its ChildSpec it inherited at fork."""
+
+    job_id: str
+    operation: str
+    attempt: int
+    data: Any
+    workdir: Path
+    limits: sandbox.Limits
+    env: dict[str, str]
+    nproc: int | None
+    message_cap: int
+
+
+def encode_order(order: Order) -> bytes:
+    """An order as sent down a spare's pipe: a 4-byte length, then the pickle."""
+    blob = pickle.dumps(order, protocol=pickle.HIGHEST_PROTOCOL)
+    return struct.pack("!I", len(blob)) + blob
+
+
+def read_order(fd: int) -> Order | None:
+    """Block until a whole order arrives on `fd`; None at end of file before one."""
+    head = _read_exactly(fd, 4)
+    if head is None:
+        return None
+    blob = _read_exactly(fd, struct.unpack("!I", head)[0])
+    if blob is None:
+        return None
+    order = pickle.loads(blob)
+    assert isinstance(order, Order)
+    return order
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = os.read(fd, n - len(buf))
+        except InterruptedError:
+            continue
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
 
 
 def _run_handler(spec: ChildSpec, writer: MessageWriter, layers: list[str]) -> ExitCode:
@@ -75,7 +170,7 @@ def _run_handler(spec: ChildSpec, writer: MessageWriter, layers: list[str]) -> E
         _send_error(writer, ErrorCode.EXECUTION_ERROR, str(e), retryable=getattr(e, "retryable", False))
         return ExitCode.HANDLER_FAILED
     except Exception as e:
-        _print_exc()
+        print_exc()
         _send_error(writer, ErrorCode.EXECUTION_ERROR, f"{type(e).__name__}: {e}", retryable=True,
                     tb=traceback.format_exc(limit=20))
         return ExitCode.HANDLER_FAILED
@@ -95,7 +190,7 @@ def _send_error(
         writer.send({"type": "error", "code": code.value, "message": message[:4000],
                      "retryable": retryable, "traceback": tb})
     except Exception:
-        _print_exc()
+        print_exc()
 
 
 def _reset_logging() -> None:
@@ -106,7 +201,8 @@ def _reset_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _print_exc() -> None:
+def print_exc() -> None:
+    """Print the exception being handled to stderr (the job's stderr.log); never raise."""
     try:
         traceback.print_exc()
         sys.stderr.flush()

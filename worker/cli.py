@@ -78,6 +78,8 @@ def main() -> None:
 @click.option("--metrics-addr", help="host:port of /metrics and /healthz ('' disables)")
 @click.option("--no-fsync", "fsync", flag_value=False, default=None,
               help="Skip fsync of results and state (faster, not crash-durable)")
+@click.option("--spares/--no-spares", default=None,
+              help="Keep a boxed child waiting per free slot (default: on)")
 @click.option("--transport", type=click.Choice(["spool", "redis"]),
               help="Also take jobs from a shared Redis stream (default: spool only)")
 @_redis_option
@@ -224,11 +226,7 @@ def _follow_redis(queue: Any, job_id: str) -> int:
             click.echo(("\r" + line.ljust(78)) if sys.stderr.isatty() else line,
                        nl=not sys.stderr.isatty(), err=True)
         shown = line
-    if sys.stderr.isatty():
-        click.echo("", err=True)
-    result = queue.result(job_id) or {}
-    click.echo(dumps_pretty(result).decode(), nl=False)
-    return 0 if result.get("status") == "completed" else 1
+    return _finish_follow(job_id, queue.result(job_id) or {})
 
 
 def _follow(spool: Spool, job_id: str) -> int:
@@ -249,9 +247,13 @@ def _follow(spool: Spool, job_id: str) -> int:
             watch.read()
     finally:
         watch.close()
-    if sys.stderr.isatty():
-        click.echo("", err=True)
-    result = spool.read_result(job_id) or {}
+    return _finish_follow(job_id, spool.read_result(job_id) or {})
+
+
+def _finish_follow(job_id: str, result: dict[str, Any]) -> int:
+    """End a followed job: its final state on stderr, the result on stdout; 0 when completed."""
+    final = f"{job_id}: {result.get('status', 'unknown')}"
+    click.echo(("\r" + final.ljust(78)) if sys.stderr.isatty() else final, err=True)
     click.echo(dumps_pretty(result).decode(), nl=False)
     return 0 if result.get("status") == "completed" else 1
 

@@ -73,6 +73,9 @@ class Settings(BaseModel):
         description="Per-operation caps, e.g. {'guestkit.inspect': {'memory_mb': 4096}}",
     )
     fsync: bool = Field(True, description="fsync results and state changes (durability)")
+    spares: bool = Field(
+        True, description="Keep a boxed child waiting per free slot so that jobs start at once"
+    )
     log_format: str = Field(
         "auto", pattern="^(auto|human|json|journal)$", description="auto|human|json|journal"
     )

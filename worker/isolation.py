@@ -126,15 +126,6 @@ def check_reachable(host: Host, *dirs: Path) -> None:
             )
 
 
-def prepare_dirs(host: Host, workdir: Path, output_dir: Path) -> None:
-    """Give the job user its work dir (and tmp) and group access to the output dir."""
-    (workdir / "tmp").mkdir(mode=0o700, exist_ok=True)
-    if host.uid is None or host.gid is None:
-        return
-    for p in (workdir, workdir / "tmp"):
-        os.chown(p, host.uid, host.gid)
-
-
 def open_output_dir(host: Host, output_dir: Path) -> None:
     """Create the output dir; when jobs run as another user, make it writable by their group."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -151,14 +142,34 @@ def open_output_dir(host: Host, output_dir: Path) -> None:
 def plan(host: Host, settings: Settings, *, workdir: Path, limits: Limits, env: dict[str, str],
          job_name: str, needs_network: bool) -> Plan:
     """Decide one job's sandbox: create its cgroup now, list the rest for the child to apply."""
+    cg = host.pool.acquire(job_name, limits.memory_mb, limits.max_processes) if host.pool else None
+    return _plan(host, settings, cg, workdir, limits, env, needs_network)
+
+
+def spare_plan(host: Host, settings: Settings, name: str) -> Plan:
+    """A spare's outer box: a cgroup whose limits its job's dispatch sets, no network.
+
+    The work dir, limits and environment are placeholders: the spare's order replaces them.
+    """
+    cg = host.pool.take(name) if host.pool else None
+    caps = Limits(memory_mb=settings.memory_limit_mb, cpu_seconds=settings.cpu_limit_seconds or 1,
+                  max_processes=settings.max_processes, max_open_files=settings.max_open_files,
+                  max_file_size_mb=settings.max_file_size_mb)
+    return _plan(host, settings, cg, settings.work_dir.absolute(), caps, {}, needs_network=False)
+
+
+def nproc(limits: Limits, settings: Settings) -> int:
+    """RLIMIT_NPROC for a job (per uid, so it covers every slot's jobs of the job user)."""
+    return limits.max_processes * settings.max_concurrent
+
+
+def _plan(host: Host, settings: Settings, cg: cgroups.JobCgroup | None, workdir: Path,
+          limits: Limits, env: dict[str, str], needs_network: bool) -> Plan:
     want = set(settings.isolation)
-    cg = None
-    if host.pool is not None:
-        cg = host.pool.acquire(job_name, limits.memory_mb, limits.max_processes)
     return Plan(
         workdir=workdir, output_dir=settings.output_dir.absolute(), limits=limits, env=env,
         supervisor_pid=os.getpid(), cgroup=cg, uid=host.uid, gid=host.gid,
-        nproc=limits.max_processes * settings.max_concurrent,
+        nproc=nproc(limits, settings),
         new_net=host.namespaces and not needs_network and "network-namespace" in want,
         pid_ns=host.namespaces and "pid-namespace" in want,
         landlock_abi=host.landlock_abi, read_paths=host.runtime, seccomp=host.seccomp,

@@ -12,9 +12,11 @@ from typing import Any
 
 from worker import signals
 from worker.cgroups import JobCgroup
-from worker.child import ChildSpec, run_child
+from worker.child import ChildSpec, Order, run_child
 from worker.errors import ErrorCode, ExitCode
 from worker.progress import MessageReader, MessageTooLarge
+from worker.sandbox import Limits
+from worker.spare import Spare
 from worker.states import JobState, advance
 from worker.zygote import Zygote
 
@@ -135,12 +137,24 @@ def spawn(spec: ChildSpec, timeout: float, now: float, zygote: Zygote | None = N
         raise
     finally:
         os.close(w)
-    limits = spec.plan.limits
+    return _new_run(pid, r, spec.message_cap, spec.plan.limits, spec.plan.cgroup, timeout, now,
+                    zygote=zygote is not None)
+
+
+def hand_to(spare: Spare, order: Order, timeout: float, now: float) -> Run | None:
+    """Give `order` to a waiting spare; its Run, or None when the spare could not take it."""
+    if not spare.hand(order):
+        return None
+    fd, spare.messages = spare.messages, -1
+    return _new_run(spare.pid, fd, order.message_cap, order.limits, spare.cgroup, timeout, now)
+
+
+def _new_run(pid: int, fd: int, cap: int, limits: Limits, cgroup: JobCgroup | None,
+             timeout: float, now: float, zygote: bool = False) -> Run:
     return Run(
-        pid=pid, reader=MessageReader(r, spec.message_cap), started=now, started_wall=time.time(),
+        pid=pid, reader=MessageReader(fd, cap), started=now, started_wall=time.time(),
         deadline=now + timeout, cpu_limit=limits.cpu_seconds, memory_limit_mb=limits.memory_mb,
-        last_message=now, cgroup=spec.plan.cgroup, limits=limits.as_dict(),
-        zygote=zygote is not None,
+        last_message=now, cgroup=cgroup, limits=limits.as_dict(), zygote=zygote,
     )
 
 

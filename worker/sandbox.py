@@ -23,6 +23,7 @@ from worker import landlock, syscall_filter
 from worker.cgroups import JobCgroup
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x4000000, 0x8000000, 0x20000000, 0x40000000
@@ -35,6 +36,11 @@ def prctl(option: int, arg: int = 0) -> None:
     if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def set_name(name: str) -> None:
+    """Name the calling process as `ps` and `top` show it (at most 15 bytes); best effort."""
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def unshare(flags: int) -> None:
@@ -120,6 +126,14 @@ def apply_rlimits(limits: Limits, cgroup_memory: bool, nproc: int | None) -> Non
     resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 2))
 
 
+def make_workdir(workdir: Path, uid: int | None, gid: int | None) -> None:
+    """Create the job's work dir (0700; kept if an earlier attempt made it), owned by the job user."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(workdir, 0o700)
+    if uid is not None and gid is not None:
+        os.chown(workdir, uid, gid)
+
+
 def redirect_stdio(workdir: Path) -> None:
     """stdin from /dev/null; stdout and stderr appended to files in the job's work dir."""
     null = os.open(os.devnull, os.O_RDONLY)
@@ -145,7 +159,7 @@ def scrub_environment(workdir: Path, extra: dict[str, str]) -> None:
     os.environ.clear()
     os.environ.update(
         PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        HOME=str(workdir), TMPDIR=str(workdir / "tmp"), LANG="C.UTF-8", **extra,
+        HOME=str(workdir), TMPDIR=str(workdir), LANG="C.UTF-8", **extra,
     )
 
 
@@ -201,6 +215,7 @@ def enter(plan: Plan, pipe_fd: int) -> tuple[int, list[str]]:
     """Put the process that runs the job in its box; return the pipe's new fd and the layers."""
     layers = ["rlimits", "closed-fds", "scrubbed-environment"]
     os.umask(0o077)
+    make_workdir(plan.workdir, plan.uid, plan.gid)
     redirect_stdio(plan.workdir)
     pipe_fd = keep_only(pipe_fd)
     scrub_environment(plan.workdir, plan.env)

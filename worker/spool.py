@@ -239,10 +239,8 @@ class Spool:
         return n
 
     def workdir(self, job_id: str) -> Path:
-        """The job's private scratch directory (created on demand)."""
-        path = self.work / job_id
-        path.mkdir(mode=0o700, exist_ok=True)
-        return path
+        """The job's private scratch directory (its child creates it)."""
+        return self.work / job_id
 
 
 def original_name(claimed: str) -> str:

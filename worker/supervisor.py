@@ -11,19 +11,21 @@ import selectors
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from worker import cgroups, isolation, sandbox
-from worker.child import ChildSpec
+from worker import cgroups, isolation, sandbox, spare
+from worker.child import ChildSpec, Order
 from worker.config import Settings
 from worker.errors import ErrorCode, UnsafeFile
 from worker.intake import Accepted, Intake
-from worker.job import RETRYABLE, Job, Outcome, decide, run_metrics, spawn
+from worker.job import RETRYABLE, Job, Outcome, Run, decide, hand_to, run_metrics, spawn
 from worker.logs import setup_logging
 from worker.registry import Registry
 from worker.results import Ending, build
 from worker.service import Service
 from worker.signals import SignalPipe
+from worker.spare import Spare
 from worker.spec import Limits, parse_job
 from worker.spool import ACTIVE, RETRY, Spool
 from worker.states import JobState
@@ -62,6 +64,8 @@ class Supervisor:
         self.remote = remote or Remote()
         self.service.ready_check = self.remote.healthy
         self.zygote: Zygote | None = None
+        self.spares: list[Spare] = []  # waiting for a job, one per free slot
+        self.retired: dict[int, Spare] = {}  # told to exit, not yet reaped
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -140,6 +144,9 @@ class Supervisor:
     def _stop(self) -> None:
         if self.zygote is not None:
             self.zygote.close()
+        for s in [*self.spares, *self.retired.values()]:
+            s.retire()
+            s.kill()
         self._archive_ended()
         self.remote.close()
         self.service.close()
@@ -156,6 +163,7 @@ class Supervisor:
         self._housekeep()
         self._fill_slots(now)
         self._archive_ended()
+        self._keep_spares()
         free = self.settings.max_concurrent - len(self.running) - len(self.ready)
         self.remote.poll(now, 0 if self.draining else max(0, free),
                          [j.message_id for j in self.running.values() if j.message_id])
@@ -308,23 +316,84 @@ class Supervisor:
         job.move(JobState.ASSIGNED)
         self._write_status(job)  # the attempt is recorded before the child exists
         workdir = self.spool.workdir(job.job_id)
-        isolation.prepare_dirs(self.host, workdir, self.settings.output_dir)
-        plan = isolation.plan(self.host, self.settings, workdir=workdir, limits=limits,
-                              env=self._child_env(job), job_name=job.job_id,
-                              needs_network=handler.needs_network)
-        spec = ChildSpec(job_id=job.job_id, operation=job.operation, attempt=job.attempt,
-                         data=doc.payload.data, handler=handler, plan=plan,
-                         message_cap=self.settings.max_message_bytes)
-        zygote = self.zygote if self.registry.needs_warmth(handler) else None
-        run = spawn(spec, timeout, now, zygote)
+        env = self._child_env(job)
+        warm = self.registry.needs_warmth(handler)
+        run = None if warm else self._hand_to_spare(job, doc.payload.data, workdir, limits, env,
+                                                    handler.needs_network, timeout, now)
+        if run is None:
+            plan = isolation.plan(self.host, self.settings, workdir=workdir, limits=limits,
+                                  env=env, job_name=job.job_id, needs_network=handler.needs_network)
+            spec = ChildSpec(job_id=job.job_id, operation=job.operation, attempt=job.attempt,
+                             data=doc.payload.data, handler=handler, plan=plan,
+                             message_cap=self.settings.max_message_bytes)
+            run = spawn(spec, timeout, now, self.zygote if warm else None)
         self.service.m.spawn_latency.observe(time.monotonic() - now)
         job.run = run
         job.move(JobState.RUNNING)
         self.running[run.pid] = job
         self.sel.register(run.reader.fd, selectors.EVENT_READ, lambda: self._on_pipe(job))
-        self._write_status(job)
+        run.status_dirty, run.last_status = True, now  # "running" is written if it lasts
         self._log(job, "running: pid %d, attempt %d/%d, timeout %.0f s", run.pid, job.attempt,
                   job.max_attempts, timeout)
+
+    def _hand_to_spare(self, job: Job, data: Any, workdir: Path, limits: sandbox.Limits,
+                       env: dict[str, str], needs_network: bool, timeout: float,
+                       now: float) -> Run | None:
+        """Run the job on a waiting spare; None when none fits (the caller forks afresh)."""
+        for i, candidate in enumerate(self.spares):
+            if candidate.new_net and needs_network:
+                continue
+            if candidate.cgroup is not None:
+                candidate.cgroup.limit(limits.memory_mb, limits.max_processes)
+            order = Order(job_id=job.job_id, operation=job.operation, attempt=job.attempt,
+                          data=data, workdir=workdir, limits=limits, env=env,
+                          nproc=isolation.nproc(limits, self.settings),
+                          message_cap=self.settings.max_message_bytes)
+            run = hand_to(candidate, order, timeout, now)
+            if run is not None:
+                del self.spares[i]
+                return run
+            return None  # the order does not fit a pipe, or the spare is gone: fork afresh
+        return None
+
+    def _keep_spares(self) -> None:
+        """A spare per free slot, so that the next job starts without waiting on the kernel.
+
+        A spare outlives a busy spell (a job forked afresh fills its slot); only draining,
+        `spares = false` or fewer slots after a reload retire spares.
+        """
+        cap = 0 if self.draining or not self.settings.spares else self.settings.max_concurrent
+        while len(self.spares) > cap:
+            self._retire(self.spares.pop())
+        while len(self.spares) < min(cap, self.settings.max_concurrent - len(self.running)):
+            base = isolation.spare_plan(self.host, self.settings, f"spare-{next(self._seq)}")
+            try:
+                self.spares.append(spare.fork(base, self.registry.handlers))
+            except OSError as e:
+                log.error("could not fork a spare child: %s", e)
+                if base.cgroup is not None and self.host.pool is not None:
+                    self.host.pool.release(base.cgroup)
+                return
+
+    def _retire(self, s: Spare) -> None:
+        """Let an unused spare go: it exits when its order pipe closes; reaped like any child."""
+        s.retire()
+        self.retired[s.pid] = s
+
+    def _spare_ended(self, pid: int, status: int) -> bool:
+        """A spare ended without a job (retired, or killed while waiting); True if `pid` was one."""
+        s = self.retired.pop(pid, None)
+        if s is None:
+            s = next((x for x in self.spares if x.pid == pid), None)
+            if s is None:
+                return False
+            self.spares.remove(s)
+            s.retire()
+            log.warning("spare child %d ended while waiting (status %d)", pid, status)
+        if s.cgroup is not None and self.host.pool is not None:
+            s.cgroup.kill()
+            self.host.pool.release(s.cgroup)
+        return True
 
     def _limits(self, operation: str, asked: Limits | None, timeout: int) -> sandbox.Limits:
         """The job's limits: what it asks for, never above its operation's or the worker's caps."""
@@ -418,8 +487,8 @@ class Supervisor:
         for pid, status, rusage in sandbox.reaped():
             if self.zygote is not None and pid == self.zygote.pid:
                 self._zygote_died()
-                continue
-            self._ended(pid, status, rusage)
+            elif not self._spare_ended(pid, status):
+                self._ended(pid, status, rusage)
 
     def _ended(self, pid: int, status: int, rusage: Any) -> None:
         """A child is gone (reaped here or reported by the zygote): finish its job."""
@@ -679,6 +748,7 @@ class Supervisor:
         self.draining = True
         self.drain_deadline = now + self.settings.shutdown_timeout
         self.remote.stop_intake()
+        self._keep_spares()
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(self.watch)
         log.info("%s: draining; %d running job(s) get %.0f s to finish", why, len(self.running),
@@ -729,6 +799,8 @@ class Supervisor:
             self.remote.status(job.job_id, doc)
 
     def _log(self, job: Job, fmt: str, *args: Any, level: int = logging.INFO) -> None:
+        if not log.isEnabledFor(level):
+            return
         log.log(level, fmt, *args, extra={"job_id": job.job_id, "operation": job.operation,
                                           "state": job.state.value, "attempt": job.attempt,
                                           "worker_id": self.settings.worker_id})

@@ -14,6 +14,7 @@ def test_submit_from_flags_with_wait_prints_progress_and_the_result(worker: Work
     res = orjson.loads(out.stdout.split("\n", 1)[1])
     assert res["status"] == "completed" and res["data"]["echo"] == {"hi": 1}
     assert res["execution_summary"]["idempotency_key"] == "cli-key"
+    assert out.stderr.splitlines()[-1] == "cli-1: completed"  # the follower ends on the outcome
     done = worker.jobs / "done" / "cli-1.json"
     wait_until(done.exists, [done.parent], 10, "the job file to be archived")
     archived = orjson.loads(done.read_bytes())
@@ -47,6 +48,7 @@ def test_submit_wait_exits_1_for_a_failed_job(worker: Worker) -> None:
                      "cli-fail", "--wait", check=False)
     assert out.returncode == 1
     assert '"code": "EXECUTION_ERROR"' in out.stdout
+    assert out.stderr.splitlines()[-1] == "cli-fail: failed"
 
 
 def test_status_table_shows_running_jobs_with_progress(worker: Worker) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -224,3 +225,15 @@ class WarmHandler(Handler):
         if isinstance(payload, dict) and payload.get("seconds") and ctx.attempt == 1:
             time.sleep(float(payload["seconds"]))  # only the first attempt is slow
         return HandlerResult(data={"prepared_in": _PREPARED_IN, "parent": os.getppid()})
+
+
+class NetHandler(Handler):
+    """`test.net`: needs the network; reports the network interfaces it sees."""
+
+    name = "net"
+    operations = ("test.net",)
+    payload_types = ("test.net.v1",)
+    needs_network = True
+
+    def execute(self, ctx: Context, payload: Any) -> HandlerResult:
+        return HandlerResult(data={"interfaces": sorted(n for _, n in socket.if_nameindex())})

@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
     "worker.routing": 4, "worker.results": 4,
     "worker.sandbox": 5, "worker.service": 5, "worker.transports.redis": 5,
     "worker.isolation": 6,
-    "worker.child": 7, "worker.zygote": 7.5,
+    "worker.child": 7, "worker.zygote": 7.5, "worker.spare": 7.5,
     "worker.job": 8,
     "worker.intake": 9,
     "worker.supervisor": 10,

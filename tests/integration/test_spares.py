@@ -1,0 +1,110 @@
+"""Spare children: boxed before their job exists, one per free slot, each used at most once."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+
+import psutil
+from conftest import Worker, idle_spare, job, no_process_left, wait_until
+
+
+def _spares(w: Worker) -> list[int]:
+    """Pids of the spares waiting under the supervisor (its direct children, nothing running)."""
+    assert w.proc is not None
+    try:
+        kids = psutil.Process(w.proc.pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    return sorted(k.pid for k in kids if k.name() == "gkw-spare" and idle_spare(k))
+
+
+def _waiting(w: Worker, n: int, without: tuple[int, ...] = ()) -> list[int]:
+    """Wait until exactly `n` spares wait, none of them in `without`; return their pids."""
+    def check() -> list[int] | None:
+        pids = _spares(w)
+        return pids if len(pids) == n and not set(pids) & set(without) else None
+
+    return wait_until(check, [w.base, w.results], 20, f"{n} spare(s) waiting")
+
+
+def _started_as(w: Worker, job_id: str) -> int:
+    found = re.search(rf"\[{re.escape(job_id)}\] running: pid (\d+)", w.log())
+    assert found, w.log()
+    return int(found.group(1))
+
+
+def test_each_free_slot_has_a_spare_and_a_job_starts_on_one(make_worker) -> None:
+    w = make_worker("--max-concurrent", "2").start()
+    before = _waiting(w, 2)
+    w.drop(job("on-spare", "test.probe", {"actions": [["whoami", None]]}))
+    res = w.wait_result("on-spare")
+    assert res["status"] == "completed"
+    used = _started_as(w, "on-spare")
+    assert used in before  # the job ran in a process that existed before it arrived
+    assert res["data"]["outcomes"][0].endswith("pid=1")  # PID 1 of its own namespace
+    for layer in ("session", "pdeathsig", "pid-namespace", "rlimits", "no-new-privs"):
+        assert layer in res["isolation"], res["isolation"]
+    after = _waiting(w, 2, without=(used,))  # never reused: a fresh spare took its place
+    assert no_process_left([used])
+    assert set(before) - {used} <= set(after)
+
+
+def test_a_job_that_needs_the_network_is_forked_afresh(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1").start()
+    spares = _waiting(w, 1)
+    w.drop(job("netjob", "test.net", {}))
+    res = w.wait_result("netjob")
+    assert res["status"] == "completed"
+    assert _started_as(w, "netjob") not in spares
+    assert "network-namespace" not in res["isolation"]
+    host = sorted(n for _, n in socket.if_nameindex())
+    assert res["data"]["interfaces"] == host  # the host's network, not an empty namespace
+
+
+def test_an_order_too_big_for_the_pipe_is_forked_afresh_and_the_spare_waits_on(
+        make_worker) -> None:
+    w = make_worker("--max-concurrent", "1").start()
+    spares = _waiting(w, 1)
+    big = {"actions": [["whoami", None]], "padding": "x" * 100_000}
+    w.drop(job("big", "test.probe", big))
+    res = w.wait_result("big")
+    assert res["status"] == "completed"
+    assert _started_as(w, "big") not in spares
+    assert _waiting(w, 1) == spares  # untouched, still waiting for a job that fits
+    w.drop(job("small", "test.probe", {"actions": []}))
+    w.wait_result("small")
+    assert _started_as(w, "small") == spares[0]
+
+
+def test_a_spare_killed_while_waiting_is_replaced(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1").start()
+    [victim] = _waiting(w, 1)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: f"spare child {victim} ended while waiting" in w.log(), [w.base], 20,
+               "the supervisor to notice the dead spare")
+    [fresh] = _waiting(w, 1, without=(victim,))
+    w.drop(job("after-kill", "test.probe", {"actions": []}))
+    assert w.wait_result("after-kill")["status"] == "completed"
+    assert _started_as(w, "after-kill") == fresh
+
+
+def test_drain_lets_every_spare_go(make_worker) -> None:
+    w = make_worker("--max-concurrent", "3").start()
+    spares = _waiting(w, 3)
+    grandchildren = [c.pid for p in spares for c in psutil.Process(p).children(recursive=True)]
+    assert w.stop() == 0
+    wait_until(lambda: no_process_left(spares + grandchildren), [w.base], 10,
+               "the spares to exit")
+    assert "ended while waiting" not in w.log()  # retired, not lost
+
+
+def test_no_spares_means_every_job_is_forked_when_it_starts(make_worker) -> None:
+    w = make_worker("--max-concurrent", "2", "--no-spares").start()
+    w.drop(job("plain", "test.probe", {"actions": [["whoami", None]]}))
+    res = w.wait_result("plain")
+    assert res["status"] == "completed"
+    assert "pid-namespace" in res["isolation"]
+    assert _spares(w) == []
