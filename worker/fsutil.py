@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -125,3 +126,83 @@ def makedirs(*paths: Path, mode: int = 0o755) -> None:
     """Create each directory (and parents) when missing."""
     for p in paths:
         p.mkdir(mode=mode, parents=True, exist_ok=True)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two existing names atomically (renameat2 RENAME_EXCHANGE); OSError otherwise."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(a))
+
+
+class FilePool:
+    """Atomic small-file writes in one directory that reuse the inodes of removed files.
+
+    On ext4 without a journal a new inode is not placed where one was freed in the last
+    minutes: each creation scans past every recently freed inode of its group, so creating
+    and deleting a file per job makes every later creation on the filesystem slower. A
+    removed file is parked (renamed) in a hidden subdirectory instead, and the next write
+    renames it back in, so steady use creates and frees no inode. Not fsync'd.
+    """
+
+    def __init__(self, directory: Path, keep: int = 1024) -> None:
+        self.dir = directory
+        self.parked = directory / ".parked"
+        self.keep = keep
+        self.free: list[str] = []
+        self._next = 0
+
+    def open(self) -> None:
+        """Create the parking place; take back files parked, or left half-written, earlier."""
+        self.parked.mkdir(mode=0o700, exist_ok=True)
+        self.free = [n for n in os.listdir(self.parked) if n.isdigit()]
+        self._next = max((int(n) for n in self.free), default=-1) + 1
+        for name in os.listdir(self.dir):
+            if name.startswith(".") and name.endswith(".tmp"):
+                self._park(self.dir / name)
+
+    def write(self, path: Path, data: bytes) -> None:
+        """Replace `path` with `data` so that readers see the old or the new file, never a torn one."""
+        if not self.free:
+            write_atomic(path, data, fsync=False)
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        os.rename(self.parked / self.free.pop(), tmp)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            try:
+                exchange(tmp, path)  # the old file goes back to the pool instead of being freed
+            except FileNotFoundError:
+                os.rename(tmp, path)
+                return
+        except BaseException:
+            self._park(tmp)
+            raise
+        self._park(tmp)
+
+    def remove(self, path: Path) -> None:
+        """Remove `path` (gone already is fine), keeping its inode for a later write."""
+        if len(self.free) >= self.keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        self._park(path)
+
+    def _park(self, path: Path) -> None:
+        name = str(self._next)
+        try:
+            os.rename(path, self.parked / name)
+        except FileNotFoundError:
+            return
+        self._next += 1
+        self.free.append(name)

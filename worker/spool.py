@@ -32,6 +32,7 @@ class Spool:
             d / ".tmp", d / ".status", d / ".cancel", d / ".keys"
         )
         self.done, self.failed, self.rejected = d / "done", d / "failed", d / "rejected"
+        self.status_files = fsutil.FilePool(self.status_dir)
         self._lock_fd: int | None = None
         self._unsynced_results = False
         self._seq = itertools.count()
@@ -43,6 +44,7 @@ class Spool:
             self.cancel_dir, self.keys, self.done, self.failed, self.rejected, self.results,
             self.work,
         )
+        self.status_files.open()
 
     def lock(self) -> None:
         """Take the spool's lock for this process; raise SpoolLocked when another supervisor has it."""
@@ -123,7 +125,7 @@ class Spool:
         """Record a job's live status: atomic (whole or absent), survives a crash of this process,
         not fsync'd (a power cut may lose the latest; results and job files are what is durable)."""
         doc = {**doc, "job_id": job_id, "updated_at": rfc3339()}
-        fsutil.write_atomic(self.status_dir / f"{job_id}.json", dumps(doc), fsync=False)
+        self.status_files.write(self.status_dir / f"{job_id}.json", dumps(doc))
 
     def read_status(self, job_id: str) -> dict[str, Any] | None:
         """The live status of a job, or None."""
@@ -131,8 +133,7 @@ class Spool:
 
     def remove_status(self, job_id: str) -> None:
         """Forget a finished job's live status."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.status_dir / f"{job_id}.json")
+        self.status_files.remove(self.status_dir / f"{job_id}.json")
 
     def statuses(self) -> list[dict[str, Any]]:
         """Every live status; a claimed job with no status file yet is queued."""

@@ -1,0 +1,77 @@
+"""fsutil.FilePool: atomic writes and removals that reuse inodes instead of freeing them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from worker.fsutil import FilePool
+
+
+def _pool(tmp_path: Path, keep: int = 1024) -> FilePool:
+    pool = FilePool(tmp_path, keep=keep)
+    pool.open()
+    return pool
+
+
+def _visible(d: Path) -> list[str]:
+    return sorted(n for n in os.listdir(d) if not n.startswith("."))
+
+
+def test_a_removed_file_lends_its_inode_to_the_next_write(tmp_path: Path) -> None:
+    pool = _pool(tmp_path)
+    pool.write(tmp_path / "a.json", b'{"a": 1}')
+    first = (tmp_path / "a.json").stat().st_ino
+    pool.remove(tmp_path / "a.json")
+    assert _visible(tmp_path) == []
+    pool.write(tmp_path / "b.json", b'{"b": 2}')
+    assert (tmp_path / "b.json").stat().st_ino == first
+    assert (tmp_path / "b.json").read_bytes() == b'{"b": 2}'  # truncated, not appended
+    assert os.listdir(tmp_path / ".parked") == []
+
+
+def test_replacing_a_file_parks_the_old_inode_and_readers_see_whole_files(tmp_path: Path) -> None:
+    pool = _pool(tmp_path)
+    target = tmp_path / "s.json"
+    pool.write(target, b"x" * 500)
+    pool.remove(tmp_path / "missing.json")  # nothing there: fine
+    pool.write(tmp_path / "other.json", b"1")
+    pool.remove(tmp_path / "other.json")  # one spare inode now
+    inodes = {target.stat().st_ino, *(p.stat().st_ino for p in (tmp_path / ".parked").iterdir())}
+    for i in range(5):
+        pool.write(target, f"short {i}".encode())
+        assert target.read_bytes() == f"short {i}".encode()
+        now = {target.stat().st_ino, *(p.stat().st_ino for p in (tmp_path / ".parked").iterdir())}
+        assert now == inodes  # the same two inodes take turns: none created, none freed
+    assert _visible(tmp_path) == ["s.json"]
+
+
+def test_beyond_keep_a_removed_file_is_really_unlinked(tmp_path: Path) -> None:
+    pool = _pool(tmp_path, keep=1)
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_bytes(b"1")
+    pool.remove(tmp_path / "a.json")
+    pool.remove(tmp_path / "b.json")
+    assert _visible(tmp_path) == []
+    assert len(os.listdir(tmp_path / ".parked")) == 1
+
+
+def test_open_takes_back_parked_and_half_written_files(tmp_path: Path) -> None:
+    pool = _pool(tmp_path)
+    pool.write(tmp_path / "a.json", b"1")
+    pool.remove(tmp_path / "a.json")
+    (tmp_path / ".b.json.123.tmp").write_bytes(b"torn")  # a crash between write and rename
+    again = _pool(tmp_path)
+    assert sorted(again.free) == ["0", "1"]
+    assert _visible(tmp_path) == [] and not (tmp_path / ".b.json.123.tmp").exists()
+    again.write(tmp_path / "c.json", b"c")
+    again.write(tmp_path / "d.json", b"d")
+    assert (tmp_path / "c.json").read_bytes() == b"c" and (tmp_path / "d.json").read_bytes() == b"d"
+    assert os.listdir(tmp_path / ".parked") == []
+
+
+def test_with_nothing_parked_a_write_creates_the_file(tmp_path: Path) -> None:
+    pool = _pool(tmp_path)
+    pool.write(tmp_path / "new.json", b"fresh")
+    assert (tmp_path / "new.json").read_bytes() == b"fresh"
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
