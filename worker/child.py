@@ -44,7 +44,7 @@ def run_child(spec: ChildSpec, pipe_fd: int) -> NoReturn:
     code = ExitCode.SANDBOX
     try:
         signals.reset_in_child()
-        layers = enter_outer(spec.plan)
+        layers = sandbox.enter_privileged(spec.plan)
         code = run_boxed(spec, pipe_fd, layers)
     except BaseException:  # the sandbox failed: nothing of the job ran
         print_exc()
@@ -62,7 +62,7 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
     try:
         signals.reset_in_child()
         sandbox.set_name(SPARE_NAME)
-        layers = enter_outer(base)
+        layers = sandbox.enter_privileged(base)
         order = read_order(orders_fd)
         os.close(orders_fd)
         if order is None:
@@ -79,17 +79,6 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
         print_exc()
     finally:
         os._exit(code)
-
-
-def enter_outer(plan: sandbox.Plan) -> list[str]:
-    """Stage 1 and the PID-namespace split; returns in the process that is to run the job."""
-    layers = sandbox.enter_privileged(plan)
-    if plan.pid_ns:
-        init = sandbox.split_pid_namespace()
-        if init:
-            sandbox.relay(init)
-        layers.append("pid-namespace")
-    return layers
 
 
 def run_boxed(spec: ChildSpec, pipe_fd: int, layers: list[str]) -> ExitCode:

@@ -10,7 +10,7 @@ import pwd
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker import cgroups, landlock, syscall_filter
+from worker import cgroups, landlock, sandbox, syscall_filter
 from worker.cgroups import Hierarchies, Pool
 from worker.config import Settings
 from worker.errors import ConfigError
@@ -72,6 +72,9 @@ def probe(settings: Settings, dry: bool = False) -> Host:
         elif not dry:
             host.pool = Pool(host.cgroups)
     host.namespaces = root and bool(want & {"pid-namespace", "network-namespace"})
+    if host.namespaces and "pid-namespace" in want and not sandbox.pid_namespaces_work():
+        host.namespaces = False
+        host.notes.append("namespaces unavailable: this process may not create PID namespaces")
     if "landlock" in want:
         host.landlock_abi = landlock.abi()
     if "seccomp" in want:

@@ -15,7 +15,7 @@ from worker.cgroups import JobCgroup
 from worker.child import ChildSpec, Order, run_child
 from worker.errors import ErrorCode, ExitCode
 from worker.progress import MessageReader, MessageTooLarge
-from worker.sandbox import Limits
+from worker.sandbox import Limits, fork_job
 from worker.spare import Spare
 from worker.states import JobState, advance
 from worker.zygote import Zygote
@@ -163,7 +163,7 @@ def _fork(spec: ChildSpec, r: int, w: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     with signals.blocked():
-        pid = os.fork()
+        pid = fork_job(spec.plan.pid_ns)
         if pid == 0:
             os.close(r)
             run_child(spec, w)

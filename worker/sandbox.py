@@ -1,10 +1,10 @@
 """Everything applied to a job child before its handler runs (DESIGN §5), in order.
 
-Stage 1 (the supervisor's child, still privileged): session, parent-death signal,
-cgroups, network namespace, then optionally a PID namespace whose init (stage 2)
-runs the job while stage 1 relays its fate. Then, in the process that runs the
-job: stdio, fds, environment, rlimits, privilege drop, NO_NEW_PRIVS; after the
-payload is validated, Landlock and seccomp, last.
+`fork_job` forks the child, as PID 1 of a new PID namespace when the plan asks for
+one. In the child, still privileged (`enter_privileged`): session, parent-death
+signal, cgroups, network namespace. Then (`enter`): work dir, stdio, fds,
+environment, rlimits, privilege drop, NO_NEW_PRIVS; after the payload is validated
+(`confine`), Landlock and seccomp, last.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import contextlib
 import ctypes
 import os
 import resource
+import select
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 from worker import landlock, syscall_filter
 from worker.cgroups import JobCgroup
@@ -167,7 +167,7 @@ def enter_privileged(plan: Plan) -> list[str]:
     """Stage 1, still privileged: session, PDEATHSIG, cgroups, namespaces; return the layers."""
     os.setsid()
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != plan.supervisor_pid:  # the supervisor died before PDEATHSIG was armed
+    if _forker_gone(plan.supervisor_pid):  # it died before PDEATHSIG was armed
         os._exit(1)
     layers = ["session", "pdeathsig"]
     if plan.cgroup is not None:
@@ -176,39 +176,74 @@ def enter_privileged(plan: Plan) -> list[str]:
     if plan.new_net:
         unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
         layers.append("network-namespace")
+    if plan.pid_ns:
+        if os.getpid() != 1:
+            raise OSError("the job was not forked into a PID namespace of its own")
+        # PID 1 ignores signals it has no handler for: make SIGTERM end the job (and its namespace).
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
+        layers.append("pid-namespace")
     return layers
 
 
-def split_pid_namespace() -> int:
-    """Fork the job as PID 1 of a new PID namespace; return 0 there, the init's pid in stage 1."""
+_forker: tuple[int, int] | None = None  # (pid, pidfd) of the process that forks jobs
+_own_pid_ns: tuple[int, int] | None = None  # (pid, fd) of that process's PID namespace
+
+
+def fork_job(pid_ns: bool) -> int:
+    """os.fork() for a job; with `pid_ns` the child is PID 1 of a new PID namespace.
+
+    The caller stays in its namespace (only its next child goes into the new one), so the
+    job is its direct child: no relay process. Raise OSError when the kernel refuses.
+    """
+    global _forker, _own_pid_ns
+    me = os.getpid()
+    if _forker is None or _forker[0] != me:
+        _forker = (me, os.pidfd_open(me))
+    if not pid_ns:
+        return os.fork()
+    if _own_pid_ns is None or _own_pid_ns[0] != me:
+        _own_pid_ns = (me, os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC))
     unshare(CLONE_NEWPID)
-    pid = os.fork()
-    if pid == 0:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        # PID 1 ignores signals it has no handler for: make SIGTERM end the job (and its namespace).
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
+    try:
+        pid = os.fork()
+    finally:
+        if os.getpid() == me:  # the parent: its later children are born where it lives
+            _setns(_own_pid_ns[1], CLONE_NEWPID)
     return pid
 
 
-def relay(pid: int) -> NoReturn:
-    """Stage 1 with a PID namespace: wait for the job's init and die the same way."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    os.closerange(0, 1 << 20)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-    if os.WIFSIGNALED(status):
-        died_of = os.WTERMSIG(status)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if died_of not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(died_of, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {died_of})
-        os.kill(os.getpid(), died_of)
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+def _setns(fd: int, kind: int) -> None:
+    if _libc.setns(fd, kind) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _forker_gone(expected: int) -> bool:
+    """True when the process that forked us has died (checked after arming PDEATHSIG)."""
+    parent = os.getppid()
+    if parent == expected:
+        return False
+    if parent != 0 or _forker is None:  # reparented: it is gone
+        return True
+    # PID 1 of a new namespace sees no parent; the forker's pidfd is readable once it died.
+    ready, _, _ = select.select([_forker[1]], [], [], 0)
+    return bool(ready)
+
+
+def pid_namespaces_work() -> bool:
+    """Whether this process may give its children new PID namespaces (tried, then undone)."""
+    try:
+        fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        unshare(CLONE_NEWPID)
+        _setns(fd, CLONE_NEWPID)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def enter(plan: Plan, pipe_fd: int) -> tuple[int, list[str]]:

@@ -23,7 +23,7 @@ from handlers.base import Handler
 from worker import signals
 from worker.cgroups import JobCgroup
 from worker.child import Order, encode_order, run_spare
-from worker.sandbox import Plan
+from worker.sandbox import Plan, fork_job
 
 #: An order must fit in an empty pipe so that handing it over never blocks the loop.
 ORDER_MAX = 60 * 1024
@@ -80,7 +80,7 @@ def fork(base: Plan, handlers: Mapping[str, Handler]) -> Spare:
     sys.stderr.flush()
     try:
         with signals.blocked():
-            pid = os.fork()
+            pid = fork_job(base.pid_ns)
             if pid == 0:
                 os.close(orders_w)
                 os.close(messages_r)

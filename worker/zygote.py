@@ -151,7 +151,7 @@ def _fork_one(sock: socket.socket, send: Callable[[Any], None]) -> bool:
     spec = dataclasses.replace(spec, plan=dataclasses.replace(spec.plan, supervisor_pid=os.getpid()))
     try:
         with signals.blocked():
-            pid = os.fork()
+            pid = sandbox.fork_job(spec.plan.pid_ns)
             if pid == 0:
                 sock.close()
                 run_child(spec, fds[0])
