@@ -96,6 +96,7 @@ class Intake:
             timeout=ex.timeout_seconds,
             deadline=ex.deadline.timestamp() if ex.deadline else None,
             cancellable=ex.cancellable, idempotency_key=ex.idempotency_key,
+            asked_limits=ex.limits.model_dump(exclude_none=True) if ex.limits else None,
         )
         ending = self._check(doc, job)
         if ending is None:

@@ -36,6 +36,7 @@ class Job:
     deadline: float | None  # epoch seconds
     cancellable: bool
     idempotency_key: str | None
+    asked_limits: dict[str, int] | None = None  # execution.limits as submitted
     state: JobState = JobState.QUEUED
     not_before: float = 0.0  # epoch seconds; retry back-off
     waiting_for: str | None = None

@@ -26,7 +26,7 @@ from worker.results import Ending, build
 from worker.service import Service
 from worker.signals import SignalPipe
 from worker.spare import Spare
-from worker.spec import Limits, parse_job
+from worker.spec import loads, parse_job
 from worker.spool import ACTIVE, RETRY, Spool
 from worker.states import JobState
 from worker.transports import Remote
@@ -293,7 +293,7 @@ class Supervisor:
                 continue
             try:
                 self._dispatch(job, now)
-            except (OSError, UnsafeFile) as e:
+            except (OSError, UnsafeFile, ValueError, KeyError, TypeError) as e:
                 log.exception("could not start job %s", job_id)
                 self._conclude(job, self._ending(job, "failed", ErrorCode.INTERNAL,
                                                  f"job {job_id!r}: could not be started: {e}"))
@@ -305,11 +305,11 @@ class Supervisor:
             return
         if job.idempotency_key and not self._own_key(job):
             return
-        data = self.spool.path(job.where, job.claimed).read_bytes()
-        doc, _ = parse_job(data, job.claimed)
+        # validated at intake; only the payload is read again (waiting jobs do not hold it)
+        data = loads(self.spool.path(job.where, job.claimed).read_bytes())["payload"]["data"]
         handler = self.registry.get(job.operation)
         assert handler is not None
-        limits = self._limits(job.operation, doc.execution.limits, job.timeout)
+        limits = self._limits(job.operation, job.asked_limits, job.timeout)
         timeout = float(job.timeout)
         if job.deadline is not None:
             timeout = min(timeout, job.deadline - time.time())
@@ -318,13 +318,13 @@ class Supervisor:
         workdir = self.spool.workdir(job.job_id)
         env = self._child_env(job)
         warm = self.registry.needs_warmth(handler)
-        run = None if warm else self._hand_to_spare(job, doc.payload.data, workdir, limits, env,
+        run = None if warm else self._hand_to_spare(job, data, workdir, limits, env,
                                                     handler.needs_network, timeout, now)
         if run is None:
             plan = isolation.plan(self.host, self.settings, workdir=workdir, limits=limits,
                                   env=env, job_name=job.job_id, needs_network=handler.needs_network)
             spec = ChildSpec(job_id=job.job_id, operation=job.operation, attempt=job.attempt,
-                             data=doc.payload.data, handler=handler, plan=plan,
+                             data=data, handler=handler, plan=plan,
                              message_cap=self.settings.max_message_bytes)
             run = spawn(spec, timeout, now, self.zygote if warm else None)
         self.service.m.spawn_latency.observe(time.monotonic() - now)
@@ -395,14 +395,15 @@ class Supervisor:
             self.host.pool.release(s.cgroup)
         return True
 
-    def _limits(self, operation: str, asked: Limits | None, timeout: int) -> sandbox.Limits:
+    def _limits(self, operation: str, asked: dict[str, int] | None,
+                timeout: int) -> sandbox.Limits:
         """The job's limits: what it asks for, never above its operation's or the worker's caps."""
         s = self.settings
         caps = {"memory_mb": s.memory_limit_mb, "cpu_seconds": s.cpu_limit_seconds or timeout,
                 "max_processes": s.max_processes, "max_open_files": s.max_open_files,
                 "max_file_size_mb": s.max_file_size_mb}
         caps.update(s.operation_limits.get(operation, {}))
-        wanted = (asked or Limits()).model_dump(exclude_none=True)
+        wanted = asked or {}
         return sandbox.Limits(**{k: min(wanted.get(k, cap), cap) for k, cap in caps.items()
                                  if k in sandbox.Limits.__slots__})
 
