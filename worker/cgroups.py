@@ -162,15 +162,19 @@ class JobCgroup:
     def create(cls, h: Hierarchies, name: str) -> JobCgroup:
         """Make the cgroup directories `name` in every hierarchy in use (before fork)."""
         cg = cls([], None, None, None, h.has_memory(), h.v2_controllers)
-        if h.v2 is not None:
-            cg.v2 = _fresh(h.v2 / name)
-            cg.dirs.append(cg.v2)
-        if h.memory_v1 is not None:
-            cg.memory_v1 = _fresh(h.memory_v1 / name)
-            cg.dirs.append(cg.memory_v1)
-        if h.pids_v1 is not None:
-            cg.pids_v1 = _fresh(h.pids_v1 / name)
-            cg.dirs.append(cg.pids_v1)
+        try:
+            if h.v2 is not None:
+                cg.v2 = _fresh(h.v2 / name)
+                cg.dirs.append(cg.v2)
+            if h.memory_v1 is not None:
+                cg.memory_v1 = _fresh(h.memory_v1 / name)
+                cg.dirs.append(cg.memory_v1)
+            if h.pids_v1 is not None:
+                cg.pids_v1 = _fresh(h.pids_v1 / name)
+                cg.dirs.append(cg.pids_v1)
+        except OSError:
+            cg.remove()  # none of it half-made
+            raise
         return cg
 
     def limit(self, memory_mb: int, pids: int, cpu_quota: float | None = None) -> None:
@@ -330,10 +334,15 @@ class Pool:
         """A cgroup for a job or a spare, its limits not yet set (`limit` does that)."""
         if self.free:
             return self.free.pop()
-        if self.reusable:
+        if not self.reusable:
+            return JobCgroup.create(self.h, f"job-{name}")
+        for _ in range(64):  # a stale slot whose processes are still dying is skipped
             self.made += 1
-            return JobCgroup.create(self.h, f"slot-{self.made - 1}")
-        return JobCgroup.create(self.h, f"job-{name}")
+            try:
+                return JobCgroup.create(self.h, f"slot-{self.made - 1}")
+            except FileExistsError:
+                continue
+        raise OSError(f"no free cgroup slot name below slot-{self.made}")
 
     def release(self, cg: JobCgroup) -> None:
         """Take back a finished job's cgroup (its processes already killed)."""

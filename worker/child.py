@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import encodings.idna  # noqa: F401 - lazy imports fail once the job runs as another user
 import logging
@@ -149,7 +150,9 @@ def _run_handler(spec: ChildSpec, writer: MessageWriter, layers: list[str]) -> E
         layers = layers + sandbox.confine(plan, spec.handler.input_paths(payload))
         writer.send({"type": "sandbox", "layers": layers})
         out = spec.handler.execute(ctx, payload)
-        writer.send(_result_message(out))
+        message = _result_message(out)
+        flush_stdio()  # the supervisor may end the process as soon as the result arrives
+        writer.send(message)
         return ExitCode.OK
     except MemoryError:
         _send_error(writer, ErrorCode.MEMORY_LIMIT, "the job ran out of memory (MemoryError)",
@@ -175,6 +178,7 @@ def _result_message(out: Any) -> dict[str, Any]:
 def _send_error(
     writer: MessageWriter, code: ErrorCode, message: str, retryable: bool, tb: str | None = None
 ) -> None:
+    flush_stdio()
     try:
         writer.send({"type": "error", "code": code.value, "message": message[:4000],
                      "retryable": retryable, "traceback": tb})
@@ -188,6 +192,13 @@ def _reset_logging() -> None:
         root.removeHandler(h)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def flush_stdio() -> None:
+    """Write out what the handler printed (os._exit would drop Python's buffers); never raise."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):
+            stream.flush()
 
 
 def print_exc() -> None:

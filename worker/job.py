@@ -93,6 +93,7 @@ class Run:
     cgroup: JobCgroup | None = None
     cgroup_stats: dict[str, int] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
+    io_bytes: tuple[int, int] | None = None  # (read, write) from /proc when ended before reaping
 
     def signal_group(self, sig: int) -> None:
         """Send `sig` to the job's process group (its own session); a group already gone is fine."""
@@ -238,7 +239,9 @@ def _signame(sig: int) -> str:
 
 
 def _cpu_seconds(run: Run) -> float:
-    return float(run.rusage.ru_utime + run.rusage.ru_stime) if run.rusage is not None else 0.0
+    if run.rusage is not None:
+        return float(run.rusage.ru_utime + run.rusage.ru_stime)
+    return run.cgroup_stats.get("cpu_usec", 0) / 1e6  # ended on its result, before its reaping
 
 
 def peak_mb(run: Run) -> float:
@@ -255,8 +258,8 @@ def run_metrics(run: Run, now: float) -> dict[str, Any]:
         "peak_memory_mb": round(peak_mb(run), 2),
         "cpu_seconds": round(_cpu_seconds(run), 3),
         "wall_seconds": round(now - run.started, 4),
-        "disk_read_bytes": int(ru.ru_inblock) * 512 if ru is not None else 0,
-        "disk_write_bytes": int(ru.ru_oublock) * 512 if ru is not None else 0,
+        "disk_read_bytes": int(ru.ru_inblock) * 512 if ru is not None else (run.io_bytes or (0, 0))[0],
+        "disk_write_bytes": int(ru.ru_oublock) * 512 if ru is not None else (run.io_bytes or (0, 0))[1],
     }
     if run.cgroup_stats:
         out["cgroup"] = dict(run.cgroup_stats)  # memory_peak, oom_kill, pids_max_hit, cpu_usec
@@ -265,3 +268,13 @@ def run_metrics(run: Run, now: float) -> dict[str, Any]:
 
 RETRYABLE = frozenset({ErrorCode.KILLED, ErrorCode.INTERNAL, ErrorCode.EXECUTION_ERROR,
                        ErrorCode.WORKER_LOST})
+
+
+def storage_io(pid: int) -> tuple[int, int] | None:
+    """Bytes `pid` (with its reaped children) read from and wrote to storage, or None."""
+    try:
+        with open(f"/proc/{pid}/io", "rb") as f:
+            fields = dict(line.split(b": ") for line in f.read().splitlines() if b": " in line)
+        return int(fields[b"read_bytes"]), int(fields[b"write_bytes"])
+    except (OSError, KeyError, ValueError):
+        return None

@@ -93,3 +93,10 @@ def test_job_output_is_captured_per_job_not_in_the_daemon_log(worker: Worker) ->
     assert "hello on" not in worker.log()
     out = worker.cli("logs", "chatty").stdout
     assert "hello on stdout" in out and "hello on stderr" in out
+
+
+def test_output_a_handler_did_not_flush_is_still_captured(make_worker) -> None:
+    w = make_worker(env={"PYTHONUNBUFFERED": ""}).start()  # block-buffered, as under systemd
+    w.drop(job("unflushed", "test.probe", {"actions": [["print", "buffered line"]]}))
+    assert w.wait_result("unflushed")["status"] == "completed"
+    assert (w.work / "unflushed" / "stdout.log").read_text() == "buffered line\n"

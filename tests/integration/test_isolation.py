@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import Worker, job, no_process_left, wait_until
+from conftest import Worker, job, no_process_left, select_sleep, wait_until
 
 from worker import cgroups, landlock
 
@@ -151,3 +151,39 @@ def test_a_job_may_ask_for_less_than_the_cap_never_more(make_worker) -> None:
     w.drop(job("greedy", "test.probe", {"actions": []}, limits={"memory_mb": 100000}))
     assert w.wait_result("modest")["limits"]["memory_mb"] == 256
     assert w.wait_result("greedy")["limits"]["memory_mb"] == 512
+
+
+@pytest.mark.skipif(not _hierarchies().layers, reason="needs a cgroup hierarchy")
+def test_a_stale_slot_whose_process_is_not_yet_reaped_is_skipped() -> None:
+    h = cgroups.probe("guestkit-stale-slot-test")
+    cgroups.sweep(h)
+    stale = cgroups.JobCgroup.create(h, "slot-0")
+    pid = os.fork()
+    if pid == 0:
+        stale.join()
+        select_sleep(60)
+        os._exit(0)
+    try:
+        wait_until(lambda: not stale.empty(), [], 10, "the process to join slot-0")
+        pool = cgroups.Pool(h)
+        fresh = pool.take("next")  # slot-0 is held by an unreaped process (a zombie, soon)
+        assert fresh.dirs and all(d.name == "slot-1" for d in fresh.dirs)
+        assert all(d.exists() for d in stale.dirs)
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        cgroups.sweep(h)
+    assert not any(d.exists() for d in stale.dirs)
+
+
+@pytest.mark.skipif(not _hierarchies().layers, reason="needs a cgroup hierarchy")
+def test_a_job_in_a_cgroup_ends_on_its_result_with_the_cgroups_accounting(
+        worker: Worker) -> None:
+    out = _probe(worker, "counted", [["print", "x" * 10], ["whoami", None]])
+    assert out[1].startswith("ok uid=")
+    m = worker.result("counted")["metrics"]
+    assert m["cgroup"]["cpu_usec"] > 0
+    assert m["cpu_seconds"] == round(m["cgroup"]["cpu_usec"] / 1e6, 3)  # not wait4's rusage
+    if "memory_peak" in m["cgroup"]:
+        assert m["peak_memory_mb"] == round(m["cgroup"]["memory_peak"] / (1 << 20), 2)
+    assert (worker.work / "counted" / "stdout.log").read_text() == "x" * 10 + "\n"

@@ -55,8 +55,9 @@ def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(make_worker,
     assert "WATCHDOG" in notify.until("WATCHDOG")
     w.wait_result("before-ready")
     w.drop(job("slow", "test.sleep", {"seconds": 5}))
+    wait_until(lambda: "[slow] running:" in w.log(), [w.jobs / ".status"], 20, "the slow job")
     while notify.until("STATUS")["STATUS"] != "running 1/4, queued 0":
-        pass
+        pass  # (an older STATUS may say so too: before-ready ran, but slow runs now)
     w.signal(signal.SIGTERM)
     stop = notify.until("STOPPING")
     assert stop["STOPPING"] == "1" and stop["STATUS"] == "draining: running 1/4, queued 0"

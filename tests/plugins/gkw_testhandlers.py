@@ -167,6 +167,7 @@ _ACTIONS: dict[str, Any] = {
     "forkbomb": _fork_bomb,
     "daemon": _daemon,
     "whoami": lambda _: f"uid={os.getuid()} euid={os.geteuid()} pid={os.getpid()}",
+    "print": lambda text: print(text),  # no flush: the worker must not lose it
 }
 
 
