@@ -64,11 +64,13 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
         signals.reset_in_child()
         sandbox.set_name(SPARE_NAME)
         layers = sandbox.enter_privileged(base)
+        sandbox.premake_workdir(base.workdir, base.uid, base.gid)
         order = read_order(orders_fd)
         os.close(orders_fd)
         if order is None:
             code = ExitCode.OK
         else:
+            sandbox.claim_workdir(base.workdir, order.workdir)
             plan = dataclasses.replace(base, workdir=order.workdir, limits=order.limits,
                                        env=order.env, nproc=order.nproc)
             spec = ChildSpec(job_id=order.job_id, operation=order.operation,

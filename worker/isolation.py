@@ -152,13 +152,15 @@ def plan(host: Host, settings: Settings, *, workdir: Path, limits: Limits, env: 
 def spare_plan(host: Host, settings: Settings, name: str) -> Plan:
     """A spare's outer box: a cgroup whose limits its job's dispatch sets, no network.
 
-    The work dir, limits and environment are placeholders: the spare's order replaces them.
+    The work dir is the spare's scratch dir (`work/.<name>`), made while it waits and renamed
+    to its job's; limits and environment are placeholders: the spare's order replaces them.
     """
     cg = host.pool.take(name) if host.pool else None
     caps = Limits(memory_mb=settings.memory_limit_mb, cpu_seconds=settings.cpu_limit_seconds or 1,
                   max_processes=settings.max_processes, max_open_files=settings.max_open_files,
                   max_file_size_mb=settings.max_file_size_mb)
-    return _plan(host, settings, cg, settings.work_dir.absolute(), caps, {}, needs_network=False)
+    scratch = settings.work_dir.absolute() / f".{name}"
+    return _plan(host, settings, cg, scratch, caps, {}, needs_network=False)
 
 
 def nproc(limits: Limits, settings: Settings) -> int:

@@ -14,6 +14,7 @@ import ctypes
 import os
 import resource
 import select
+import shutil
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -132,6 +133,23 @@ def make_workdir(workdir: Path, uid: int | None, gid: int | None) -> None:
         os.mkdir(workdir, 0o700)
     if uid is not None and gid is not None:
         os.chown(workdir, uid, gid)
+
+
+def premake_workdir(scratch: Path, uid: int | None, gid: int | None) -> None:
+    """A spare's work dir and empty stdout/stderr logs, made before its job is known."""
+    make_workdir(scratch, uid, gid)
+    for name in ("stdout.log", "stderr.log"):
+        os.close(os.open(scratch / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        if uid is not None and gid is not None:
+            os.chown(scratch / name, uid, gid)
+
+
+def claim_workdir(scratch: Path, workdir: Path) -> None:
+    """Rename a spare's work dir to its job's; an existing one (a retry's) is kept instead."""
+    try:
+        os.rename(scratch, workdir)
+    except OSError:  # the job's dir exists (an earlier attempt): use it, drop the spare's
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def redirect_stdio(workdir: Path) -> None:

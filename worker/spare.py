@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from handlers.base import Handler
 from worker import signals
@@ -38,6 +39,7 @@ class Spare:
     messages: int  # read end of the message pipe its job will write to
     cgroup: JobCgroup | None
     new_net: bool  # it sits in a fresh network namespace: only for jobs without network
+    scratch: Path  # the work dir it made while waiting (renamed to its job's)
 
     def hand(self, order: Order) -> bool:
         """Give the spare its job; False when it cannot take it (gone, or the order too big).
@@ -93,4 +95,4 @@ def fork(base: Plan, handlers: Mapping[str, Handler]) -> Spare:
         os.close(orders_r)
         os.close(messages_w)
     os.set_blocking(orders_w, False)
-    return Spare(pid, orders_w, messages_r, base.cgroup, base.new_net)
+    return Spare(pid, orders_w, messages_r, base.cgroup, base.new_net, base.workdir)

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import itertools
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,15 @@ class Spool:
                 if entry.stat(follow_symlinks=False).st_mtime < cutoff:
                     os.unlink(entry.path)
                     n += 1
+        return n
+
+    def sweep_scratch(self) -> int:
+        """Remove work dirs spares made and never used (`work/.spare-*`); return how many."""
+        n = 0
+        for entry in os.scandir(self.work):
+            if entry.name.startswith(".spare-") and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                n += 1
         return n
 
     def workdir(self, job_id: str) -> Path:

@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import selectors
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -102,6 +103,7 @@ class Supervisor:
         self._start_zygote()
         self.service.open(self.sel, self._gauges)
         self.spool.sweep_tmp()
+        self.spool.sweep_scratch()
         self._recover()
         self._scan()
         self.remote.open(self.sel, self._deliver, self._on_cancel)
@@ -394,6 +396,7 @@ class Supervisor:
         if s.cgroup is not None and self.host.pool is not None:
             s.cgroup.kill()
             self.host.pool.release(s.cgroup)
+        shutil.rmtree(s.scratch, ignore_errors=True)
         return True
 
     def _limits(self, operation: str, asked: dict[str, int] | None,

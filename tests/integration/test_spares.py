@@ -30,6 +30,11 @@ def _waiting(w: Worker, n: int, without: tuple[int, ...] = ()) -> list[int]:
     return wait_until(check, [w.base, w.results], 20, f"{n} spare(s) waiting")
 
 
+def _scratch(w: Worker) -> list[str]:
+    """The work dirs spares made while waiting."""
+    return sorted(p.name for p in w.work.glob(".spare-*"))
+
+
 def _started_as(w: Worker, job_id: str) -> int:
     found = re.search(rf"\[{re.escape(job_id)}\] running: pid (\d+)", w.log())
     assert found, w.log()
@@ -50,6 +55,9 @@ def test_each_free_slot_has_a_spare_and_a_job_starts_on_one(make_worker) -> None
     after = _waiting(w, 2, without=(used,))  # never reused: a fresh spare took its place
     assert no_process_left([used])
     assert set(before) - {used} <= set(after)
+    # the work dir it made while waiting became the job's, logs included
+    assert sorted(p.name for p in (w.work / "on-spare").iterdir()) == ["stderr.log", "stdout.log"]
+    wait_until(lambda: len(_scratch(w)) == 2, [w.work], 20, "one scratch dir per waiting spare")
 
 
 def test_a_job_that_needs_the_network_is_forked_afresh(make_worker) -> None:
@@ -99,6 +107,10 @@ def test_drain_lets_every_spare_go(make_worker) -> None:
     wait_until(lambda: no_process_left(spares + grandchildren), [w.base], 10,
                "the spares to exit")
     assert "ended while waiting" not in w.log()  # retired, not lost
+    (w.work / ".spare-999").mkdir()  # as a crash would leave one
+    w.start("--no-spares", wait_ready=False)
+    wait_until(lambda: w.log().count("ready:") == 2, [w.base], 30, "the second start")
+    assert _scratch(w) == []  # swept at start
 
 
 def test_no_spares_means_every_job_is_forked_when_it_starts(make_worker) -> None:
