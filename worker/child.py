@@ -65,6 +65,7 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
         sandbox.set_name(SPARE_NAME)
         layers = sandbox.enter_privileged(base)
         sandbox.premake_workdir(base.workdir, base.uid, base.gid)
+        _reset_logging()  # its handler writes to fd 2, wherever that will point
         order = read_order(orders_fd)
         os.close(orders_fd)
         if order is None:
@@ -77,18 +78,20 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
                              attempt=order.attempt, data=order.data,
                              handler=handlers[order.operation], plan=plan,
                              message_cap=order.message_cap)
-            code = run_boxed(spec, pipe_fd, layers)
+            code = run_boxed(spec, pipe_fd, layers, logging_ready=True)
     except BaseException:
         print_exc()
     finally:
         os._exit(code)
 
 
-def run_boxed(spec: ChildSpec, pipe_fd: int, layers: list[str]) -> ExitCode:
+def run_boxed(spec: ChildSpec, pipe_fd: int, layers: list[str],
+              logging_ready: bool = False) -> ExitCode:
     """The inner box (stdio, fds, rlimits, user, Landlock, seccomp), then the handler."""
     sandbox.set_name(JOB_NAME)
     pipe_fd, more = sandbox.enter(spec.plan, pipe_fd)
-    _reset_logging()
+    if not logging_ready:
+        _reset_logging()
     writer = MessageWriter(pipe_fd, spec.message_cap)
     return _run_handler(spec, writer, layers + more)
 

@@ -44,7 +44,7 @@ def _started_as(w: Worker, job_id: str) -> int:
 def test_each_free_slot_has_a_spare_and_a_job_starts_on_one(make_worker) -> None:
     w = make_worker("--max-concurrent", "2").start()
     before = _waiting(w, 2)
-    w.drop(job("on-spare", "test.probe", {"actions": [["whoami", None]]}))
+    w.drop(job("on-spare", "test.probe", {"actions": [["whoami", None], ["log", "via logging"]]}))
     res = w.wait_result("on-spare")
     assert res["status"] == "completed"
     used = _started_as(w, "on-spare")
@@ -57,6 +57,7 @@ def test_each_free_slot_has_a_spare_and_a_job_starts_on_one(make_worker) -> None
     assert set(before) - {used} <= set(after)
     # the work dir it made while waiting became the job's, logs included
     assert sorted(p.name for p in (w.work / "on-spare").iterdir()) == ["stderr.log", "stdout.log"]
+    assert "WARNING probe: via logging" in (w.work / "on-spare" / "stderr.log").read_text()
     wait_until(lambda: len(_scratch(w)) == 2, [w.work], 20, "one scratch dir per waiting spare")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -168,6 +169,7 @@ _ACTIONS: dict[str, Any] = {
     "daemon": _daemon,
     "whoami": lambda _: f"uid={os.getuid()} euid={os.geteuid()} pid={os.getpid()}",
     "print": lambda text: print(text),  # no flush: the worker must not lose it
+    "log": lambda text: logging.getLogger("probe").warning(text),
 }
 
 
