@@ -155,8 +155,13 @@ class Worker:
         return wait_until(lambda: self.result(job_id), [self.results], timeout,
                           f"the result of {job_id}")
 
+    def published(self) -> list[str]:
+        """Names of the result files (not a writer's hidden temporary file)."""
+        return [n for n in os.listdir(self.results)
+                if n.endswith("-result.json") and not n.startswith(".")]
+
     def wait_results(self, count: int, timeout: float = 60.0) -> None:
-        wait_until(lambda: len(os.listdir(self.results)) >= count, [self.results], timeout,
+        wait_until(lambda: len(self.published()) >= count, [self.results], timeout,
                    f"{count} results")
 
     def runs(self, job_id: str) -> list[str]:

@@ -146,7 +146,7 @@ def local_results(workers: list[Worker]) -> collections.Counter[str]:
     seen: collections.Counter[str] = collections.Counter()
     for w in workers:
         if w.results.exists():
-            seen.update(n.removesuffix("-result.json") for n in os.listdir(w.results))
+            seen.update(n.removesuffix("-result.json") for n in w.published())
     return seen
 
 
