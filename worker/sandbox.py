@@ -182,7 +182,7 @@ def scrub_environment(workdir: Path, extra: dict[str, str]) -> None:
 
 
 def enter_privileged(plan: Plan) -> list[str]:
-    """Stage 1, still privileged: session, PDEATHSIG, cgroups, namespaces; return the layers."""
+    """The outer box, still privileged: session, PDEATHSIG, cgroups, namespaces; the layers."""
     os.setsid()
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if _forker_gone(plan.supervisor_pid):  # it died before PDEATHSIG was armed
