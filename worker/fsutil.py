@@ -171,7 +171,11 @@ class FilePool:
             write_atomic(path, data, fsync=False)
             return
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        os.rename(self.parked / self.free.pop(), tmp)
+        try:
+            os.rename(self.parked / self.free.pop(), tmp)
+        except FileNotFoundError:  # removed behind our back: make a new one
+            write_atomic(path, data, fsync=False)
+            return
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
@@ -182,8 +186,10 @@ class FilePool:
                 os.close(fd)
             try:
                 exchange(tmp, path)  # the old file goes back to the pool instead of being freed
-            except FileNotFoundError:
-                os.rename(tmp, path)
+            except OSError as e:  # no old file, or a filesystem without RENAME_EXCHANGE
+                if e.errno not in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                os.replace(tmp, path)
                 return
         except BaseException:
             self._park(tmp)

@@ -75,3 +75,32 @@ def test_with_nothing_parked_a_write_creates_the_file(tmp_path: Path) -> None:
     pool.write(tmp_path / "new.json", b"fresh")
     assert (tmp_path / "new.json").read_bytes() == b"fresh"
     assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_without_rename_exchange_a_replacement_still_lands_whole(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    import errno
+
+    import worker.fsutil as fsutil
+
+    def refused(a: Path, b: Path) -> None:
+        raise OSError(errno.EINVAL, "RENAME_EXCHANGE not supported here")
+
+    pool = _pool(tmp_path)
+    pool.write(tmp_path / "s.json", b"old")
+    pool.write(tmp_path / "x.json", b"x")
+    pool.remove(tmp_path / "x.json")
+    monkeypatch.setattr(fsutil, "exchange", refused)  # a filesystem we cannot have here
+    pool.write(tmp_path / "s.json", b"new")
+    assert (tmp_path / "s.json").read_bytes() == b"new"
+    assert _visible(tmp_path) == ["s.json"]
+
+
+def test_a_parked_file_removed_behind_its_back_is_replaced_by_a_new_one(tmp_path: Path) -> None:
+    pool = _pool(tmp_path)
+    pool.write(tmp_path / "a.json", b"a")
+    pool.remove(tmp_path / "a.json")
+    for parked in (tmp_path / ".parked").iterdir():
+        parked.unlink()  # an operator cleaning up hidden files
+    pool.write(tmp_path / "b.json", b"b")
+    assert (tmp_path / "b.json").read_bytes() == b"b"
