@@ -13,7 +13,10 @@ makes it exit.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Mapping
@@ -21,10 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handlers.base import Handler
-from worker import signals
+from worker import isolation, signals
 from worker.cgroups import JobCgroup
 from worker.child import Order, encode_order, run_spare
+from worker.config import Settings
 from worker.sandbox import Plan, fork_job
+
+log = logging.getLogger("guestkit.spare")
 
 #: An order must fit in an empty pipe so that handing it over never blocks the loop.
 ORDER_MAX = 60 * 1024
@@ -96,3 +102,65 @@ def fork(base: Plan, handlers: Mapping[str, Handler]) -> Spare:
         os.close(messages_w)
     os.set_blocking(orders_w, False)
     return Spare(pid, orders_w, messages_r, base.cgroup, base.new_net, base.workdir)
+
+
+class Spares:
+    """The spares of one supervisor: at most one per free slot, each handed one job."""
+
+    def __init__(self, host: isolation.Host, handlers: Mapping[str, Handler]) -> None:
+        self.host = host
+        self.handlers = handlers
+        self.waiting: list[Spare] = []
+        self.retired: dict[int, Spare] = {}  # told to exit, not yet reaped
+        self._seq = itertools.count()
+
+    def pick(self, needs_network: bool) -> Spare | None:
+        """A waiting spare that can run a job (one in a network namespace cannot need network)."""
+        return next((s for s in self.waiting if not (s.new_net and needs_network)), None)
+
+    def taken(self, s: Spare) -> None:
+        """`s` took its job: it is a job's process now, no longer a spare."""
+        self.waiting.remove(s)
+
+    def keep(self, settings: Settings, free_slots: int, draining: bool) -> None:
+        """Fork spares up to the free slots; retire them only on drain, `spares = false` or
+        fewer slots (a spare outlives a busy spell in which fresh forks fill its slot)."""
+        cap = 0 if draining or not settings.spares else settings.max_concurrent
+        while len(self.waiting) > cap:
+            s = self.waiting.pop()
+            s.retire()
+            self.retired[s.pid] = s
+        while len(self.waiting) < min(cap, free_slots):
+            base = isolation.spare_plan(self.host, settings, f"spare-{next(self._seq)}")
+            try:
+                self.waiting.append(fork(base, self.handlers))
+            except OSError as e:
+                log.error("could not fork a spare child: %s", e)
+                self._release(base.cgroup)
+                return
+
+    def ended(self, pid: int, status: int) -> bool:
+        """Clean up after a spare that ended without a job; False when `pid` was not one."""
+        s = self.retired.pop(pid, None)
+        if s is None:
+            s = next((x for x in self.waiting if x.pid == pid), None)
+            if s is None:
+                return False
+            self.waiting.remove(s)
+            s.retire()
+            log.warning("spare child %d ended while waiting (status %d)", pid, status)
+        if s.cgroup is not None:
+            s.cgroup.kill()
+        self._release(s.cgroup)
+        shutil.rmtree(s.scratch, ignore_errors=True)
+        return True
+
+    def close(self) -> None:
+        """Kill every spare (the supervisor is stopping)."""
+        for s in [*self.waiting, *self.retired.values()]:
+            s.retire()
+            s.kill()
+
+    def _release(self, cg: JobCgroup | None) -> None:
+        if cg is not None and self.host.pool is not None:
+            self.host.pool.release(cg)

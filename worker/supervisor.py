@@ -8,14 +8,13 @@ import itertools
 import logging
 import os
 import selectors
-import shutil
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker import cgroups, isolation, sandbox, spare
+from worker import cgroups, isolation, sandbox
 from worker.child import ChildSpec, Order
 from worker.config import Settings
 from worker.errors import ErrorCode, UnsafeFile
@@ -26,7 +25,7 @@ from worker.registry import Registry
 from worker.results import Ending, build
 from worker.service import Service
 from worker.signals import SignalPipe
-from worker.spare import Spare
+from worker.spare import Spares
 from worker.spec import loads, parse_job
 from worker.spool import ACTIVE, RETRY, Spool
 from worker.states import JobState
@@ -65,8 +64,6 @@ class Supervisor:
         self.remote = remote or Remote()
         self.service.ready_check = self.remote.healthy
         self.zygote: Zygote | None = None
-        self.spares: list[Spare] = []  # waiting for a job, one per free slot
-        self.retired: dict[int, Spare] = {}  # told to exit, not yet reaped
         self.lingering: set[int] = set()  # job processes whose job ended on its result
 
     # -- life cycle ------------------------------------------------------------------------
@@ -87,6 +84,7 @@ class Supervisor:
         self.spool.lock()
         sandbox.become_subreaper()
         self.host = isolation.probe(self.settings)
+        self.spares = Spares(self.host, self.registry.handlers)
         if self.host.cgroups is not None and (n := cgroups.sweep(self.host.cgroups)):
             log.warning("removed %d job cgroup(s) left by a previous run", n)
         isolation.open_output_dir(self.host, self.settings.output_dir.absolute())
@@ -147,9 +145,7 @@ class Supervisor:
     def _stop(self) -> None:
         if self.zygote is not None:
             self.zygote.close()
-        for s in [*self.spares, *self.retired.values()]:
-            s.retire()
-            s.kill()
+        self.spares.close()
         self._archive_ended()
         self.remote.close()
         self.service.close()
@@ -166,7 +162,8 @@ class Supervisor:
         self._housekeep()
         self._fill_slots(now)
         self._archive_ended()
-        self._keep_spares()
+        self.spares.keep(self.settings, self.settings.max_concurrent - len(self.running),
+                         self.draining)
         free = self.settings.max_concurrent - len(self.running) - len(self.ready)
         self.remote.poll(now, 0 if self.draining else max(0, free),
                          [j.message_id for j in self.running.values() if j.message_id])
@@ -342,62 +339,20 @@ class Supervisor:
     def _hand_to_spare(self, job: Job, data: Any, workdir: Path, limits: sandbox.Limits,
                        env: dict[str, str], needs_network: bool, timeout: float,
                        now: float) -> Run | None:
-        """Run the job on a waiting spare; None when none fits (the caller forks afresh)."""
-        for i, candidate in enumerate(self.spares):
-            if candidate.new_net and needs_network:
-                continue
-            if candidate.cgroup is not None:
-                candidate.cgroup.limit(limits.memory_mb, limits.max_processes)
-            order = Order(job_id=job.job_id, operation=job.operation, attempt=job.attempt,
-                          data=data, workdir=workdir, limits=limits, env=env,
-                          nproc=isolation.nproc(limits, self.settings),
-                          message_cap=self.settings.max_message_bytes)
-            run = hand_to(candidate, order, timeout, now)
-            if run is not None:
-                del self.spares[i]
-                return run
-            return None  # the order does not fit a pipe, or the spare is gone: fork afresh
-        return None
-
-    def _keep_spares(self) -> None:
-        """A spare per free slot, so that the next job starts without waiting on the kernel.
-
-        A spare outlives a busy spell (a job forked afresh fills its slot); only draining,
-        `spares = false` or fewer slots after a reload retire spares.
-        """
-        cap = 0 if self.draining or not self.settings.spares else self.settings.max_concurrent
-        while len(self.spares) > cap:
-            self._retire(self.spares.pop())
-        while len(self.spares) < min(cap, self.settings.max_concurrent - len(self.running)):
-            base = isolation.spare_plan(self.host, self.settings, f"spare-{next(self._seq)}")
-            try:
-                self.spares.append(spare.fork(base, self.registry.handlers))
-            except OSError as e:
-                log.error("could not fork a spare child: %s", e)
-                if base.cgroup is not None and self.host.pool is not None:
-                    self.host.pool.release(base.cgroup)
-                return
-
-    def _retire(self, s: Spare) -> None:
-        """Let an unused spare go: it exits when its order pipe closes; reaped like any child."""
-        s.retire()
-        self.retired[s.pid] = s
-
-    def _spare_ended(self, pid: int, status: int) -> bool:
-        """A spare ended without a job (retired, or killed while waiting); True if `pid` was one."""
-        s = self.retired.pop(pid, None)
-        if s is None:
-            s = next((x for x in self.spares if x.pid == pid), None)
-            if s is None:
-                return False
-            self.spares.remove(s)
-            s.retire()
-            log.warning("spare child %d ended while waiting (status %d)", pid, status)
-        if s.cgroup is not None and self.host.pool is not None:
-            s.cgroup.kill()
-            self.host.pool.release(s.cgroup)
-        shutil.rmtree(s.scratch, ignore_errors=True)
-        return True
+        """Run the job on a waiting spare; None when none can take it (the caller forks)."""
+        candidate = self.spares.pick(needs_network)
+        if candidate is None:
+            return None
+        if candidate.cgroup is not None:
+            candidate.cgroup.limit(limits.memory_mb, limits.max_processes)
+        order = Order(job_id=job.job_id, operation=job.operation, attempt=job.attempt, data=data,
+                      workdir=workdir, limits=limits, env=env,
+                      nproc=isolation.nproc(limits, self.settings),
+                      message_cap=self.settings.max_message_bytes)
+        run = hand_to(candidate, order, timeout, now)  # None: too big for its pipe, or it died
+        if run is not None:
+            self.spares.taken(candidate)
+        return run
 
     def _limits(self, operation: str, asked: dict[str, int] | None,
                 timeout: int) -> sandbox.Limits:
@@ -510,7 +465,7 @@ class Supervisor:
         for pid, status, rusage in sandbox.reaped():
             if self.zygote is not None and pid == self.zygote.pid:
                 self._zygote_died()
-            elif not self._spare_ended(pid, status):
+            elif not self.spares.ended(pid, status):
                 self._ended(pid, status, rusage)
 
     def _ended(self, pid: int, status: int, rusage: Any) -> None:
@@ -774,7 +729,7 @@ class Supervisor:
         self.draining = True
         self.drain_deadline = now + self.settings.shutdown_timeout
         self.remote.stop_intake()
-        self._keep_spares()
+        self.spares.keep(self.settings, 0, draining=True)
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(self.watch)
         log.info("%s: draining; %d running job(s) get %.0f s to finish", why, len(self.running),
