@@ -48,7 +48,7 @@ def run_child(spec: ChildSpec, pipe_fd: int) -> NoReturn:
         layers = sandbox.enter_privileged(spec.plan)
         code = run_boxed(spec, pipe_fd, layers)
     except BaseException:  # the sandbox failed: nothing of the job ran
-        print_exc()
+        _print_exc()
     finally:
         os._exit(code)
 
@@ -80,7 +80,7 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
                              message_cap=order.message_cap)
             code = run_boxed(spec, pipe_fd, layers, logging_ready=True)
     except BaseException:
-        print_exc()
+        _print_exc()
     finally:
         os._exit(code)
 
@@ -156,7 +156,7 @@ def _run_handler(spec: ChildSpec, writer: MessageWriter, layers: list[str]) -> E
         writer.send({"type": "sandbox", "layers": layers})
         out = spec.handler.execute(ctx, payload)
         message = _result_message(out)
-        flush_stdio()  # the supervisor may end the process as soon as the result arrives
+        _flush_stdio()  # the supervisor may end the process as soon as the result arrives
         writer.send(message)
         return ExitCode.OK
     except MemoryError:
@@ -167,7 +167,7 @@ def _run_handler(spec: ChildSpec, writer: MessageWriter, layers: list[str]) -> E
         _send_error(writer, ErrorCode.EXECUTION_ERROR, str(e), retryable=getattr(e, "retryable", False))
         return ExitCode.HANDLER_FAILED
     except Exception as e:
-        print_exc()
+        _print_exc()
         _send_error(writer, ErrorCode.EXECUTION_ERROR, f"{type(e).__name__}: {e}", retryable=True,
                     tb=traceback.format_exc(limit=20))
         return ExitCode.HANDLER_FAILED
@@ -183,12 +183,12 @@ def _result_message(out: Any) -> dict[str, Any]:
 def _send_error(
     writer: MessageWriter, code: ErrorCode, message: str, retryable: bool, tb: str | None = None
 ) -> None:
-    flush_stdio()
+    _flush_stdio()
     try:
         writer.send({"type": "error", "code": code.value, "message": message[:4000],
                      "retryable": retryable, "traceback": tb})
     except Exception:
-        print_exc()
+        _print_exc()
 
 
 def _reset_logging() -> None:
@@ -199,14 +199,14 @@ def _reset_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def flush_stdio() -> None:
+def _flush_stdio() -> None:
     """Write out what the handler printed (os._exit would drop Python's buffers); never raise."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(BaseException):
             stream.flush()
 
 
-def print_exc() -> None:
+def _print_exc() -> None:
     """Print the exception being handled to stderr (the job's stderr.log); never raise."""
     try:
         traceback.print_exc()

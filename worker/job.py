@@ -239,9 +239,13 @@ def _signame(sig: int) -> str:
 
 
 def _cpu_seconds(run: Run) -> float:
+    """CPU of the whole job: its cgroup's count where known (every process of it, reaped or
+    not, and known before the exit is reaped), else wait4's rusage."""
+    if "cpu_usec" in run.cgroup_stats:
+        return run.cgroup_stats["cpu_usec"] / 1e6
     if run.rusage is not None:
         return float(run.rusage.ru_utime + run.rusage.ru_stime)
-    return run.cgroup_stats.get("cpu_usec", 0) / 1e6  # ended on its result, before its reaping
+    return 0.0
 
 
 def peak_mb(run: Run) -> float:

@@ -472,6 +472,7 @@ class Supervisor:
         """A child is gone (reaped here or reported by the zygote): finish its job."""
         if pid in self.lingering:  # its job ended on its result already
             self.lingering.discard(pid)
+            log.debug("process %d exited after its job had ended on its result", pid)
             return
         job = self.running.pop(pid, None)
         if job is None:

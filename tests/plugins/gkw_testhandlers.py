@@ -158,6 +158,17 @@ def _run(argv: list[str]) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=False).stdout.strip()
 
 
+_HELD: list[bytearray] = []
+
+
+def _hold(mb: int) -> bytearray:
+    """Touch `mb` MiB and keep it until the process exits (its exit then takes a while)."""
+    block = bytearray(mb << 20)
+    block[::4096] = b"x" * len(block[::4096])
+    _HELD.append(block)
+    return block
+
+
 _ACTIONS: dict[str, Any] = {
     "read": lambda p: len(Path(p).read_bytes()),
     "write": lambda p: Path(p).write_text("x"),
@@ -170,6 +181,7 @@ _ACTIONS: dict[str, Any] = {
     "whoami": lambda _: f"uid={os.getuid()} euid={os.geteuid()} pid={os.getpid()}",
     "print": lambda text: print(text),  # no flush: the worker must not lose it
     "log": lambda text: logging.getLogger("probe").warning(text),
+    "hold": lambda mb: len(_hold(int(mb))),
 }
 
 
