@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import select
 import shutil
 import signal
@@ -52,6 +51,14 @@ def job(job_id: str, operation: str = "system.echo", data: Any = None,
     if execution:
         doc["execution"] = execution
     return doc
+
+
+def zygote(p: psutil.Process) -> bool:
+    """One of the supervisor's zygotes (the lean forker, or the warm one)."""
+    try:
+        return p.name() in ("gkw-forker", "gkw-zygote")
+    except psutil.NoSuchProcess:
+        return False
 
 
 def idle_spare(p: psutil.Process) -> bool:
@@ -169,15 +176,13 @@ class Worker:
         return path.read_text().split("\n")[:-1] if path.exists() else []
 
     def children(self) -> list[psutil.Process]:
-        """The job processes under the supervisor (its warm zygote and idle spares are not jobs)."""
+        """The job processes under the supervisor (its zygotes and idle spares are not jobs)."""
         assert self.proc is not None
-        found = re.search(r"zygote (\d+) warms", self.log())
-        zygote = int(found.group(1)) if found else None
         try:
             kids = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        return [k for k in kids if k.pid != zygote and not idle_spare(k)]
+        return [k for k in kids if not zygote(k) and not idle_spare(k)]
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

@@ -5,17 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import signals
 from worker.cgroups import JobCgroup
-from worker.child import ChildSpec, Order, run_child
+from worker.child import ChildSpec, Order
 from worker.errors import ErrorCode, ExitCode
 from worker.progress import MessageReader, MessageTooLarge
-from worker.sandbox import Limits, fork_job
+from worker.sandbox import Limits
 from worker.spare import Spare
 from worker.states import JobState, advance
 from worker.zygote import Zygote
@@ -77,7 +75,7 @@ class Run:
     cpu_limit: int
     memory_limit_mb: int
     limits: dict[str, int] = field(default_factory=dict)
-    zygote: bool = False  # forked by the warm zygote (its exit is reported, not reaped)
+    origin: int = 0  # pid of the zygote that forked it (which reports its exit)
     progress: dict[str, Any] = field(default_factory=dict)
     last_message: float = 0.0
     stalled: bool = False
@@ -129,18 +127,18 @@ class Run:
             return []
 
 
-def spawn(spec: ChildSpec, timeout: float, now: float, zygote: Zygote | None = None) -> Run:
-    """Fork a child for `spec` (here, or in the warm zygote); return its Run (the parent side)."""
+def spawn(spec: ChildSpec, timeout: float, now: float, zygote: Zygote) -> Run:
+    """Have `zygote` fork a child for `spec`; return its Run (the parent side)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = zygote.spawn(spec, w) if zygote is not None else _fork(spec, r, w)
+        pid = zygote.spawn(spec, w)
     except BaseException:
         os.close(r)
         raise
     finally:
         os.close(w)
     return _new_run(pid, r, spec.message_cap, spec.plan.limits, spec.plan.cgroup, timeout, now,
-                    zygote=zygote is not None)
+                    zygote.pid)
 
 
 def hand_to(spare: Spare, order: Order, timeout: float, now: float) -> Run | None:
@@ -148,28 +146,17 @@ def hand_to(spare: Spare, order: Order, timeout: float, now: float) -> Run | Non
     if not spare.hand(order):
         return None
     fd, spare.messages = spare.messages, -1
-    return _new_run(spare.pid, fd, order.message_cap, order.limits, spare.cgroup, timeout, now)
+    return _new_run(spare.pid, fd, order.message_cap, order.limits, spare.cgroup, timeout, now,
+                    spare.origin)
 
 
 def _new_run(pid: int, fd: int, cap: int, limits: Limits, cgroup: JobCgroup | None,
-             timeout: float, now: float, zygote: bool = False) -> Run:
+             timeout: float, now: float, origin: int) -> Run:
     return Run(
         pid=pid, reader=MessageReader(fd, cap), started=now, started_wall=time.time(),
         deadline=now + timeout, cpu_limit=limits.cpu_seconds, memory_limit_mb=limits.memory_mb,
-        last_message=now, cgroup=cgroup, limits=limits.as_dict(), zygote=zygote,
+        last_message=now, cgroup=cgroup, limits=limits.as_dict(), origin=origin,
     )
-
-
-def _fork(spec: ChildSpec, r: int, w: int) -> int:
-    """Fork with signals blocked; the child runs the job and never returns."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with signals.blocked():
-        pid = fork_job(spec.plan.pid_ns)
-        if pid == 0:
-            os.close(r)
-            run_child(spec, w)
-    return pid
 
 
 @dataclass(frozen=True, slots=True)

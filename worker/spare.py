@@ -2,8 +2,9 @@
 
 A child's outer box costs milliseconds that do not depend on the job: the fork itself,
 joining the slot's cgroups (a migration waits for an RCU grace period, about 10 ms here,
-unless another migration happened just before), the PID and network namespaces. A spare
-pays them while its slot is idle, then blocks reading its order pipe. Dispatch writes one
+unless another migration happened just before), the PID and network namespaces. A spare,
+forked by the lean zygote, pays them ahead (beside its slot's running job, or while the slot
+is idle), then blocks reading its order pipe. Dispatch writes one
 order (job id, payload, limits, work dir, environment) and the spare applies the inner box
 (stdio, rlimits, user, NO_NEW_PRIVS, Landlock, seccomp) and runs the handler exactly as a
 freshly forked child would. A spare runs at most one job; closing its order pipe unused
@@ -18,17 +19,15 @@ import logging
 import os
 import shutil
 import signal
-import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from handlers.base import Handler
-from worker import isolation, signals
+from worker import isolation
 from worker.cgroups import JobCgroup
-from worker.child import Order, encode_order, run_spare
+from worker.child import Order, encode_order
 from worker.config import Settings
-from worker.sandbox import Plan, fork_job
+from worker.sandbox import Plan
+from worker.zygote import Zygote
 
 log = logging.getLogger("guestkit.spare")
 
@@ -46,6 +45,7 @@ class Spare:
     cgroup: JobCgroup | None
     new_net: bool  # it sits in a fresh network namespace: only for jobs without network
     scratch: Path  # the work dir it made while waiting (renamed to its job's)
+    origin: int  # pid of the zygote that forked it
 
     def hand(self, order: Order) -> bool:
         """Give the spare its job; False when it cannot take it (gone, or the order too big).
@@ -80,19 +80,12 @@ class Spare:
             os.killpg(self.pid, signal.SIGKILL)
 
 
-def fork(base: Plan, handlers: Mapping[str, Handler]) -> Spare:
-    """Fork a spare that enters `base`'s outer box and waits for its order."""
+def request(base: Plan, zygote: Zygote) -> tuple[int, Spare]:
+    """Ask `zygote` for a spare in `base`'s outer box; (token, its handle, pid still 0)."""
     orders_r, orders_w = os.pipe2(os.O_CLOEXEC)
     messages_r, messages_w = os.pipe2(os.O_CLOEXEC)
-    sys.stdout.flush()
-    sys.stderr.flush()
     try:
-        with signals.blocked():
-            pid = fork_job(base.pid_ns)
-            if pid == 0:
-                os.close(orders_w)
-                os.close(messages_r)
-                run_spare(base, handlers, orders_r, messages_w)
+        token = zygote.spare(base, orders_r, messages_w)
     except BaseException:
         for fd in (orders_w, messages_r):
             os.close(fd)
@@ -101,43 +94,69 @@ def fork(base: Plan, handlers: Mapping[str, Handler]) -> Spare:
         os.close(orders_r)
         os.close(messages_w)
     os.set_blocking(orders_w, False)
-    return Spare(pid, orders_w, messages_r, base.cgroup, base.new_net, base.workdir)
+    return token, Spare(0, orders_w, messages_r, base.cgroup, base.new_net, base.workdir,
+                        zygote.pid)
 
 
 class Spares:
-    """The spares of one supervisor: at most one per free slot, each handed one job."""
+    """The spares of one supervisor: one per slot, forked by the zygote, each handed one job."""
 
-    def __init__(self, host: isolation.Host, handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, host: isolation.Host) -> None:
         self.host = host
-        self.handlers = handlers
+        self.zygote: Zygote | None = None  # the lean zygote that forks them
         self.waiting: list[Spare] = []
-        self.retired: dict[int, Spare] = {}  # told to exit, not yet reaped
+        self.coming: dict[int, Spare] = {}  # asked of the zygote, by token; no pid yet
+        self.retired: dict[int, Spare] = {}  # told to exit, not yet reported ended
+        self.cap = 0
         self._seq = itertools.count()
 
     def pick(self, needs_network: bool) -> Spare | None:
         """A waiting spare that can run a job (one in a network namespace cannot need network)."""
-        return next((s for s in self.waiting if not (s.new_net and needs_network)), None)
+        return next((s for s in self.waiting if _fits(s, needs_network)), None)
+
+    def due(self, needs_network: bool) -> bool:
+        """True when no spare waits for such a job but one is on its way (worth waiting for)."""
+        return self.pick(needs_network) is None and any(
+            _fits(s, needs_network) for s in self.coming.values())
 
     def taken(self, s: Spare) -> None:
         """`s` took its job: it is a job's process now, no longer a spare."""
         self.waiting.remove(s)
 
-    def keep(self, settings: Settings, free_slots: int, draining: bool) -> None:
-        """Fork spares up to the free slots; retire them only on drain, `spares = false` or
-        fewer slots (a spare outlives a busy spell in which fresh forks fill its slot)."""
-        cap = 0 if draining or not settings.spares else settings.max_concurrent
-        while len(self.waiting) > cap:
-            s = self.waiting.pop()
-            s.retire()
-            self.retired[s.pid] = s
-        while len(self.waiting) < min(cap, free_slots):
+    def keep(self, settings: Settings, draining: bool) -> None:
+        """Have one spare per slot, waiting or on its way; fewer only on drain, `spares = false`
+        or fewer slots. A spare waits beside a busy slot, so a job that ends is replaced at once."""
+        self.cap = 0 if draining or not settings.spares or self.zygote is None \
+            else settings.max_concurrent
+        while len(self.waiting) > self.cap:
+            self._retire(self.waiting.pop())
+        while len(self.waiting) + len(self.coming) < self.cap:
+            assert self.zygote is not None
             base = isolation.spare_plan(self.host, settings, f"spare-{next(self._seq)}")
             try:
-                self.waiting.append(fork(base, self.handlers))
+                token, spare = request(base, self.zygote)
             except OSError as e:
-                log.error("could not fork a spare child: %s", e)
-                self._release(base.cgroup)
+                log.error("could not ask for a spare child: %s", e)
+                if base.cgroup is not None and self.host.pool is not None:
+                    self.host.pool.release(base.cgroup)
                 return
+            self.coming[token] = spare
+
+    def arrived(self, token: int, pid: int) -> None:
+        """The zygote forked the spare asked for with `token`."""
+        s = self.coming.pop(token)
+        s.pid = pid
+        if len(self.waiting) < self.cap:
+            self.waiting.append(s)
+        else:
+            self._retire(s)
+
+    def failed(self, token: int, why: str) -> None:
+        """The zygote could not fork the spare asked for with `token`."""
+        s = self.coming.pop(token)
+        log.error("could not fork a spare child: %s", why)
+        s.retire()
+        self._clean(s)
 
     def ended(self, pid: int, status: int) -> bool:
         """Clean up after a spare that ended without a job; False when `pid` was not one."""
@@ -151,16 +170,35 @@ class Spares:
             log.warning("spare child %d ended while waiting (status %d)", pid, status)
         if s.cgroup is not None:
             s.cgroup.kill()
-        self._release(s.cgroup)
-        shutil.rmtree(s.scratch, ignore_errors=True)
+        self._clean(s)
         return True
+
+    def lost(self) -> None:
+        """The zygote died and every spare with it: forget them all."""
+        for s in [*self.waiting, *self.coming.values(), *self.retired.values()]:
+            s.retire()
+            if s.cgroup is not None:
+                s.cgroup.kill()
+            self._clean(s)
+        self.waiting, self.coming, self.retired = [], {}, {}
 
     def close(self) -> None:
         """Kill every spare (the supervisor is stopping)."""
         for s in [*self.waiting, *self.retired.values()]:
             s.retire()
             s.kill()
+        for s in self.coming.values():
+            s.retire()
 
-    def _release(self, cg: JobCgroup | None) -> None:
-        if cg is not None and self.host.pool is not None:
-            self.host.pool.release(cg)
+    def _retire(self, s: Spare) -> None:
+        s.retire()
+        self.retired[s.pid] = s
+
+    def _clean(self, s: Spare) -> None:
+        if s.cgroup is not None and self.host.pool is not None:
+            self.host.pool.release(s.cgroup)
+        shutil.rmtree(s.scratch, ignore_errors=True)
+
+
+def _fits(s: Spare, needs_network: bool) -> bool:
+    return not (s.new_net and needs_network)

@@ -10,11 +10,12 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from worker import cgroups, isolation, sandbox
+from handlers.base import Handler
+from worker import cgroups, isolation, memory, sandbox
 from worker.child import ChildSpec, Order
 from worker.config import Settings
 from worker.errors import ErrorCode, UnsafeFile
@@ -34,6 +35,9 @@ from worker.watch import Watch
 from worker.zygote import Zygote
 
 log = logging.getLogger("guestkit.supervisor")
+
+#: A queue that held this many jobs gives its memory back when it empties.
+COMPACT_AFTER = 1000
 HOUSEKEEPING = 1.0  #: longest the loop sleeps: retries, deadlines and waiting jobs are checked
 STATUS_EVERY = 0.25  #: at most this often a running job's progress is written to its status
 
@@ -58,13 +62,15 @@ class Supervisor:
         self.drain_deadline: float | None = None
         self.to_archive: list[tuple[Job, bool, str]] = []  # ended; archived once results are synced
         self._seq = itertools.count()
+        self.held = 0  # most jobs held at once since the queue was last empty
         self.sel = selectors.DefaultSelector()
         self.intake = Intake(self.spool, registry, settings, version, self.jobs.__contains__)
         self.service = Service(settings, version)
         self.remote = remote or Remote()
         self.service.ready_check = self.remote.healthy
-        self.zygote: Zygote | None = None
-        self.lingering: set[int] = set()  # job processes whose job ended on its result
+        self.forker: Zygote | None = None  # forks spares and plain jobs
+        self.zygote: Zygote | None = None  # forks jobs of handlers with a costly prepare()
+        self.lingering: dict[int, int] = {}  # pid -> zygote: processes whose job ended already
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -84,7 +90,7 @@ class Supervisor:
         self.spool.lock()
         sandbox.become_subreaper()
         self.host = isolation.probe(self.settings)
-        self.spares = Spares(self.host, self.registry.handlers)
+        self.spares = Spares(self.host)
         if self.host.cgroups is not None and (n := cgroups.sweep(self.host.cgroups)):
             log.warning("removed %d job cgroup(s) left by a previous run", n)
         isolation.open_output_dir(self.host, self.settings.output_dir.absolute())
@@ -98,7 +104,7 @@ class Supervisor:
         self.watch.add("inbox", self.spool.inbox)
         self.watch.add("cancel", self.spool.cancel_dir)
         self.sel.register(self.watch, selectors.EVENT_READ, self._on_watch)
-        self._start_zygote()
+        self._start_zygotes()
         self.service.open(self.sel, self._gauges)
         self.spool.sweep_tmp()
         self.spool.sweep_scratch()
@@ -110,41 +116,64 @@ class Supervisor:
                  self.settings.worker_id, self.settings.pool, self.settings.max_concurrent,
                  self.spool.inbox, len(self.jobs))
 
-    def _start_zygote(self) -> None:
-        """Warm handlers (costly prepare) get a pre-imported process to fork their jobs from."""
+    def _start_zygotes(self) -> None:
+        """The lean forker always; a warm zygote when a handler has a costly prepare()."""
+        if self.forker is None:
+            plain = {op: h for op, h in self.registry.handlers.items()
+                     if not self.registry.needs_warmth(h)}
+            self.forker = self._start_zygote("gkw-forker", plain, [])
+            self.spares.zygote = self.forker
+            log.info("forker %d forks jobs and spares", self.forker.pid)
         warm = self.registry.warm_handlers()
-        if not warm:
-            return
-        self.zygote = Zygote(warm)
-        self.zygote.start()
-        self.sel.register(self.zygote.fileno(), selectors.EVENT_READ, self._on_zygote)
-        log.info("zygote %d warms %s", self.zygote.pid, ", ".join(h.name for h in warm))
+        if warm and self.zygote is None:
+            self.zygote = self._start_zygote("gkw-zygote", self.registry.handlers, warm)
+            log.info("zygote %d warms %s", self.zygote.pid, ", ".join(h.name for h in warm))
 
-    def _on_zygote(self) -> None:
-        assert self.zygote is not None
+    def _start_zygote(self, name: str, handlers: Mapping[str, Handler],
+                      warm: list[Handler]) -> Zygote:
+        z = Zygote(name, handlers, warm)
+        z.start()
+        self.sel.register(z.fileno(), selectors.EVENT_READ, lambda: self._on_zygote(z))
+        return z
+
+    def _on_zygote(self, z: Zygote) -> None:
+        """Act on what a zygote reports: spares forked (or not), children ended."""
         try:
-            exits = self.zygote.exits()
+            reports = z.reports()
         except OSError:
-            exits = []
-        for pid, status, rusage in exits:
-            self._ended(pid, status, rusage)
+            reports = []  # it died: its exit is reaped here
+        for kind, *rest in reports:
+            if kind == "exited":
+                pid, status, rusage = rest
+                if not self.spares.ended(pid, status):
+                    self._ended(pid, status, rusage)
+            elif kind == "spawned":
+                self.spares.arrived(rest[0], rest[1])
+            elif kind == "failed":
+                self.spares.failed(rest[0], rest[1])
 
-    def _zygote_died(self) -> None:
+    def _zygote_died(self, z: Zygote) -> None:
         """Its children died with it (PDEATHSIG): end their runs as killed, start a new one."""
-        assert self.zygote is not None
-        log.error("zygote %d died; its running jobs were killed; starting a new one",
-                  self.zygote.pid)
+        log.error("%s %d died; its children were killed; starting a new one", z.name, z.pid)
         with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(self.zygote.fileno())
-        self.zygote.close()
+            self.sel.unregister(z.fileno())
+        z.close()
+        if z is self.forker:
+            self.forker = self.spares.zygote = None
+            self.spares.lost()
+        else:
+            self.zygote = None
+        for pid in [p for p, origin in self.lingering.items() if origin == z.pid]:
+            del self.lingering[pid]
         for pid, job in list(self.running.items()):
-            if job.run is not None and job.run.zygote:
+            if job.run is not None and job.run.origin == z.pid:
                 self._ended(pid, signal.SIGKILL, None)
-        self._start_zygote()
+        self._start_zygotes()
 
     def _stop(self) -> None:
-        if self.zygote is not None:
-            self.zygote.close()
+        for z in (self.forker, self.zygote):
+            if z is not None:
+                z.close()
         self.spares.close()
         self._archive_ended()
         self.remote.close()
@@ -157,13 +186,15 @@ class Supervisor:
     def _tick(self) -> None:
         for key, _ in self.sel.select(self._timeout()):
             key.data()
+        for z in (self.forker, self.zygote):
+            if z is not None and z.pending:  # read while it waited for a job's fork
+                self._on_zygote(z)
         now = time.monotonic()
         self._enforce(now)
         self._housekeep()
         self._fill_slots(now)
         self._archive_ended()
-        self.spares.keep(self.settings, self.settings.max_concurrent - len(self.running),
-                         self.draining)
+        self.spares.keep(self.settings, self.draining)
         free = self.settings.max_concurrent - len(self.running) - len(self.ready)
         self.remote.poll(now, 0 if self.draining else max(0, free),
                          [j.message_id for j in self.running.values() if j.message_id])
@@ -255,6 +286,7 @@ class Supervisor:
         job = acc.job
         job.observability = acc.doc.observability.model_dump() if acc.doc.observability else None
         self.jobs[job.job_id] = job
+        self.held = max(self.held, len(self.jobs))
         if acc.ending is not None:
             self._conclude(job, acc.ending)
             return
@@ -287,8 +319,11 @@ class Supervisor:
 
     def _fill_slots(self, now: float) -> None:
         while self.ready and len(self.running) < self.settings.max_concurrent and not self.draining:
-            _, _, job_id = heapq.heappop(self.ready)
+            job_id = self.ready[0][2]
             job = self.jobs.get(job_id)
+            if job is not None and self._spare_due(job):
+                return  # the zygote's report of a spare wakes the loop
+            heapq.heappop(self.ready)
             if job is None or job.state is not JobState.QUEUED or job.waiting_for:
                 continue
             try:
@@ -297,6 +332,12 @@ class Supervisor:
                 log.exception("could not start job %s", job_id)
                 self._conclude(job, self._ending(job, "failed", ErrorCode.INTERNAL,
                                                  f"job {job_id!r}: could not be started: {e}"))
+
+    def _spare_due(self, job: Job) -> bool:
+        """True when `job` would run on a spare that the zygote is forking now: wait for it."""
+        handler = self.registry.get(job.operation)
+        return (handler is not None and not self.registry.needs_warmth(handler)
+                and self.spares.due(handler.needs_network))
 
     def _dispatch(self, job: Job, now: float) -> None:
         if job.deadline is not None and time.time() >= job.deadline:
@@ -326,7 +367,10 @@ class Supervisor:
             spec = ChildSpec(job_id=job.job_id, operation=job.operation, attempt=job.attempt,
                              data=data, handler=handler, plan=plan,
                              message_cap=self.settings.max_message_bytes)
-            run = spawn(spec, timeout, now, self.zygote if warm else None)
+            zygote = self.zygote if warm else self.forker
+            if zygote is None:
+                raise OSError("no zygote to fork the job (it died and could not be restarted)")
+            run = spawn(spec, timeout, now, zygote)
         self.service.m.spawn_latency.observe(time.monotonic() - now)
         job.run = run
         job.move(JobState.RUNNING)
@@ -431,7 +475,7 @@ class Supervisor:
         assert run is not None
         run.io_bytes = storage_io(run.pid)
         self.running.pop(run.pid, None)
-        self.lingering.add(run.pid)
+        self.lingering[run.pid] = run.origin
         run.status = 0  # what is left of it is os._exit(0)
         self._finish_run(job)
 
@@ -463,15 +507,16 @@ class Supervisor:
 
     def _reap(self) -> None:
         for pid, status, rusage in sandbox.reaped():
-            if self.zygote is not None and pid == self.zygote.pid:
-                self._zygote_died()
-            elif not self.spares.ended(pid, status):
+            z = next((z for z in (self.forker, self.zygote) if z is not None and z.pid == pid),
+                     None)
+            if z is not None:
+                self._zygote_died(z)
+            else:  # an orphan that came back to us as the subreaper
                 self._ended(pid, status, rusage)
 
     def _ended(self, pid: int, status: int, rusage: Any) -> None:
         """A child is gone (reaped here or reported by the zygote): finish its job."""
-        if pid in self.lingering:  # its job ended on its result already
-            self.lingering.discard(pid)
+        if self.lingering.pop(pid, None) is not None:  # its job ended on its result already
             log.debug("process %d exited after its job had ended on its result", pid)
             return
         job = self.running.pop(pid, None)
@@ -626,6 +671,8 @@ class Supervisor:
                                 f"{end.code}: {end.message}" if end.code else ""))
         self.jobs.pop(job.job_id, None)
         self.waiting.discard(job.job_id)
+        if not self.jobs and self.held >= COMPACT_AFTER:
+            self._compact()
         m = self.service.m
         m.jobs.labels(operation=job.operation, outcome=end.code or end.status).inc()
         if job.run is not None:
@@ -641,6 +688,15 @@ class Supervisor:
                 if other is not None and other.state is JobState.QUEUED:
                     other.waiting_for = None
                     self._enqueue(other)
+
+    def _compact(self) -> None:
+        """The queue emptied after holding many jobs: give back what their tables still hold."""
+        log.debug("queue empty after holding %d jobs; returning memory", self.held)
+        self.held = 0
+        self.jobs.clear()  # an emptied dict keeps its table; clear() frees it
+        self.ready = []
+        self.waiting = set()
+        memory.trim()
 
     def _archive_ended(self) -> None:
         """Once per pass: one fsync makes this pass's results durable, then archive and ack."""
@@ -730,7 +786,7 @@ class Supervisor:
         self.draining = True
         self.drain_deadline = now + self.settings.shutdown_timeout
         self.remote.stop_intake()
-        self.spares.keep(self.settings, 0, draining=True)
+        self.spares.keep(self.settings, draining=True)
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(self.watch)
         log.info("%s: draining; %d running job(s) get %.0f s to finish", why, len(self.running),

@@ -1,11 +1,13 @@
-"""A pre-warmed process that forks jobs of handlers with a costly `prepare()` (guestkit).
+"""Zygotes: small pre-imported processes that fork every job child and spare for the supervisor.
 
-The supervisor stays small (fork cost grows with the forking process's memory) while
-jobs that need heavy imports start warm. The zygote is forked from the supervisor,
-prepares those handlers once, then on request forks a child that runs `run_child`,
-exactly as the supervisor would. It reports each child's pid and, when the child ends,
-its wait status and rusage. Requests and reports are pickled over a SOCK_SEQPACKET
-pair; the job's pipe (write end) travels with the request as SCM_RIGHTS.
+Fork cost grows with the forking process's memory, and the supervisor's grows with its queue.
+A zygote is a fresh interpreter, executed once at start, that imports only what a child needs,
+so a fork costs the same whatever the supervisor holds and the supervisor never forks a job.
+The lean zygote (`gkw-forker`) forks spares and plain jobs; handlers with a costly `prepare()`
+get a warm one (`gkw-zygote`) that prepares them once. Requests and reports are pickled over a
+SOCK_SEQPACKET pair and a child's pipe ends travel with its request as SCM_RIGHTS. A spare's
+fork is not waited for (its pid comes back as a report); a job's fork is. The zygote reports
+every child's end with its wait status and rusage.
 """
 
 from __future__ import annotations
@@ -19,78 +21,92 @@ import select
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NoReturn
 
 from handlers.base import Handler
 from worker import sandbox, signals
-from worker.child import ChildSpec, run_child
+from worker.child import ChildSpec, run_child, run_spare
 
-#: A child's end as the zygote reports it: (pid, wait status, rusage as a namespace).
-Exit = tuple[int, int, Any]
-_MAX = 1 << 20
+#: A report: ("spawned", token, pid), ("failed", token, why) or ("exited", pid, status, rusage).
+Report = tuple[Any, ...]
+_INLINE = 1 << 16  # a larger job spec travels in a memfd
+_RECV = 1 << 20
+_BOOT = "from worker.zygote import main; main()"
 
 
 class Zygote:
-    """The supervisor's handle on its zygote."""
+    """The supervisor's handle on one zygote process."""
 
-    def __init__(self, handlers: list[Handler]) -> None:
-        self.handlers = handlers
+    def __init__(self, name: str, handlers: Mapping[str, Handler],
+                 warm: list[Handler] | None = None) -> None:
+        self.name = name
+        self.handlers = dict(handlers)
+        self.warm = [op for op, h in handlers.items() if any(h is w for w in warm or [])]
         self.pid = 0
         self.sock: socket.socket | None = None
-        self.pending: list[Exit] = []
+        self.pending: list[Report] = []  # reports read while waiting for a job's fork
+        self._token = 0
 
     def start(self) -> None:
-        """Fork the zygote (signals blocked) and let it warm up its handlers."""
+        """Execute the zygote (a fresh interpreter that dies with us) and send it its handlers."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        me = os.getpid()
+        env = dict(os.environ)
+        home = str(Path(__file__).resolve().parent.parent)  # where `worker` is importable from
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
+        argv = [sys.executable, "-c", _BOOT, str(theirs.fileno()), str(me)]
         sys.stdout.flush()
         sys.stderr.flush()
         with signals.blocked():
             pid = os.fork()
-            if pid == 0:
-                ours.close()
-                _serve(theirs, self.handlers)
+            if pid == 0:  # pragma: no cover - replaced by exec
+                _exec(argv, env, me, theirs.fileno())
         theirs.close()
         self.pid, self.sock = pid, ours
+        self._send(("setup", self.name, list(sys.path), self.handlers, self.warm), [])
 
     def fileno(self) -> int:
-        """The fd the selector watches for exit reports."""
+        """The fd the selector watches for reports."""
         assert self.sock is not None
         return self.sock.fileno()
 
     def spawn(self, spec: ChildSpec, pipe_w: int) -> int:
-        """Have the zygote fork a child for `spec`; return the child's pid (OSError if it died)."""
-        assert self.sock is not None
-        self.sock.sendmsg([pickle.dumps(spec)],
-                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pipe_w]))])
+        """Have the zygote fork a child for `spec` and wait for its pid (OSError if it fails)."""
+        token = self._next()
+        data = pickle.dumps(spec)
+        if len(data) <= _INLINE:
+            self._send(("job", token, data), [pipe_w])
+        else:
+            memfd = os.memfd_create("gkw-spec", os.MFD_CLOEXEC)
+            try:
+                os.write(memfd, data)
+                self._send(("job", token, None), [pipe_w, memfd])
+            finally:
+                os.close(memfd)
         while True:
-            kind, *rest = self._receive(block=True)
-            if kind == "spawned":
-                return int(rest[0])
-            if kind == "failed":
-                raise OSError(f"the zygote could not fork: {rest[0]}")
-            self.pending.append((int(rest[0]), int(rest[1]), rest[2]))
+            report = self._receive(block=True)
+            assert report is not None
+            if report[0] in ("spawned", "failed") and report[1] == token:
+                if report[0] == "failed":
+                    raise OSError(f"the {self.name} could not fork: {report[2]}")
+                return int(report[2])
+            self.pending.append(report)
 
-    def exits(self) -> list[Exit]:
-        """Every child end reported since the last call."""
+    def spare(self, base: sandbox.Plan, orders_r: int, messages_w: int) -> int:
+        """Ask for a spare in `base`'s outer box; return the token its report will carry."""
+        token = self._next()
+        self._send(("spare", token, base), [orders_r, messages_w])
+        return token
+
+    def reports(self) -> list[Report]:
+        """Every report that arrived since the last call, without blocking."""
         out, self.pending = self.pending, []
-        while True:
-            msg = self._receive(block=False)
-            if msg is None:
-                return out
-            if msg[0] == "exited":
-                out.append((int(msg[1]), int(msg[2]), msg[3]))
-
-    def _receive(self, block: bool) -> Any:
-        assert self.sock is not None
-        try:
-            data = self.sock.recv(_MAX, 0 if block else socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return None
-        if not data:
-            raise OSError("the zygote has gone away")
-        return pickle.loads(data)
+        while (report := self._receive(block=False)) is not None:
+            out.append(report)
+        return out
 
     def close(self) -> None:
         """Stop the zygote (its children die with it by PDEATHSIG)."""
@@ -101,72 +117,138 @@ class Zygote:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
+    def _next(self) -> int:
+        self._token += 1
+        return self._token
 
-def _serve(sock: socket.socket, handlers: list[Handler]) -> NoReturn:
-    """The zygote's life: warm up, then fork children on request and report their ends."""
-    code = 1
+    def _send(self, msg: Any, fds: list[int]) -> None:
+        assert self.sock is not None
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        self.sock.sendmsg([pickle.dumps(msg)], anc)
+
+    def _receive(self, block: bool) -> Report | None:
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(_RECV, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        if not data:
+            raise OSError(f"the {self.name} has gone away")
+        report: Report = pickle.loads(data)
+        return report
+
+
+def _exec(argv: list[str], env: dict[str, str], parent: int, fd: int) -> NoReturn:
+    """In the forked child: die with the supervisor, keep the socket open across exec."""
     try:
-        signals.reset_in_child()
-        parent = os.getppid()
         sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(1)
+        os.set_inheritable(fd, True)
+        os.execve(argv[0], argv, env)
+    finally:
+        os._exit(127)
+
+
+def main() -> NoReturn:
+    """The zygote's life (`python -c` entry point): set up, then fork on request until EOF."""
+    code = 1
+    try:
+        fd, parent = int(sys.argv[1]), int(sys.argv[2])
+        if os.getppid() != parent:  # the supervisor died before we got here
+            os._exit(1)
+        signals.reset_in_child()  # exec kept the mask the supervisor forked us with
+        for sig in (signal.SIGINT, signal.SIGHUP):  # a terminal's signals are the supervisor's
+            signal.signal(sig, signal.SIG_IGN)
+        sock = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        _, name, path, handlers, warm = _request(sock)[0]
+        sys.path[:] = path
+        sandbox.set_name(name)
         sandbox.become_subreaper()
-        for h in handlers:
+        for h in {id(handlers[op]): handlers[op] for op in warm}.values():
             h.prepare()
-        _loop(sock)
+        _Server(sock, handlers).loop()
         code = 0
     finally:
         os._exit(code)
 
 
-def _loop(sock: socket.socket) -> None:
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-
-    def send(msg: Any) -> None:
-        sock.send(pickle.dumps(msg))
-
-    while True:
-        ready, _, _ = select.select([sock.fileno(), r], [], [])
-        if r in ready:
-            with contextlib.suppress(BlockingIOError):
-                os.read(r, 4096)
-            _report_exits(send)
-        if sock.fileno() in ready and not _fork_one(sock, send):
-            return
-
-
-def _fork_one(sock: socket.socket, send: Callable[[Any], None]) -> bool:
-    """Serve one request; False when the supervisor closed its end."""
+def _request(sock: socket.socket) -> tuple[Any, list[int]]:
+    """One request and the fds that came with it; (None, []) at end of file."""
     fds = array.array("i")
-    data, ancdata, _, _ = sock.recvmsg(_MAX, socket.CMSG_SPACE(fds.itemsize))
-    if not data:
-        return False
+    data, ancdata, _, _ = sock.recvmsg(_RECV, socket.CMSG_SPACE(3 * fds.itemsize))
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    spec: ChildSpec = pickle.loads(data)
-    spec = dataclasses.replace(spec, plan=dataclasses.replace(spec.plan, supervisor_pid=os.getpid()))
-    try:
+    return (pickle.loads(data) if data else None), list(fds)
+
+
+class _Server:
+    """The zygote's side: fork what is asked, report every child's end."""
+
+    def __init__(self, sock: socket.socket, handlers: Mapping[str, Handler]) -> None:
+        self.sock = sock
+        self.handlers = handlers
+        self.me = os.getpid()
+
+    def loop(self) -> None:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        while True:
+            ready, _, _ = select.select([self.sock.fileno(), r], [], [])
+            if r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(r, 4096)
+                self._report_exits()
+            if self.sock.fileno() in ready and not self._serve_one():
+                return
+
+    def _serve_one(self) -> bool:
+        """Serve one request; False when the supervisor closed its end."""
+        msg, fds = _request(self.sock)
+        if msg is None:
+            return False
+        kind, token, body = msg
+        try:
+            if kind == "job":
+                spec: ChildSpec = pickle.loads(body if body is not None else _read_memfd(fds[1]))
+                plan = dataclasses.replace(spec.plan, supervisor_pid=self.me)
+                handler = self.handlers.get(spec.operation, spec.handler)  # prepared here
+                spec = dataclasses.replace(spec, plan=plan, handler=handler)
+                pid = self._fork(plan.pid_ns, lambda: run_child(spec, fds[0]))
+            else:
+                base = dataclasses.replace(body, supervisor_pid=self.me)
+                pid = self._fork(base.pid_ns, lambda: run_spare(base, self.handlers, *fds[:2]))
+        except OSError as e:
+            self._send(("failed", token, str(e)))
+        else:
+            self._send(("spawned", token, pid))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def _fork(self, pid_ns: bool, run: Callable[[], NoReturn]) -> int:
         with signals.blocked():
-            pid = sandbox.fork_job(spec.plan.pid_ns)
+            pid = sandbox.fork_job(pid_ns)
             if pid == 0:
-                sock.close()
-                run_child(spec, fds[0])
-    except OSError as e:
-        send(("failed", str(e)))
-    else:
-        send(("spawned", pid))
-    finally:
-        os.close(fds[0])
-    return True
+                self.sock.close()
+                run()
+        return pid
+
+    def _report_exits(self) -> None:
+        for pid, status, ru in sandbox.reaped():
+            usage = SimpleNamespace(ru_utime=ru.ru_utime, ru_stime=ru.ru_stime,
+                                    ru_maxrss=ru.ru_maxrss, ru_inblock=ru.ru_inblock,
+                                    ru_oublock=ru.ru_oublock)
+            self._send(("exited", pid, status, usage))
+
+    def _send(self, msg: Report) -> None:
+        self.sock.send(pickle.dumps(msg))
 
 
-def _report_exits(send: Callable[[Any], None]) -> None:
-    for pid, status, ru in sandbox.reaped():
-        usage = SimpleNamespace(ru_utime=ru.ru_utime, ru_stime=ru.ru_stime,
-                                ru_maxrss=ru.ru_maxrss, ru_inblock=ru.ru_inblock,
-                                ru_oublock=ru.ru_oublock)
-        send(("exited", pid, status, usage))
+def _read_memfd(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, size, 0)

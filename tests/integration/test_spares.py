@@ -1,4 +1,4 @@
-"""Spare children: boxed before their job exists, one per free slot, each used at most once."""
+"""Spare children: boxed before their job exists, one per slot, each used at most once."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from conftest import Worker, idle_spare, job, no_process_left, wait_until
 
 
 def _spares(w: Worker) -> list[int]:
-    """Pids of the spares waiting under the supervisor (its direct children, nothing running)."""
+    """Pids of the spares waiting under the supervisor (nothing running in them)."""
     assert w.proc is not None
     try:
-        kids = psutil.Process(w.proc.pid).children()
+        kids = psutil.Process(w.proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
     return sorted(k.pid for k in kids if k.name() == "gkw-spare" and idle_spare(k))
@@ -41,7 +41,7 @@ def _started_as(w: Worker, job_id: str) -> int:
     return int(found.group(1))
 
 
-def test_each_free_slot_has_a_spare_and_a_job_starts_on_one(make_worker) -> None:
+def test_each_slot_has_a_spare_and_a_job_starts_on_one(make_worker) -> None:
     w = make_worker("--max-concurrent", "2").start()
     before = _waiting(w, 2)
     w.drop(job("on-spare", "test.probe", {"actions": [["whoami", None], ["log", "via logging"]]}))

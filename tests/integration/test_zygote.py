@@ -19,7 +19,7 @@ def test_a_warm_handler_runs_prepared_in_the_zygote_not_the_supervisor(worker: W
     assert res["status"] == "completed"
     assert res["data"]["prepared_in"] == [_zygote(worker)]  # prepared once, in the zygote
     assert _zygote(worker) != worker.proc.pid
-    worker.drop(job("cold-1"))  # an echo job still forks from the supervisor
+    worker.drop(job("cold-1"))  # an echo job runs on a spare of the lean forker
     assert worker.wait_result("cold-1")["status"] == "completed"
 
 

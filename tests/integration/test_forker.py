@@ -1,0 +1,93 @@
+"""The lean forker forks every plain job and spare: the supervisor itself forks no job."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import orjson
+import psutil
+from conftest import Worker, job, no_process_left, wait_until
+
+
+def _forkers(w: Worker) -> list[int]:
+    return [int(p) for p in re.findall(r"forker (\d+) forks jobs", w.log())]
+
+
+def _running(w: Worker, job_id: str, nth: int = 1) -> int:
+    """Wait for the `nth` start of `job_id`; return its pid."""
+    def started() -> int | None:
+        found = re.findall(rf"\[{re.escape(job_id)}\] running: pid (\d+)", w.log())
+        return int(found[nth - 1]) if len(found) >= nth else None
+
+    return wait_until(started, [w.base, w.jobs / ".status"], 20, f"start {nth} of {job_id}")
+
+
+def _kids(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children()
+
+
+def _hold(job_id: str, **execution: object) -> dict[str, object]:
+    return job(job_id, "test.probe", {"actions": [], "then_sleep": True}, **execution)
+
+
+def test_the_supervisor_forks_no_job_the_forker_does(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1", "--no-spares").start()
+    assert w.proc is not None
+    [forker] = _forkers(w)
+    w.drop(_hold("fresh"))
+    pid = _running(w, "fresh")
+    kids = {k.pid: k.name() for k in _kids(w.proc.pid)}  # the zygotes, nothing else
+    assert kids[forker] == "gkw-forker"
+    assert set(kids.values()) <= {"gkw-forker", "gkw-zygote"}, kids
+    assert psutil.Process(pid).ppid() == forker
+    assert psutil.Process(pid).name() == "gkw-job"
+    w.kill()
+    wait_until(lambda: no_process_left([forker, pid]), [w.base], 10, "forker and job to die")
+
+
+def test_a_spare_waits_beside_a_running_job(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1").start()
+    assert w.proc is not None
+    [forker] = _forkers(w)
+    w.drop(_hold("busy"))
+    pid = _running(w, "busy")
+
+    def spare_beside() -> list[int] | None:
+        names = {k.pid: k.name() for k in _kids(forker)}
+        spares = [p for p, n in names.items() if n == "gkw-spare"]
+        return spares if pid in names and len(spares) == 1 else None
+
+    [spare] = wait_until(spare_beside, [w.base, w.work], 20, "a spare beside the running job")
+    w.kill()
+    wait_until(lambda: no_process_left([forker, pid, spare]), [w.base], 10, "all to die")
+
+
+def test_if_the_forker_dies_its_jobs_are_retried_from_a_new_one(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1", "--kill-grace", "1").start()
+    [old] = _forkers(w)
+    w.drop(_hold("orphaned", max_attempts=2))
+    first = _running(w, "orphaned")
+    os.kill(old, signal.SIGKILL)
+    second = _running(w, "orphaned", nth=2)
+    assert f"gkw-forker {old} died" in w.log()
+    [_, new] = _forkers(w)
+    assert new != old
+    assert no_process_left([old, first])  # its job died with it
+    assert psutil.Process(second).ppid() == new
+    status = w.jobs / ".status" / "orphaned.json"
+    wait_until(lambda: '"running"' in status.read_text() and orjson.loads(
+        status.read_bytes())["attempt"] == 2, [status.parent], 20, "attempt 2 to run")
+    w.kill()
+
+
+def test_a_terminal_interrupt_does_not_reach_the_forker(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1").start()
+    [forker] = _forkers(w)
+    os.kill(forker, signal.SIGINT)  # as Ctrl-C sends it to the whole foreground group
+    os.kill(forker, signal.SIGHUP)
+    w.drop(job("after-ctrl-c"))
+    assert w.wait_result("after-ctrl-c")["status"] == "completed"
+    assert _forkers(w) == [forker]
+    assert "died" not in w.log()
