@@ -55,7 +55,8 @@ def run_child(spec: ChildSpec, pipe_fd: int) -> NoReturn:
 
 def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: int,
               pipe_fd: int) -> NoReturn:
-    """Enter the outer box now, wait for one order, then run that job; never returns.
+    """Box itself as far as no job is needed, wait for one order, then run that job; never
+    returns. The supervisor renames the spare's work dir to the job's before the order.
 
     End of file on `orders_fd` with no order means the spare is no longer wanted: exit 0.
     """
@@ -65,33 +66,34 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
         sandbox.set_name(SPARE_NAME)
         layers = sandbox.enter_privileged(base)
         sandbox.premake_workdir(base.workdir, base.uid, base.gid)
-        _reset_logging()  # its handler writes to fd 2, wherever that will point
-        order = read_order(orders_fd)
-        os.close(orders_fd)
+        layers += sandbox.enter_early(base, pipe_fd, orders_fd, rlimits=False)  # 3 and 4
+        early = sandbox.confine_early(base)
+        _reset_logging()  # its handler writes to fd 2, the job's stderr.log
+        order = read_order(4)
+        os.close(4)
         if order is None:
             code = ExitCode.OK
         else:
-            sandbox.claim_workdir(base.workdir, order.workdir)
             plan = dataclasses.replace(base, workdir=order.workdir, limits=order.limits,
                                        env=order.env, nproc=order.nproc)
             spec = ChildSpec(job_id=order.job_id, operation=order.operation,
                              attempt=order.attempt, data=order.data,
                              handler=handlers[order.operation], plan=plan,
                              message_cap=order.message_cap)
-            code = run_boxed(spec, pipe_fd, layers, logging_ready=True)
+            sandbox.set_name(JOB_NAME)
+            layers += sandbox.enter_late(plan, rlimits=True)
+            code = _run_handler(spec, MessageWriter(3, spec.message_cap), layers, early)
     except BaseException:
         _print_exc()
     finally:
         os._exit(code)
 
 
-def run_boxed(spec: ChildSpec, pipe_fd: int, layers: list[str],
-              logging_ready: bool = False) -> ExitCode:
+def run_boxed(spec: ChildSpec, pipe_fd: int, layers: list[str]) -> ExitCode:
     """The inner box (stdio, fds, rlimits, user, Landlock, seccomp), then the handler."""
     sandbox.set_name(JOB_NAME)
     pipe_fd, more = sandbox.enter(spec.plan, pipe_fd)
-    if not logging_ready:
-        _reset_logging()
+    _reset_logging()
     writer = MessageWriter(pipe_fd, spec.message_cap)
     return _run_handler(spec, writer, layers + more)
 
@@ -143,7 +145,8 @@ def _read_exactly(fd: int, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def _run_handler(spec: ChildSpec, writer: MessageWriter, layers: list[str]) -> ExitCode:
+def _run_handler(spec: ChildSpec, writer: MessageWriter, layers: list[str],
+                 early: sandbox.Confinement | None = None) -> ExitCode:
     plan = spec.plan
     ctx = Context(
         job_id=spec.job_id, operation=spec.operation, attempt=spec.attempt, workdir=plan.workdir,
@@ -152,7 +155,7 @@ def _run_handler(spec: ChildSpec, writer: MessageWriter, layers: list[str]) -> E
     )
     try:
         payload = spec.handler.validate(spec.data)
-        layers = layers + sandbox.confine(plan, spec.handler.input_paths(payload))
+        layers = layers + sandbox.confine(plan, spec.handler.input_paths(payload), early)
         writer.send({"type": "sandbox", "layers": layers})
         out = spec.handler.execute(ctx, payload)
         message = _result_message(out)

@@ -55,17 +55,34 @@ def restrict(read: Iterable[str], write: Iterable[str], version: int) -> None:
 
     Paths that do not exist are skipped. Requires NO_NEW_PRIVS (or CAP_SYS_ADMIN).
     """
+    enforce(ruleset(read, write, version), [], version)
+
+
+def ruleset(read: Iterable[str], write: Iterable[str], version: int) -> int:
+    """A ruleset fd allowing read-only access below `read` and full access below `write`, to be
+    enforced later (a rule holds the path's inode: a dir renamed afterwards stays allowed)."""
     handled = _handled(version)
     attr = (ctypes.c_uint64 * 3)(handled, 0, 0)
-    ruleset = _check(_libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(8),
-                                   ctypes.c_uint32(0)), "create_ruleset")
+    fd = _check(_libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(8),
+                              ctypes.c_uint32(0)), "create_ruleset")
     try:
         for paths, rights in ((read, READ & handled), (write, handled)):
             for path in paths:
-                _add(ruleset, path, rights)
-        _check(_libc.syscall(_SYS_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)), "restrict_self")
+                _add(fd, path, rights)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def enforce(fd: int, read: Iterable[str], version: int) -> None:
+    """Add read-only access below `read` to ruleset `fd`, restrict this process to it; close it."""
+    try:
+        for path in read:
+            _add(fd, path, READ & _handled(version))
+        _check(_libc.syscall(_SYS_RESTRICT_SELF, fd, ctypes.c_uint32(0)), "restrict_self")
     finally:
-        os.close(ruleset)
+        os.close(fd)
 
 
 def _add(ruleset: int, path: str, rights: int) -> None:

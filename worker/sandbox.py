@@ -14,7 +14,6 @@ import ctypes
 import os
 import resource
 import select
-import shutil
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -122,9 +121,14 @@ def apply_rlimits(limits: Limits, cgroup_memory: bool, nproc: int | None) -> Non
         values.append((resource.RLIMIT_AS, _vm_size() + limits.memory_mb * mb))
     if nproc is not None:
         values.append((resource.RLIMIT_NPROC, nproc))
+    values.append((resource.RLIMIT_CPU, limits.cpu_seconds))
+    root = os.geteuid() == 0
     for res, value in values:
-        resource.setrlimit(res, (value, value))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 2))
+        hard = value + 2 if res == resource.RLIMIT_CPU else value
+        if not root:  # (a spare, after dropping privileges) a hard limit can only go down
+            ceiling = resource.getrlimit(res)[1]
+            hard = hard if ceiling == resource.RLIM_INFINITY else min(hard, ceiling)
+        resource.setrlimit(res, (min(value, hard), hard))
 
 
 def make_workdir(workdir: Path, uid: int | None, gid: int | None) -> None:
@@ -144,14 +148,6 @@ def premake_workdir(scratch: Path, uid: int | None, gid: int | None) -> None:
             os.chown(scratch / name, uid, gid)
 
 
-def claim_workdir(scratch: Path, workdir: Path) -> None:
-    """Rename a spare's work dir to its job's; an existing one (a retry's) is kept instead."""
-    try:
-        os.rename(scratch, workdir)
-    except OSError:  # the job's dir exists (an earlier attempt): use it, drop the spare's
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 def redirect_stdio(workdir: Path) -> None:
     """stdin from /dev/null; stdout and stderr appended to files in the job's work dir."""
     null = os.open(os.devnull, os.O_RDONLY)
@@ -163,13 +159,12 @@ def redirect_stdio(workdir: Path) -> None:
         os.close(out)
 
 
-def keep_only(fd: int, target: int = 3) -> int:
-    """Move `fd` to `target` and close every other fd above stdio; return the new fd."""
-    if fd != target:
+def keep_only(*fds: int) -> None:
+    """Move `fds` to 3, 4, … in order and close every other fd above stdio."""
+    moved = [os.dup(fd) for fd in fds]  # above every target, so no dup2 clobbers another
+    for target, fd in enumerate(moved, start=3):
         os.dup2(fd, target, inheritable=False)
-        os.close(fd)
-    os.closerange(target + 1, 1 << 20)
-    return target
+    os.closerange(3 + len(fds), 1 << 20)
 
 
 def scrub_environment(workdir: Path, extra: dict[str, str]) -> None:
@@ -265,22 +260,41 @@ def pid_namespaces_work() -> bool:
 
 
 def enter(plan: Plan, pipe_fd: int) -> tuple[int, list[str]]:
-    """Put the process that runs the job in its box; return the pipe's new fd and the layers."""
-    layers = ["rlimits", "closed-fds", "scrubbed-environment"]
+    """Put a fresh child in its inner box; return the pipe's new fd (3) and the layers."""
     os.umask(0o077)
     make_workdir(plan.workdir, plan.uid, plan.gid)
+    return 3, enter_early(plan, pipe_fd, rlimits=True) + enter_late(plan, rlimits=False)
+
+
+def enter_early(plan: Plan, *fds: int, rlimits: bool) -> list[str]:
+    """The inner box up to what depends on the job, in its existing work dir: stdio, fds
+    (`fds` moved to 3, 4, …), cwd, with `rlimits` the plan's rlimits, the user, NO_NEW_PRIVS."""
+    os.umask(0o077)
     redirect_stdio(plan.workdir)
-    pipe_fd = keep_only(pipe_fd)
-    scrub_environment(plan.workdir, plan.env)
-    os.chdir(plan.workdir)
-    cgroup_memory = plan.cgroup is not None and plan.cgroup.limits_memory
-    apply_rlimits(plan.limits, cgroup_memory, plan.nproc if plan.uid is not None else None)
+    keep_only(*fds)
+    os.chdir(plan.workdir)  # the cwd and stdio follow the dir if it is renamed
+    layers = ["closed-fds"]
+    if rlimits:
+        layers += _rlimits(plan)
     if plan.uid is not None and plan.gid is not None:
         drop_privileges(plan.uid, plan.gid, None if plan.pid_ns else plan.supervisor_pid)
         layers.append(f"user:{plan.uid}")
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     layers.append("no-new-privs")
-    return pipe_fd, layers
+    return layers
+
+
+def enter_late(plan: Plan, rlimits: bool) -> list[str]:
+    """What depends on the job: its environment and, with `rlimits`, its rlimits (a spare
+    lowers them after dropping privileges: they only ever go down)."""
+    scrub_environment(plan.workdir, plan.env)
+    return ["scrubbed-environment", *(_rlimits(plan) if rlimits else [])]
+
+
+def _rlimits(plan: Plan) -> list[str]:
+    cgroup_memory = plan.cgroup is not None and plan.cgroup.limits_memory
+    apply_rlimits(plan.limits, cgroup_memory, plan.nproc if plan.uid is not None else None)
+    return ["rlimits"]
 
 
 def drop_privileges(uid: int, gid: int, parent: int | None) -> None:
@@ -293,18 +307,39 @@ def drop_privileges(uid: int, gid: int, parent: int | None) -> None:
         os._exit(1)
 
 
-def confine(plan: Plan, inputs: list[str]) -> list[str]:
-    """Last steps before the handler runs: Landlock, then seccomp; return the layers applied."""
+def confine(plan: Plan, inputs: list[str], early: Confinement | None = None) -> list[str]:
+    """Last steps before the handler runs: Landlock (with the handler's `inputs`), then
+    seccomp, or what `early` left to do; return the layers applied."""
+    early = early or confine_early(plan, load_seccomp=False)
     layers = []
-    if plan.landlock_abi:
-        read = [*plan.read_paths, *inputs]
-        write = [str(plan.workdir), str(plan.output_dir), os.devnull]
-        landlock.restrict(read, write, plan.landlock_abi)
+    if early.ruleset >= 0:
+        landlock.enforce(early.ruleset, inputs, plan.landlock_abi)
         layers.append(f"landlock-abi{plan.landlock_abi}")
     if plan.seccomp is not None:
-        syscall_filter.load(plan.seccomp)
+        if not early.seccomp:
+            syscall_filter.load(plan.seccomp)
         layers.append("seccomp")
     return layers
+
+
+@dataclass(frozen=True, slots=True)
+class Confinement:
+    """Confinement prepared before the job is known: a Landlock ruleset fd, seccomp loaded."""
+
+    ruleset: int = -1
+    seccomp: bool = False
+
+
+def confine_early(plan: Plan, load_seccomp: bool = True) -> Confinement:
+    """Build the Landlock ruleset for the runtime and the plan's dirs, and load seccomp (which
+    denies nothing a spare still does); the job's input paths are added by `confine`."""
+    ruleset = -1
+    if plan.landlock_abi:
+        write = [str(plan.workdir), str(plan.output_dir), os.devnull]
+        ruleset = landlock.ruleset(plan.read_paths, write, plan.landlock_abi)
+    if load_seccomp and plan.seccomp is not None:
+        syscall_filter.load(plan.seccomp)
+    return Confinement(ruleset, load_seccomp and plan.seccomp is not None)
 
 
 def readable_runtime() -> tuple[str, ...]:

@@ -48,16 +48,22 @@ class Spare:
     origin: int  # pid of the zygote that forked it
 
     def hand(self, order: Order) -> bool:
-        """Give the spare its job; False when it cannot take it (gone, or the order too big).
+        """Give the spare its job: its work dir becomes the job's, then the order goes down its
+        pipe. False when it cannot take it: the order is too big, the job's work dir exists
+        (an earlier attempt's, which a fresh child reuses), or the spare is gone.
 
-        On True the spare owns the job and the order pipe is closed; on False nothing changed.
+        On True the spare owns the job and the order pipe is closed.
         """
         data = encode_order(order)
         if len(data) > ORDER_MAX:
             return False
         try:
+            os.rename(self.scratch, order.workdir)  # a non-empty dir there is never replaced
+        except OSError:
+            return False
+        try:
             written = os.write(self.orders, data)
-        except OSError:  # it died while waiting (reaped soon) or its pipe is full
+        except OSError:  # it died while waiting (reaped soon); the job's dir is made already
             return False
         if written != len(data):  # cannot happen for an empty pipe; the spare would misread
             self.retire()

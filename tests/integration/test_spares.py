@@ -73,6 +73,35 @@ def test_a_job_that_needs_the_network_is_forked_afresh(make_worker) -> None:
     assert res["data"]["interfaces"] == host  # the host's network, not an empty namespace
 
 
+def test_a_spare_runs_its_job_under_the_job_s_own_limits(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1").start()
+    spares = _waiting(w, 1)
+    actions = [["rlimit", "RLIMIT_NOFILE"], ["rlimit", "RLIMIT_CPU"], ["whoami", None]]
+    w.drop(job("limited", "test.probe", {"actions": actions}, limits={"max_open_files": 100},
+               timeout_seconds=30))
+    res = w.wait_result("limited")
+    assert res["status"] == "completed"
+    assert _started_as(w, "limited") in spares
+    nofile, cpu, who = res["data"]["outcomes"]
+    assert nofile == "ok (100, 100)"  # lowered after the order, as the job user
+    assert cpu == "ok (30, 32)"  # CPU seconds default to the timeout
+    assert "uid=0" not in who
+
+
+def test_a_retry_finds_its_work_dir_and_is_forked_afresh(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1").start()
+    [first_spare] = _waiting(w, 1)
+    w.drop(job("again", "test.retry", {"succeed_on": 2}, max_attempts=2))
+    [next_spare] = _waiting(w, 1, without=(first_spare,))
+    res = w.wait_result("again")
+    assert res["status"] == "completed" and res["data"]["attempt"] == 2
+    first, second = (int(p) for p in re.findall(r"\[again\] running: pid (\d+)", w.log()))
+    assert first == first_spare
+    assert second != next_spare  # the work dir of attempt 1 exists: a fresh child appends to it
+    assert _waiting(w, 1) == [next_spare]
+    assert sorted(p.name for p in (w.work / "again").iterdir()) == ["stderr.log", "stdout.log"]
+
+
 def test_an_order_too_big_for_the_pipe_is_forked_afresh_and_the_spare_waits_on(
         make_worker) -> None:
     w = make_worker("--max-concurrent", "1").start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -182,6 +183,7 @@ _ACTIONS: dict[str, Any] = {
     "print": lambda text: print(text),  # no flush: the worker must not lose it
     "log": lambda text: logging.getLogger("probe").warning(text),
     "hold": lambda mb: len(_hold(int(mb))),
+    "rlimit": lambda name: resource.getrlimit(getattr(resource, name)),
 }
 
 
