@@ -12,14 +12,16 @@ Stages, in order:
 1. Baseline. A supervisor is started, runs 100 echo jobs, and its RSS is read (psutil). A separate
    probe process then imports what the supervisor imports, loads the handler registry, tops its
    RSS up to the supervisor's with touched memory, and times a bare os.fork() / os._exit(0) /
-   waitpid loop: one child at a time ("bare fork loop", the baseline), and two in flight.
+   waitpid loop: one child at a time ("bare fork loop", the baseline), and two in flight. The RSS
+   of the supervisor's forker is shown too (it, not the supervisor, forks the jobs).
 2. Burst throughput. On a fresh spool, N echo job files are staged in a sibling dir on the same
    filesystem; the supervisor is started (fsync on) and warmed up with 20 jobs; then all N are
    renamed into the inbox. Throughput is N / (first rename -> N-th result file present), counted
    with inotify on the results dir. At max_concurrent 1, 2 and 4 (median of 3 rounds; 1 with
    --quick); one extra row at the best concurrency with --no-fsync (not a target). Around each
    burst: the supervisor's own CPU seconds (its pid only, not its children) and its RSS before,
-   at peak (VmHWM, reset just before the burst) and after.
+   at peak (VmHWM, reset just before the burst) and after; the CPU seconds of its forker (the
+   process that forks every echo job and spare), shown beside it, not a target.
 3. Latency. At the best concurrency, one job is renamed into the inbox every 20 ms (50 jobs/s);
    the time until its result file appears (inotify on results/), and until its job file reaches
    done/ (which happens after the result's fsyncs, so the result is durable by then); p50, p99.
@@ -253,6 +255,18 @@ class SupervisorProc:
         t = self.ps.cpu_times()
         return float(t.user + t.system)
 
+    def forker(self) -> Any:
+        """The psutil handle of its lean forker (the process that forks every echo job)."""
+        kids = [k for k in self.ps.children() if k.name() == "gkw-forker"]
+        if not kids:
+            raise RuntimeError("the supervisor has no gkw-forker child")
+        return kids[0]
+
+    def forker_cpu(self) -> float:
+        """CPU seconds of the forker itself (its forks and reaping; not its children)."""
+        t = self.forker().cpu_times()
+        return float(t.user + t.system)
+
     def reset_peak(self) -> None:
         """Reset the kernel's peak-RSS mark (VmHWM) so that peak() covers what follows."""
         with contextlib.suppress(OSError):
@@ -409,11 +423,12 @@ def baseline(plan: Plan) -> dict[str, float]:
             supervising(spool, 2) as sup:
         warm_up(spool, sup, watch, 100)
         rss = sup.rss()
+        forker_rss = int(sup.forker().memory_info().rss)
     note(f"supervisor RSS {rss / MIB:.1f} MiB; timing {plan.forks} forks from a probe that size")
     wait_quiet(plan, "baseline")
     out = subprocess.run([sys.executable, __file__, "--fork-probe", str(rss), "--forks",
                           str(plan.forks)], capture_output=True, check=True, cwd=ROOT, env=worker_env())
-    return {"supervisor_rss": rss, **orjson.loads(out.stdout)}
+    return {"supervisor_rss": rss, "forker_rss": forker_rss, **orjson.loads(out.stdout)}
 
 
 # -- stage 2: burst throughput ------------------------------------------------------------------------
@@ -426,15 +441,16 @@ def burst(plan: Plan, concurrency: int, fsync: bool) -> dict[str, float]:
         wait_quiet(plan, f"burst k={concurrency} fsync={fsync}")
         with supervising(spool, concurrency, fsync) as sup:
             warm_up(spool, sup, watch)
-            rss_before, cpu0 = sup.rss(), sup.cpu()
+            rss_before, cpu0, fcpu0 = sup.rss(), sup.cpu(), sup.forker_cpu()
             sup.reset_peak()
             t0 = time.perf_counter()
             for name in names:
                 spool.drop(name)
             t1 = watch.wait(watch.count + len(names), sup)
-            cpu = sup.cpu() - cpu0
+            cpu, fcpu = sup.cpu() - cpu0, sup.forker_cpu() - fcpu0
             peak, rss_after = sup.peak(), sup.rss()
     return {"rate": len(names) / (t1 - t0), "cpu_us": cpu / len(names) * 1e6,
+            "forker_cpu_us": fcpu / len(names) * 1e6,
             "rss_before": rss_before, "rss_peak": peak, "rss_after": rss_after}
 
 
@@ -646,6 +662,8 @@ def report_baseline(rep: Report, b: dict[str, float]) -> tuple[float, float]:
     fork_rate = b["fork_loop"]
     fork_us = 1e6 / fork_rate
     rep.add("supervisor_rss_mb", "supervisor RSS after 100 jobs", b["supervisor_rss"] / MIB, "MiB")
+    rep.add("forker_rss_mb", "its forker's RSS (the process that forks the jobs)",
+            b["forker_rss"] / MIB, "MiB")
     rep.add("probe_imported_rss_mb", "probe RSS with the supervisor's imports", b["probe_imported_rss"] / MIB,
             "MiB")
     rep.add("probe_rss_mb", "probe RSS, padded", b["probe_rss"] / MIB, "MiB",
@@ -679,6 +697,8 @@ def report_bursts(rep: Report, bursts: dict[int, dict[str, Any]], nofsync: dict[
                 r["cpu_us"] / fork_us, "bare fork")
     rep.add("cpu_us_per_job", "supervisor CPU per job, best", top["cpu_us"], "us", top["cpu_us"] / fork_us,
             "bare fork")
+    rep.add("forker_cpu_us_per_job", "its forker's CPU per job, best (not a target)",
+            top["forker_cpu_us"], "us", top["forker_cpu_us"] / fork_us, "bare fork")
     rep.add("cpu_us_per_job_nofsync", "supervisor CPU per job, --no-fsync", nofsync["cpu_us"], "us",
             nofsync["cpu_us"] / fork_us, "bare fork")
     rep.add("rss_before_mb", "supervisor RSS before the burst", top["rss_before"] / MIB, "MiB")
