@@ -54,11 +54,12 @@ def run_child(spec: ChildSpec, pipe_fd: int) -> NoReturn:
 
 
 def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: int,
-              pipe_fd: int) -> NoReturn:
+              pipe_fd: int, ready_fd: int) -> NoReturn:
     """Box itself as far as no job is needed, wait for one order, then run that job; never
     returns. The supervisor renames the spare's work dir to the job's before the order.
 
-    End of file on `orders_fd` with no order means the spare is no longer wanted: exit 0.
+    It closes `ready_fd` once it is done with its work dir by path. End of file on
+    `orders_fd` with no order means the spare is no longer wanted: exit 0.
     """
     code = ExitCode.SANDBOX
     try:
@@ -66,9 +67,10 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
         sandbox.set_name(SPARE_NAME)
         layers = sandbox.enter_privileged(base)
         sandbox.premake_workdir(base.workdir, base.uid, base.gid)
-        layers += sandbox.enter_early(base, pipe_fd, orders_fd, rlimits=False)  # 3 and 4
+        layers += sandbox.enter_early(base, pipe_fd, orders_fd, ready_fd, rlimits=False)
         early = sandbox.confine_early(base)
         _reset_logging()  # its handler writes to fd 2, the job's stderr.log
+        os.close(5)  # ready_fd: boxed
         order = read_order(4)
         os.close(4)
         if order is None:

@@ -191,19 +191,29 @@ class _Server:
         self.sock = sock
         self.handlers = handlers
         self.me = os.getpid()
+        self.boxing: dict[int, tuple[int, int]] = {}  # readiness fd -> (token, pid) of a spare
 
     def loop(self) -> None:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         while True:
-            ready, _, _ = select.select([self.sock.fileno(), r], [], [])
+            ready, _, _ = select.select([self.sock.fileno(), r, *self.boxing], [], [])
             if r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(r, 4096)
-                self._report_exits()
+            for fd in set(ready) & set(self.boxing):
+                self._spare_ready(fd)
+            if r in ready:
+                self._report_exits()  # after any readiness of the same spare
             if self.sock.fileno() in ready and not self._serve_one():
                 return
+
+    def _spare_ready(self, fd: int) -> None:
+        """A spare finished boxing itself (or died trying): now it may be given a job."""
+        token, pid = self.boxing.pop(fd)
+        os.close(fd)
+        self._send(("spawned", token, pid))
 
     def _serve_one(self) -> bool:
         """Serve one request; False when the supervisor closed its end."""
@@ -219,8 +229,8 @@ class _Server:
                 spec = dataclasses.replace(spec, plan=plan, handler=handler)
                 pid = self._fork(plan.pid_ns, lambda: run_child(spec, fds[0]))
             else:
-                base = dataclasses.replace(body, supervisor_pid=self.me)
-                pid = self._fork(base.pid_ns, lambda: run_spare(base, self.handlers, *fds[:2]))
+                self._fork_spare(token, dataclasses.replace(body, supervisor_pid=self.me), fds)
+                return True
         except OSError as e:
             self._send(("failed", token, str(e)))
         else:
@@ -229,6 +239,20 @@ class _Server:
             for fd in fds:
                 os.close(fd)
         return True
+
+    def _fork_spare(self, token: int, base: sandbox.Plan, fds: list[int]) -> None:
+        """Fork a spare; it is reported once it says it is boxed (the supervisor renames its
+        work dir when it hands it a job, so it must be done with that dir by path)."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = self._fork(base.pid_ns,
+                             lambda: run_spare(base, self.handlers, fds[0], fds[1], w))
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        self.boxing[r] = (token, pid)
 
     def _fork(self, pid_ns: bool, run: Callable[[], NoReturn]) -> int:
         with signals.blocked():
