@@ -74,7 +74,12 @@ class Settings(BaseModel):
     )
     fsync: bool = Field(True, description="fsync results and state changes (durability)")
     spares: bool = Field(
-        True, description="Keep a boxed child waiting per free slot so that jobs start at once"
+        True, description="Keep a boxed child waiting per slot so that jobs start at once"
+    )
+    queue_window: int = Field(
+        1000, ge=1,
+        description="Ready jobs held in memory; more wait in a compact backlog, read back from "
+                    "their claimed files when they reach the front",
     )
     log_format: str = Field(
         "auto", pattern="^(auto|human|json|journal)$", description="auto|human|json|journal"

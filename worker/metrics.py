@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import http
-import http.client
 import math
 import re
 import selectors
@@ -594,6 +593,8 @@ def parse_address(text: str) -> tuple[str, int]:
 
 def fetch(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """GET ``path`` from a running worker: (status, body); OSError/HTTPException on failure."""
+    import http.client  # only the CLI asks: the supervisor would carry it (and ssl) for nothing
+
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", path)

@@ -9,6 +9,7 @@ import itertools
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from worker import fsutil
 from worker.config import Settings
 from worker.errors import SpoolLocked
 from worker.spec import dumps, dumps_pretty, loads, rfc3339
+
+#: Up to this many inbox files, a scan takes them oldest-named first.
+SORTED_SCAN = 10_000
 
 ACTIVE, RETRY = ".active", ".retry"
 
@@ -67,7 +71,19 @@ class Spool:
     def inbox_names(self) -> list[str]:
         """Names in the inbox that look like job files, oldest-named first."""
         with os.scandir(self.inbox) as it:
-            return sorted(e.name for e in it if e.name.endswith(".json") and e.name[0] != ".")
+            return sorted(e.name for e in it if _job_name(e.name))
+
+    def each_inbox_name(self, sort_up_to: int = SORTED_SCAN) -> Iterator[str]:
+        """The inbox's job file names for a scan: oldest-named first when there are at most
+        `sort_up_to`, else in directory order, so a deep inbox is never held in memory."""
+        with os.scandir(self.inbox) as it:
+            names = (e.name for e in it if _job_name(e.name))
+            first = list(itertools.islice(names, sort_up_to + 1))
+            if len(first) <= sort_up_to:
+                yield from sorted(first)
+                return
+            yield from first
+            yield from names
 
     def claim(self, name: str) -> str | None:
         """Move an inbox file into .active under a unique name; None when it is gone."""
@@ -260,6 +276,10 @@ def original_name(claimed: str) -> str:
     if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
         return parts[2]
     return claimed
+
+
+def _job_name(name: str) -> bool:
+    return name.endswith(".json") and name[0] != "."
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

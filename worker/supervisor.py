@@ -6,6 +6,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import os
 import selectors
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 
 from handlers.base import Handler
 from worker import cgroups, isolation, memory, sandbox
+from worker.backlog import Backlog, Entry
 from worker.child import ChildSpec, Order
 from worker.config import Settings
 from worker.errors import ErrorCode, UnsafeFile
@@ -38,6 +40,7 @@ log = logging.getLogger("guestkit.supervisor")
 
 #: A queue that held this many jobs gives its memory back when it empties.
 COMPACT_AFTER = 1000
+
 HOUSEKEEPING = 1.0  #: longest the loop sleeps: retries, deadlines and waiting jobs are checked
 STATUS_EVERY = 0.25  #: at most this often a running job's progress is written to its status
 
@@ -64,7 +67,8 @@ class Supervisor:
         self._seq = itertools.count()
         self.held = 0  # most jobs held at once since the queue was last empty
         self.sel = selectors.DefaultSelector()
-        self.intake = Intake(self.spool, registry, settings, version, self.jobs.__contains__)
+        self.backlog = Backlog()  # queued beyond queue_window: held by their files
+        self.intake = Intake(self.spool, registry, settings, version, self._known)
         self.service = Service(settings, version)
         self.remote = remote or Remote()
         self.service.ready_check = self.remote.healthy
@@ -201,7 +205,7 @@ class Supervisor:
         self.service.heartbeat(now, self._status_text())
 
     def _status_text(self) -> str:
-        queued = len(self.jobs) - len(self.running)
+        queued = len(self.jobs) - len(self.running) + len(self.backlog)
         text = f"running {len(self.running)}/{self.settings.max_concurrent}, queued {queued}"
         return f"draining: {text}" if self.draining else text
 
@@ -210,8 +214,10 @@ class Supervisor:
         m = self.service.m
         m.running_jobs.set(len(self.running))
         waiting = [j for j in self.jobs.values() if j.run is None]
-        m.queue_depth.set(len(waiting))
+        m.queue_depth.set(len(waiting) + len(self.backlog))
         oldest = min((j.queued_at for j in waiting), default=None)
+        if (name := self.backlog.oldest()) is not None and name[:20].isdigit():
+            oldest = min(oldest or math.inf, int(name[:20]) / 1e9)  # claimed: time_ns first
         m.oldest_queued_age.set(time.time() - oldest if oldest else 0.0)
 
     def _timeout(self) -> float:
@@ -255,7 +261,7 @@ class Supervisor:
             self._scan()
 
     def _scan(self) -> None:
-        for name in self.spool.inbox_names():
+        for name in self.spool.each_inbox_name():
             self._take(name)
         for name in os.listdir(self.spool.cancel_dir):
             self._on_cancel(name)
@@ -282,32 +288,68 @@ class Supervisor:
         acc.job.message_id = message_id
         self._admit(acc)
 
-    def _admit(self, acc: Accepted) -> None:
+    def _admit(self, acc: Accepted, seq: int | None = None) -> None:
+        """Take a valid job into the queue; `seq`: its rank kept in the backlog (no new log)."""
         job = acc.job
         job.observability = acc.doc.observability.model_dump() if acc.doc.observability else None
         self.jobs[job.job_id] = job
-        self.held = max(self.held, len(self.jobs))
+        self.held = max(self.held, len(self.jobs) + len(self.backlog))
         if acc.ending is not None:
             self._conclude(job, acc.ending)
             return
         if self.spool.cancel_requested(job.job_id) and job.cancellable:
             self._cancel_queued(job)
             return
-        self._log(job, "queued: %s, priority %d, attempt %d/%d", job.operation, job.priority,
-                  job.attempt, job.max_attempts)
+        if seq is None:
+            self._log(job, "queued: %s, priority %d, attempt %d/%d", job.operation, job.priority,
+                      job.attempt, job.max_attempts)
         if job.waiting_for:
             self._wait(job, job.waiting_for)
         elif job.not_before > time.time():
             heapq.heappush(self.retries, (job.not_before, job.job_id))
             self._write_status(job)
         else:
-            self._enqueue(job)
+            self._enqueue(job, seq)
 
-    def _enqueue(self, job: Job) -> None:
-        """Ready to run: no status file is needed (a claimed file without one is queued)."""
-        heapq.heappush(self.ready, (-job.priority, next(self._seq), job.job_id))
+    def _enqueue(self, job: Job, seq: int | None = None) -> None:
+        """Ready to run: no status file is needed (a claimed file without one is queued).
+        Beyond `queue_window` a new arrival waits in the backlog, held by its file alone."""
+        if seq is not None:  # back from the backlog, its status as it was
+            heapq.heappush(self.ready, (-job.priority, seq, job.job_id))
+            return
+        seq = next(self._seq)
         if job.attempt > 1 or (self.spool.status_dir / f"{job.job_id}.json").exists():
             self._write_status(job)  # replace a stale waiting/retry status
+        if (len(self.ready) >= self.settings.queue_window and job.where == ACTIVE and job.message_id is None
+                and self.backlog.add(job.job_id, job.claimed, job.priority, seq,
+                                     job.attempt if job.attempt > 1 else None)):
+            del self.jobs[job.job_id]
+            return
+        heapq.heappush(self.ready, (-job.priority, seq, job.job_id))
+
+    def _known(self, job_id: str) -> bool:
+        """Whether a job with this id is queued, waiting or running here."""
+        return job_id in self.jobs or job_id in self.backlog
+
+    def _promote_front(self) -> None:
+        """Bring the backlog's front job into the heap while it ranks ahead of the heap's."""
+        while (best := self.backlog.best()) is not None and (
+                not self.ready or best < self.ready[0][:2]):
+            entry = self.backlog.pop()
+            assert entry is not None
+            self._promote(entry)
+
+    def _promote(self, entry: Entry) -> None:
+        """Read a backlog job back from its claimed file and admit it with its rank."""
+        try:
+            data = self.spool.path(ACTIVE, entry.claimed).read_bytes()
+        except OSError as e:
+            log.error("job %r: its claimed file %s could not be read back (%s); it is not run",
+                      entry.job_id, entry.claimed, e)
+            return
+        acc = self.intake.admit(ACTIVE, entry.claimed, data, entry.claimed, attempt=entry.attempt)
+        if acc is not None:
+            self._admit(acc, seq=entry.seq)
 
     def _wait(self, job: Job, why: str) -> None:
         job.waiting_for = why
@@ -318,7 +360,10 @@ class Supervisor:
     # -- dispatch -------------------------------------------------------------------------------
 
     def _fill_slots(self, now: float) -> None:
-        while self.ready and len(self.running) < self.settings.max_concurrent and not self.draining:
+        while len(self.running) < self.settings.max_concurrent and not self.draining:
+            self._promote_front()
+            if not self.ready:
+                return
             job_id = self.ready[0][2]
             job = self.jobs.get(job_id)
             if job is not None and self._spare_due(job):
@@ -671,7 +716,7 @@ class Supervisor:
                                 f"{end.code}: {end.message}" if end.code else ""))
         self.jobs.pop(job.job_id, None)
         self.waiting.discard(job.job_id)
-        if not self.jobs and self.held >= COMPACT_AFTER:
+        if not self.jobs and not self.backlog and self.held >= COMPACT_AFTER:
             self._compact()
         m = self.service.m
         m.jobs.labels(operation=job.operation, outcome=end.code or end.status).inc()
@@ -715,6 +760,9 @@ class Supervisor:
 
     def _on_cancel(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
+        if job is None and (entry := self.backlog.take(job_id)) is not None:
+            self._promote(entry)  # admitting it again sees the request
+            return
         if job is None:
             if self.spool.has_result(job_id):
                 self.spool.clear_cancel(job_id)
@@ -817,9 +865,10 @@ class Supervisor:
         self.service.ready(self._status_text())
 
     def _dump(self) -> None:
-        log.info("status: %d running, %d queued, %d waiting, %d retrying, draining=%s",
-                 len(self.running), len(self.ready), len(self.waiting), len(self.retries),
-                 self.draining)
+        log.info("status: %d running, %d queued (%d of them in the backlog), %d waiting, "
+                 "%d retrying, draining=%s", len(self.running),
+                 len(self.ready) + len(self.backlog), len(self.backlog), len(self.waiting),
+                 len(self.retries), self.draining)
         for job in self.running.values():
             assert job.run is not None
             self._log(job, "running pid %d for %.1f s, progress %s", job.run.pid,

@@ -1,0 +1,79 @@
+"""The backlog keeps queued jobs compactly and gives them back in the heap's order."""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+from worker.backlog import Backlog
+
+
+def _fill(b: Backlog, jobs: list[tuple[str, int]]) -> None:
+    for seq, (job_id, priority) in enumerate(jobs):
+        assert b.add(job_id, f"{seq:020d}-000001-{job_id}.json", priority, seq)
+
+
+def test_it_gives_jobs_back_by_priority_then_arrival_as_the_heap_would() -> None:
+    rng = random.Random(7)
+    jobs = [(f"job-{i}", rng.randint(1, 10)) for i in range(3000)]
+    b = Backlog()
+    _fill(b, jobs)
+    heap = [(-p, seq, job_id) for seq, (job_id, p) in enumerate(jobs)]
+    heapq.heapify(heap)
+    while heap:
+        want = heapq.heappop(heap)
+        assert b.best() == want[:2]
+        got = b.pop()
+        assert got is not None and (-got.priority, got.seq, got.job_id) == want
+        assert got.claimed == f"{got.seq:020d}-000001-{got.job_id}.json"
+    assert len(b) == 0 and b.best() is None and b.pop() is None
+
+
+def test_it_knows_which_ids_it_holds_and_gives_up_one_on_request() -> None:
+    b = Backlog()
+    _fill(b, [("a", 5), ("b", 5), ("c", 5)])
+    assert "b" in b and "z" not in b and len(b) == 3
+    taken = b.take("b")
+    assert taken is not None and taken.job_id == "b" and taken.seq == 1
+    assert "b" not in b and b.take("b") is None and len(b) == 2
+    assert [b.pop().job_id, b.pop().job_id] == ["a", "c"]  # type: ignore[union-attr]
+
+
+def test_an_id_can_come_back_once_it_left() -> None:
+    b = Backlog()
+    _fill(b, [("again", 3)])
+    assert b.pop() is not None
+    assert "again" not in b
+    assert b.add("again", "x.json", 3, 10)
+    assert "again" in b
+
+
+def test_odd_file_names_and_attempts_come_back_unchanged() -> None:
+    b = Backlog()
+    name = "caf\udce9-\u00e9t\u00e9.json"  # a non-UTF-8 byte as os.listdir gives it
+    assert b.add("id-1", name, 5, 1, attempt=3)
+    assert b.add("id-2", "plain.json", 5, 2)
+    first, second = b.pop(), b.pop()
+    assert first is not None and (first.claimed, first.attempt) == (name, 3)
+    assert second is not None and second.attempt is None
+
+
+def test_space_of_jobs_gone_from_the_front_is_given_back() -> None:
+    b = Backlog()
+    _fill(b, [(f"j{i}", 5) for i in range(20_000)])
+    lane = b._lanes[5]
+    size = len(lane.text)
+    for _ in range(15_000):
+        assert b.pop() is not None
+    b.best()
+    assert len(lane.text) < size / 2 and len(lane.seqs) <= 5_000 + 4096
+    for _ in range(5_000):
+        assert b.pop() is not None
+    assert b._lanes == {} and len(b._ids) == 8  # empty: every buffer given back
+
+
+def test_a_rank_too_far_from_the_first_is_refused_not_wrapped() -> None:
+    b = Backlog()
+    assert b.add("first", "a.json", 5, 100)
+    assert not b.add("far", "b.json", 5, 100 + (1 << 32))
+    assert "far" not in b and len(b) == 1
