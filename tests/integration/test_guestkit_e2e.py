@@ -104,7 +104,7 @@ def test_images_outside_the_roots_are_rejected_before_fork(gk: Worker, images: P
 
 def test_every_example_job_ends_with_a_specific_outcome(gk: Worker) -> None:
     for path in sorted(EXAMPLES.glob("*.json")):
-        shutil.copy(path, gk.jobs / path.name)
+        shutil.copyfile(path, gk.jobs / path.name)  # written in place, no chmod after close
     expected = {
         "job-01JAB5D9XAMBNCPDQERF": "UNSUPPORTED_OPERATION",  # guestkit.fix has no handler
         "echo-test-001": None,

@@ -43,7 +43,7 @@ def test_original_quick_start(make_worker) -> None:
 
 def test_every_example_ends_with_a_clear_outcome(worker: Worker) -> None:
     for path in sorted(EXAMPLES.glob("*.json")):
-        shutil.copy(path, worker.jobs / path.name)
+        shutil.copyfile(path, worker.jobs / path.name)  # written in place, no chmod after close
     ids = {orjson.loads(p.read_bytes())["job_id"] for p in EXAMPLES.glob("*.json")}
     for job_id in ids:
         res = worker.wait_result(job_id)
