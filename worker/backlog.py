@@ -28,8 +28,27 @@ class Entry:
     attempt: int | None  # the attempt it was queued for, when not its document's own
 
 
+def _pack(claimed: str, job_id: str) -> bytes:
+    """One record: `0 claimed NUL job_id`, or `1 len(job_id) claimed` when the claimed name
+    ends with `-<job_id>.json` (a file named after its job, as most are): no id twice."""
+    name = claimed.encode("utf-8", "surrogateescape")
+    ident = job_id.encode()
+    if len(ident) < 256 and name.endswith(b"-" + ident + b".json"):
+        return bytes((1, len(ident))) + name
+    return b"\0" + name + b"\0" + ident
+
+
+def _unpack(record: bytes) -> tuple[str, str]:
+    if record[0] == 1:
+        name = record[2:]
+        ident = name[len(name) - 5 - record[1]:-5]
+    else:
+        name, ident = record[1:].split(b"\0", 1)
+    return name.decode("utf-8", "surrogateescape"), ident.decode()
+
+
 class _Lane:
-    """The jobs of one priority in arrival order; records are `claimed NUL job_id`."""
+    """The jobs of one priority in arrival order, each record packed by `_pack`."""
 
     __slots__ = ("alive", "head", "live", "offset", "seqs", "sizes", "text")
 
@@ -61,17 +80,15 @@ class _Lane:
         return self.head if self.head < len(self.sizes) else None
 
     def record(self, index: int, offset: int) -> tuple[str, str]:
-        claimed, job_id = bytes(self.text[offset:offset + self.sizes[index]]).split(b"\0", 1)
-        return claimed.decode("utf-8", "surrogateescape"), job_id.decode()
+        return _unpack(bytes(self.text[offset:offset + self.sizes[index]]))
 
     def find(self, job_id: str) -> tuple[int, int] | None:
         """(index, offset) of the live entry for `job_id`: a walk of the lane (cancel only)."""
-        index, offset, tail = self.head, self.offset, b"\0" + job_id.encode()
+        index, offset = self.head, self.offset
         while index < len(self.sizes):
-            end = offset + self.sizes[index]
-            if self.alive[index] and self.text.endswith(tail, offset, end):
+            if self.alive[index] and self.record(index, offset)[1] == job_id:
                 return index, offset
-            index, offset = index + 1, end
+            index, offset = index + 1, offset + self.sizes[index]
         return None
 
 
@@ -102,7 +119,7 @@ class Backlog:
         """Hold a queued job; False (nothing held) when it cannot be: keep it as it is."""
         if self._base is None:
             self._base = seq
-        record = claimed.encode("utf-8", "surrogateescape") + b"\0" + job_id.encode()
+        record = _pack(claimed, job_id)
         if not 0 <= seq - self._base < 1 << 32 or len(record) >= 1 << 16:
             return False
         self._lanes.setdefault(priority, _Lane()).push(record, seq - self._base)
@@ -189,7 +206,7 @@ class Backlog:
     def _rehash(self) -> None:
         old = self._ids
         size = 8
-        while size < (self._count + 1) * 3:
+        while size < (self._count + 1) * 2:  # half full after growing, two thirds at most
             size *= 2
         self._ids, self._used = array("q", [0]) * size, 0
         for key in old:

@@ -77,7 +77,7 @@ class Settings(BaseModel):
         True, description="Keep a boxed child waiting per slot so that jobs start at once"
     )
     queue_window: int = Field(
-        1000, ge=1,
+        500, ge=1,
         description="Ready jobs held in memory; more wait in a compact backlog, read back from "
                     "their claimed files when they reach the front",
     )

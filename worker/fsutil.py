@@ -67,7 +67,7 @@ def publish_noreplace(path: Path, data: bytes, *, fsync: bool = True, sync_dir: 
     return True
 
 
-def open_regular(path: Path) -> tuple[int, os.stat_result]:
+def open_regular(path: str | Path) -> tuple[int, os.stat_result]:
     """Open `path` for reading without following a symlink; raise UnsafeFile unless it is a regular file."""
     try:
         fd = os.open(path, _READ_FLAGS)

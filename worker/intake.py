@@ -51,7 +51,7 @@ class Intake:
 
     def take(self, name: str) -> Accepted | None:
         """Claim and validate inbox file `name`; None when gone, still open, or rejected."""
-        src = self.spool.inbox / name
+        src = self.spool.inbox_file(name)
         try:
             fd, st = fsutil.open_regular(src)
         except FileNotFoundError:
@@ -143,7 +143,7 @@ class Intake:
             observability=doc.observability.model_dump() if doc.observability else None,
         )
 
-    def _reject(self, src: Path, job_id: str | None, code: ErrorCode, message: str,
+    def _reject(self, src: str | Path, job_id: str | None, code: ErrorCode, message: str,
                 duplicate_of: str | None = None) -> None:
         """Move a file aside with its reason; write a failed result when a safe, new id is known."""
         record: dict[str, Any] = {"job_id": job_id or duplicate_of, "code": code.value,

@@ -29,6 +29,7 @@ class Spool:
 
     def __init__(self, settings: Settings) -> None:
         self.inbox = settings.jobs_dir.absolute()
+        self._inbox = os.fspath(self.inbox)
         self.results = settings.results_dir.absolute()
         self.work = settings.work_dir.absolute()
         self.fsync = settings.fsync
@@ -89,7 +90,7 @@ class Spool:
         """Move an inbox file into .active under a unique name; None when it is gone."""
         claimed = f"{time.time_ns():020d}-{next(self._seq):06d}-{name}"
         try:
-            os.rename(self.inbox / name, self.inbox / ACTIVE / claimed)
+            os.rename(self.inbox_file(name), self.path(ACTIVE, claimed))
         except FileNotFoundError:
             return None
         return claimed
@@ -98,24 +99,37 @@ class Spool:
         """Store a job delivered by a shared queue as a claimed file; return its claimed name."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in message_id)
         claimed = f"{time.time_ns():020d}-{next(self._seq):06d}-queue-{safe}.json"
-        fsutil.write_atomic(self.inbox / ACTIVE / claimed, data, fsync=self.fsync)
+        fsutil.write_atomic(Path(self.path(ACTIVE, claimed)), data, fsync=self.fsync)
         return claimed
 
-    def path(self, where: str, claimed: str) -> Path:
-        """Where a claimed job file lives (`where` is .active or .retry)."""
-        return self.inbox / where / claimed
+    def path(self, where: str, claimed: str) -> str:
+        """Where a claimed job file lives (`where` is .active or .retry).
+
+        Per-job paths are plain strings: pathlib interns every name it parses, and the
+        interpreter's table of interned strings never shrinks.
+        """
+        return f"{self._inbox}/{where}/{claimed}"
+
+    def inbox_file(self, name: str) -> str:
+        """The path of inbox file `name`."""
+        return f"{self._inbox}/{name}"
+
+    def read(self, where: str, claimed: str) -> bytes:
+        """The bytes of a claimed job file (the supervisor's own: no checks needed)."""
+        with open(self.path(where, claimed), "rb") as f:
+            return f.read()
 
     def move(self, claimed: str, src: str, dst: str) -> None:
         """Move a claimed job file between .active and .retry."""
-        os.rename(self.inbox / src / claimed, self.inbox / dst / claimed)
+        os.rename(self.path(src, claimed), self.path(dst, claimed))
 
     def claimed(self) -> list[tuple[str, str]]:
         """Every claimed job file as (where, name), for recovery."""
         return [(w, n) for w in (ACTIVE, RETRY) for n in sorted(os.listdir(self.inbox / w))]
 
-    def reject(self, src: Path, record: dict[str, Any]) -> Path:
+    def reject(self, src: str | Path, record: dict[str, Any]) -> Path:
         """Move an unacceptable file aside into rejected/ with a `<name>.error.json` beside it."""
-        name = original_name(src.name)
+        name = original_name(os.path.basename(src))
         dest = self.rejected / name
         if dest.exists() or dest.is_symlink():
             dest = self.rejected / f"{time.time_ns()}-{name}"
@@ -132,7 +146,7 @@ class Spool:
             fsutil.write_atomic(dest.with_name(f"{job_id}.reason.txt"), (reason + "\n").encode(),
                                 fsync=False)
         with contextlib.suppress(FileNotFoundError):
-            os.replace(self.inbox / where / claimed, dest)
+            os.replace(self.path(where, claimed), dest)
         self.remove_status(job_id)
         self.clear_cancel(job_id)
 
@@ -162,7 +176,7 @@ class Spool:
                     out.append(doc)
         known = {d.get("job_id") for d in out}
         for where, claimed in self.claimed():
-            doc = _read_json(self.path(where, claimed)) or {}
+            doc = _read_json(Path(self.path(where, claimed))) or {}
             jid = doc.get("job_id")
             if isinstance(jid, str) and jid not in known:
                 ex = doc.get("execution") or {}

@@ -342,7 +342,7 @@ class Supervisor:
     def _promote(self, entry: Entry) -> None:
         """Read a backlog job back from its claimed file and admit it with its rank."""
         try:
-            data = self.spool.path(ACTIVE, entry.claimed).read_bytes()
+            data = self.spool.read(ACTIVE, entry.claimed)
         except OSError as e:
             log.error("job %r: its claimed file %s could not be read back (%s); it is not run",
                       entry.job_id, entry.claimed, e)
@@ -392,7 +392,7 @@ class Supervisor:
         if job.idempotency_key and not self._own_key(job):
             return
         # validated at intake; only the payload is read again (waiting jobs do not hold it)
-        data = loads(self.spool.path(job.where, job.claimed).read_bytes())["payload"]["data"]
+        data = loads(self.spool.read(job.where, job.claimed))["payload"]["data"]
         handler = self.registry.get(job.operation)
         assert handler is not None
         limits = self._limits(job.operation, job.asked_limits, job.timeout)
@@ -781,13 +781,12 @@ class Supervisor:
     def _recover(self) -> None:
         """Bring back every claimed job after a restart (DESIGN §3)."""
         for where, claimed in self.spool.claimed():
-            path = self.spool.path(where, claimed)
             try:
-                data = path.read_bytes()
+                data = self.spool.read(where, claimed)
                 doc, _ = parse_job(data, claimed)
             except Exception:
-                self.intake.admit(where, claimed, path.read_bytes(), claimed)  # rejects it
-                continue
+                self.intake.admit(where, claimed, self.spool.read(where, claimed), claimed)
+                continue  # rejected
             if self.spool.has_result(doc.job_id):
                 first = self.spool.read_result(doc.job_id) or {}
                 self.spool.archive(where, claimed, doc.job_id, first.get("status") == "completed")

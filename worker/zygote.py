@@ -102,10 +102,15 @@ class Zygote:
         return token
 
     def reports(self) -> list[Report]:
-        """Every report that arrived since the last call, without blocking."""
+        """Every report that arrived since the last call, without blocking; OSError once the
+        zygote has gone and every report it sent was read."""
         out, self.pending = self.pending, []
-        while (report := self._receive(block=False)) is not None:
-            out.append(report)
+        try:
+            while (report := self._receive(block=False)) is not None:
+                out.append(report)
+        except OSError:
+            if not out:
+                raise
         return out
 
     def close(self) -> None:

@@ -996,7 +996,7 @@ class RedisRemote(Remote):
                 if m is None:
                     continue
                 try:
-                    doc = _json(self.spool.path(where, claimed).read_bytes())
+                    doc = _json(self.spool.read(where, claimed))
                 except OSError:
                     continue
                 out[m.group(1)] = safe_job_id(doc or {}) or ""
