@@ -24,6 +24,9 @@ from worker.errors import ErrorCode, ExitCode, HandlerError
 from worker.progress import MessageTooLarge, MessageWriter
 
 SPARE_NAME = "gkw-spare"  #: process name of a spare waiting for its job
+#: A spare boxes itself at this nice value (back to 0 before it drops privileges), so that
+#: the slow part of its set-up takes only CPU that no running job wants.
+SPARE_NICE = 10
 JOB_NAME = "gkw-job"  #: process name of a child running a job
 
 
@@ -65,8 +68,10 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
     try:
         signals.reset_in_child()
         sandbox.set_name(SPARE_NAME)
+        os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
         layers = sandbox.enter_privileged(base)
         sandbox.premake_workdir(base.workdir, base.uid, base.gid)
+        os.setpriority(os.PRIO_PROCESS, 0, 0)  # still allowed: not yet the job user
         layers += sandbox.enter_early(base, pipe_fd, orders_fd, ready_fd, rlimits=False)
         early = sandbox.confine_early(base)
         _reset_logging()  # its handler writes to fd 2, the job's stderr.log

@@ -74,7 +74,7 @@ class Settings(BaseModel):
     )
     fsync: bool = Field(True, description="fsync results and state changes (durability)")
     spares: bool = Field(
-        True, description="Keep a boxed child waiting per slot so that jobs start at once"
+        True, description="Keep a boxed child waiting per free slot so that jobs start at once"
     )
     queue_window: int = Field(
         500, ge=1,

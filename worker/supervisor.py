@@ -198,7 +198,8 @@ class Supervisor:
         self._housekeep()
         self._fill_slots(now)
         self._archive_ended()
-        self.spares.keep(self.settings, self.draining)
+        self.spares.keep(self.settings, self.settings.max_concurrent - len(self.running),
+                         self.draining)
         free = self.settings.max_concurrent - len(self.running) - len(self.ready)
         self.remote.poll(now, 0 if self.draining else max(0, free),
                          [j.message_id for j in self.running.values() if j.message_id])
@@ -833,7 +834,7 @@ class Supervisor:
         self.draining = True
         self.drain_deadline = now + self.settings.shutdown_timeout
         self.remote.stop_intake()
-        self.spares.keep(self.settings, draining=True)
+        self.spares.keep(self.settings, 0, draining=True)
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(self.watch)
         log.info("%s: draining; %d running job(s) get %.0f s to finish", why, len(self.running),

@@ -8,7 +8,7 @@ import signal
 
 import orjson
 import psutil
-from conftest import Worker, job, no_process_left, wait_until
+from conftest import Worker, idle_spare, job, no_process_left, wait_until
 
 
 def _forkers(w: Worker) -> list[int]:
@@ -47,21 +47,18 @@ def test_the_supervisor_forks_no_job_the_forker_does(make_worker) -> None:
     wait_until(lambda: no_process_left([forker, pid]), [w.base], 10, "forker and job to die")
 
 
-def test_a_spare_waits_beside_a_running_job(make_worker) -> None:
+def test_spares_are_the_forker_s_and_their_jobs_run_at_normal_priority(make_worker) -> None:
     w = make_worker("--max-concurrent", "1").start()
-    assert w.proc is not None
     [forker] = _forkers(w)
-    w.drop(_hold("busy"))
-    pid = _running(w, "busy")
 
-    def spare_beside() -> list[int] | None:
-        names = {k.pid: k.name() for k in _kids(forker)}
-        spares = [p for p, n in names.items() if n == "gkw-spare"]
-        return spares if pid in names and len(spares) == 1 else None
+    def waiting() -> list[int] | None:
+        return [k.pid for k in _kids(forker) if k.name() == "gkw-spare" and idle_spare(k)] or None
 
-    [spare] = wait_until(spare_beside, [w.base, w.work], 20, "a spare beside the running job")
-    w.kill()
-    wait_until(lambda: no_process_left([forker, pid, spare]), [w.base], 10, "all to die")
+    [spare] = wait_until(waiting, [w.base, w.work], 20, "a spare under the forker")
+    w.drop(job("nice", "test.probe", {"actions": [["nice", None]]}))
+    res = w.wait_result("nice")
+    assert _running(w, "nice") == spare
+    assert res["data"]["outcomes"] == ["ok 0"]  # it boxed itself at nice 10, not its job
 
 
 def test_if_the_forker_dies_its_jobs_are_retried_from_a_new_one(make_worker) -> None:

@@ -1,4 +1,4 @@
-"""Spare children: boxed before their job exists, one per slot, each used at most once."""
+"""Spare children: boxed before their job exists, one per free slot, each used at most once."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _started_as(w: Worker, job_id: str) -> int:
     return int(found.group(1))
 
 
-def test_each_slot_has_a_spare_and_a_job_starts_on_one(make_worker) -> None:
+def test_each_free_slot_has_a_spare_and_a_job_starts_on_one(make_worker) -> None:
     w = make_worker("--max-concurrent", "2").start()
     before = _waiting(w, 2)
     w.drop(job("on-spare", "test.probe", {"actions": [["whoami", None], ["log", "via logging"]]}))

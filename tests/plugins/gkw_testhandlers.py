@@ -184,6 +184,7 @@ _ACTIONS: dict[str, Any] = {
     "log": lambda text: logging.getLogger("probe").warning(text),
     "hold": lambda mb: len(_hold(int(mb))),
     "rlimit": lambda name: resource.getrlimit(getattr(resource, name)),
+    "nice": lambda _: os.getpriority(os.PRIO_PROCESS, 0),
 }
 
 
