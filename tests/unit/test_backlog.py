@@ -77,3 +77,15 @@ def test_a_rank_too_far_from_the_first_is_refused_not_wrapped() -> None:
     assert b.add("first", "a.json", 5, 100)
     assert not b.add("far", "b.json", 5, 100 + (1 << 32))
     assert "far" not in b and len(b) == 1
+
+
+def test_ids_that_share_a_key_are_told_apart(monkeypatch) -> None:
+    monkeypatch.setattr("worker.backlog._key", lambda job_id: 7)  # every id collides
+    b = Backlog()
+    _fill(b, [("x", 5), ("y", 5), ("z", 2)])
+    assert "y" in b and "w" not in b
+    taken = b.take("y")
+    assert taken is not None and taken.job_id == "y"
+    assert "x" in b and "y" not in b and "z" in b and b.take("w") is None
+    assert [b.pop().job_id, b.pop().job_id] == ["x", "z"]  # type: ignore[union-attr]
+    assert "x" not in b and len(b) == 0
