@@ -50,7 +50,7 @@ def _unpack(record: bytes) -> tuple[str, str]:
 class _Lane:
     """The jobs of one priority in arrival order, each record packed by `_pack`."""
 
-    __slots__ = ("alive", "head", "live", "offset", "seqs", "sizes", "text")
+    __slots__ = ("alive", "head", "offset", "seqs", "sizes", "text")
 
     def __init__(self) -> None:
         self.text = bytearray()
@@ -59,14 +59,12 @@ class _Lane:
         self.alive = bytearray()
         self.head = 0  # index of the first entry not yet gone from the front
         self.offset = 0  # where that entry's record starts in text
-        self.live = 0
 
     def push(self, record: bytes, seq: int) -> None:
         self.text += record
         self.sizes.append(len(record))
         self.seqs.append(seq)
         self.alive.append(1)
-        self.live += 1
 
     def front(self) -> int | None:
         """Index of the first live entry (dropping dead ones before it); None when empty."""
@@ -178,7 +176,6 @@ class Backlog:
         lane = self._lanes[priority]
         claimed, job_id = lane.record(index, offset)
         lane.alive[index] = 0
-        lane.live -= 1
         self._ids[self._slot(_key(job_id))] = -1  # one of the entries with this key
         self._count -= 1
         assert self._base is not None
