@@ -105,7 +105,7 @@ def request(base: Plan, zygote: Zygote) -> tuple[int, Spare]:
 
 
 class Spares:
-    """The spares of one supervisor: one per slot, forked by the zygote, each handed one job."""
+    """The spares of one supervisor: one per free slot, forked by the zygote, one job each."""
 
     def __init__(self, host: isolation.Host) -> None:
         self.host = host
