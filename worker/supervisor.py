@@ -122,20 +122,20 @@ class Supervisor:
 
     def _start_zygotes(self) -> None:
         """The lean forker always; a warm zygote when a handler has a costly prepare()."""
+        handlers = self.registry.handlers
         if self.forker is None:
-            plain = {op: h for op, h in self.registry.handlers.items()
-                     if not self.registry.needs_warmth(h)}
-            self.forker = self._start_zygote("gkw-forker", plain, [])
+            plain = {op: h for op, h in handlers.items() if not self.registry.needs_warmth(h)}
+            self.forker = self._start_zygote("gkw-forker", plain, prepare=False)
             self.spares.zygote = self.forker
             log.info("forker %d forks jobs and spares", self.forker.pid)
-        warm = self.registry.warm_handlers()
+        warm = {op: h for op, h in handlers.items() if self.registry.needs_warmth(h)}
         if warm and self.zygote is None:
-            self.zygote = self._start_zygote("gkw-zygote", self.registry.handlers, warm)
-            log.info("zygote %d warms %s", self.zygote.pid, ", ".join(h.name for h in warm))
+            self.zygote = self._start_zygote("gkw-zygote", warm, prepare=True)
+            log.info("zygote %d warms %s", self.zygote.pid,
+                     ", ".join(h.name for h in self.registry.warm_handlers()))
 
-    def _start_zygote(self, name: str, handlers: Mapping[str, Handler],
-                      warm: list[Handler]) -> Zygote:
-        z = Zygote(name, handlers, warm)
+    def _start_zygote(self, name: str, handlers: Mapping[str, Handler], prepare: bool) -> Zygote:
+        z = Zygote(name, handlers, prepare)
         z.start()
         self.sel.register(z.fileno(), selectors.EVENT_READ, lambda: self._on_zygote(z))
         return z

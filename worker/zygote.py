@@ -40,11 +40,10 @@ _BOOT = "from worker.zygote import main; main()"
 class Zygote:
     """The supervisor's handle on one zygote process."""
 
-    def __init__(self, name: str, handlers: Mapping[str, Handler],
-                 warm: list[Handler] | None = None) -> None:
+    def __init__(self, name: str, handlers: Mapping[str, Handler], prepare: bool) -> None:
         self.name = name
-        self.handlers = dict(handlers)
-        self.warm = [op for op, h in handlers.items() if any(h is w for w in warm or [])]
+        self.handlers = dict(handlers)  # the operations it forks jobs (and spares) for
+        self.prepare = prepare  # run each handler's prepare() once, before any fork
         self.pid = 0
         self.sock: socket.socket | None = None
         self.pending: list[Report] = []  # reports read while waiting for a job's fork
@@ -66,7 +65,7 @@ class Zygote:
                 _exec(argv, env, me, theirs.fileno())
         theirs.close()
         self.pid, self.sock = pid, ours
-        self._send(("setup", self.name, list(sys.path), self.handlers, self.warm), [])
+        self._send(("setup", self.name, list(sys.path), self.handlers, self.prepare), [])
 
     def fileno(self) -> int:
         """The fd the selector watches for reports."""
@@ -167,11 +166,11 @@ def main() -> NoReturn:
             signal.signal(sig, signal.SIG_IGN)
         sock = socket.socket(fileno=fd)
         os.set_inheritable(fd, False)
-        _, name, path, handlers, warm = _request(sock)[0]
+        _, name, path, handlers, prepare = _request(sock)[0]
         sys.path[:] = path
         sandbox.set_name(name)
         sandbox.become_subreaper()
-        for h in {id(handlers[op]): handlers[op] for op in warm}.values():
+        for h in {id(h): h for h in handlers.values()}.values() if prepare else []:
             h.prepare()
         _Server(sock, handlers).loop()
         code = 0
