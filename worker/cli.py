@@ -521,8 +521,9 @@ def logs(config_file: Path | None, job_id: str, stream: str, **dirs: Any) -> Non
     """Print what JOB_ID wrote to its stdout and stderr."""
     settings, _ = _settings(config_file, **dirs)
     wd = settings.work_dir / job_id
-    if not wd.is_dir():
+    if not wd.is_dir() and not Spool(settings).has_result(job_id):
         raise click.ClickException(f"no work dir for job {job_id!r} in {settings.work_dir}")
+    # A job that ended with both logs empty and no files gives its work dir to a later job.
     for name in (["stdout", "stderr"] if stream == "both" else [stream]):
         path = wd / f"{name}.log"
         text = path.read_text(errors="replace") if path.exists() else ""

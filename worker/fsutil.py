@@ -129,14 +129,23 @@ def makedirs(*paths: Path, mode: int = 0o755) -> None:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
 
 
 def exchange(a: Path, b: Path) -> None:
     """Swap two existing names atomically (renameat2 RENAME_EXCHANGE); OSError otherwise."""
-    if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE):
+    _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst` unless `dst` exists (FileExistsError then, even for an empty dir)."""
+    _renameat2(src, dst, _RENAME_NOREPLACE)
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> None:
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags):
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(a))
+        raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 class FilePool:

@@ -92,6 +92,9 @@ class Run:
     cgroup_stats: dict[str, int] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
     io_bytes: tuple[int, int] | None = None  # (read, write) from /proc when ended before reaping
+    #: Its work dir, when it runs as PID 1 of its own namespace: reaping it then proves that
+    #: no process of the job is left, so the dir may be recycled once the job has ended.
+    workdir: str | None = None
 
     def signal_group(self, sig: int) -> None:
         """Send `sig` to the job's process group (its own session); a group already gone is fine."""
@@ -137,8 +140,10 @@ def spawn(spec: ChildSpec, timeout: float, now: float, zygote: Zygote) -> Run:
         raise
     finally:
         os.close(w)
-    return _new_run(pid, r, spec.message_cap, spec.plan.limits, spec.plan.cgroup, timeout, now,
-                    zygote.pid)
+    run = _new_run(pid, r, spec.message_cap, spec.plan.limits, spec.plan.cgroup, timeout, now,
+                   zygote.pid)
+    run.workdir = str(spec.plan.workdir) if spec.plan.pid_ns else None
+    return run
 
 
 def hand_to(spare: Spare, order: Order, timeout: float, now: float) -> Run | None:
@@ -146,8 +151,10 @@ def hand_to(spare: Spare, order: Order, timeout: float, now: float) -> Run | Non
     if not spare.hand(order):
         return None
     fd, spare.messages = spare.messages, -1
-    return _new_run(spare.pid, fd, order.message_cap, order.limits, spare.cgroup, timeout, now,
-                    spare.origin)
+    run = _new_run(spare.pid, fd, order.message_cap, order.limits, spare.cgroup, timeout, now,
+                   spare.origin)
+    run.workdir = str(order.workdir) if spare.pid_ns else None
+    return run
 
 
 def _new_run(pid: int, fd: int, cap: int, limits: Limits, cgroup: JobCgroup | None,

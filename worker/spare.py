@@ -27,6 +27,7 @@ from worker.cgroups import JobCgroup
 from worker.child import Order, encode_order
 from worker.config import Settings
 from worker.sandbox import Plan
+from worker.workdirs import Workdirs
 from worker.zygote import Zygote
 
 log = logging.getLogger("guestkit.spare")
@@ -44,6 +45,7 @@ class Spare:
     messages: int  # read end of the message pipe its job will write to
     cgroup: JobCgroup | None
     new_net: bool  # it sits in a fresh network namespace: only for jobs without network
+    pid_ns: bool  # it is PID 1 of a namespace of its own
     scratch: Path  # the work dir it made while waiting (renamed to its job's)
     origin: int  # pid of the zygote that forked it
 
@@ -100,15 +102,16 @@ def request(base: Plan, zygote: Zygote) -> tuple[int, Spare]:
         os.close(orders_r)
         os.close(messages_w)
     os.set_blocking(orders_w, False)
-    return token, Spare(0, orders_w, messages_r, base.cgroup, base.new_net, base.workdir,
-                        zygote.pid)
+    return token, Spare(0, orders_w, messages_r, base.cgroup, base.new_net, base.pid_ns,
+                        base.workdir, zygote.pid)
 
 
 class Spares:
     """The spares of one supervisor: one per free slot, forked by the zygote, one job each."""
 
-    def __init__(self, host: isolation.Host) -> None:
+    def __init__(self, host: isolation.Host, workdirs: Workdirs) -> None:
         self.host = host
+        self.workdirs = workdirs  # a blank dir becomes a spare's scratch dir
         self.zygote: Zygote | None = None  # the lean zygote that forks them
         self.waiting: list[Spare] = []
         self.coming: dict[int, Spare] = {}  # asked of the zygote, by token; no pid yet
@@ -140,6 +143,7 @@ class Spares:
         while len(self.waiting) + len(self.coming) < min(self.cap, free_slots):
             assert self.zygote is not None
             base = isolation.spare_plan(self.host, settings, f"spare-{next(self._seq)}")
+            self.workdirs.provide(base.workdir)
             try:
                 token, spare = request(base, self.zygote)
             except OSError as e:
@@ -186,7 +190,7 @@ class Spares:
             s.retire()
             if s.cgroup is not None:
                 s.cgroup.kill()
-            self._clean(s)
+            self._clean(s, gone=False)
         self.waiting, self.coming, self.retired = [], {}, {}
 
     def close(self) -> None:
@@ -201,10 +205,13 @@ class Spares:
         s.retire()
         self.retired[s.pid] = s
 
-    def _clean(self, s: Spare) -> None:
+    def _clean(self, s: Spare, gone: bool = True) -> None:
+        """Give back its cgroup and its dir: kept blank when `gone` (it was reaped, or never
+        forked), removed while it may still be dying."""
         if s.cgroup is not None and self.host.pool is not None:
             self.host.pool.release(s.cgroup)
-        shutil.rmtree(s.scratch, ignore_errors=True)
+        if not (gone and self.workdirs.recycle(s.scratch)):
+            shutil.rmtree(s.scratch, ignore_errors=True)
 
 
 def _fits(s: Spare, needs_network: bool) -> bool:

@@ -7,7 +7,6 @@ import fcntl
 import hashlib
 import itertools
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -270,18 +269,6 @@ class Spool:
                     n += 1
         return n
 
-    def sweep_scratch(self) -> int:
-        """Remove work dirs spares made and never used (`work/.spare-*`); return how many."""
-        n = 0
-        for entry in os.scandir(self.work):
-            if entry.name.startswith(".spare-") and entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-                n += 1
-        return n
-
-    def workdir(self, job_id: str) -> Path:
-        """The job's private scratch directory (its child creates it)."""
-        return self.work / job_id
 
 
 def original_name(claimed: str) -> str:

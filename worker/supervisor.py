@@ -34,6 +34,7 @@ from worker.spool import ACTIVE, RETRY, Spool
 from worker.states import JobState
 from worker.transports import Remote
 from worker.watch import Watch
+from worker.workdirs import Workdirs
 from worker.zygote import Zygote
 
 log = logging.getLogger("guestkit.supervisor")
@@ -74,7 +75,9 @@ class Supervisor:
         self.service.ready_check = self.remote.healthy
         self.forker: Zygote | None = None  # forks spares and plain jobs
         self.zygote: Zygote | None = None  # forks jobs of handlers with a costly prepare()
-        self.lingering: dict[int, int] = {}  # pid -> zygote: processes whose job ended already
+        #: pid -> (its zygote, its work dir to recycle once reaped): processes of jobs that
+        #: ended on their result, not yet reaped
+        self.lingering: dict[int, tuple[int, str | None]] = {}
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -94,7 +97,8 @@ class Supervisor:
         self.spool.lock()
         sandbox.become_subreaper()
         self.host = isolation.probe(self.settings)
-        self.spares = Spares(self.host)
+        self.workdirs = Workdirs(self.spool.work, self.host.uid, self.host.gid)
+        self.spares = Spares(self.host, self.workdirs)
         if self.host.cgroups is not None and (n := cgroups.sweep(self.host.cgroups)):
             log.warning("removed %d job cgroup(s) left by a previous run", n)
         isolation.open_output_dir(self.host, self.settings.output_dir.absolute())
@@ -111,7 +115,7 @@ class Supervisor:
         self._start_zygotes()
         self.service.open(self.sel, self._gauges)
         self.spool.sweep_tmp()
-        self.spool.sweep_scratch()
+        self.workdirs.open()
         self._recover()
         self._scan()
         self.remote.open(self.sel, self._deliver, self._on_cancel)
@@ -167,7 +171,7 @@ class Supervisor:
             self.spares.lost()
         else:
             self.zygote = None
-        for pid in [p for p, origin in self.lingering.items() if origin == z.pid]:
+        for pid in [p for p, (origin, _) in self.lingering.items() if origin == z.pid]:
             del self.lingering[pid]
         for pid, job in list(self.running.items()):
             if job.run is not None and job.run.origin == z.pid:
@@ -402,12 +406,13 @@ class Supervisor:
             timeout = min(timeout, job.deadline - time.time())
         job.move(JobState.ASSIGNED)
         self._write_status(job)  # the attempt is recorded before the child exists
-        workdir = self.spool.workdir(job.job_id)
+        workdir = self.workdirs.path(job.job_id)
         env = self._child_env(job)
         warm = self.registry.needs_warmth(handler)
         run = None if warm else self._hand_to_spare(job, data, workdir, limits, env,
                                                     handler.needs_network, timeout, now)
         if run is None:
+            self.workdirs.provide(workdir)
             plan = isolation.plan(self.host, self.settings, workdir=workdir, limits=limits,
                                   env=env, job_name=job.job_id, needs_network=handler.needs_network)
             spec = ChildSpec(job_id=job.job_id, operation=job.operation, attempt=job.attempt,
@@ -521,7 +526,7 @@ class Supervisor:
         assert run is not None
         run.io_bytes = storage_io(run.pid)
         self.running.pop(run.pid, None)
-        self.lingering[run.pid] = run.origin
+        self.lingering[run.pid] = (run.origin, None)
         run.status = 0  # what is left of it is os._exit(0)
         self._finish_run(job)
 
@@ -562,8 +567,10 @@ class Supervisor:
 
     def _ended(self, pid: int, status: int, rusage: Any) -> None:
         """A child is gone (reaped here or reported by the zygote): finish its job."""
-        if self.lingering.pop(pid, None) is not None:  # its job ended on its result already
+        if (gone := self.lingering.pop(pid, None)) is not None:  # its job ended on its result
             log.debug("process %d exited after its job had ended on its result", pid)
+            if gone[1] is not None:
+                self.workdirs.recycle(Path(gone[1]))
             return
         job = self.running.pop(pid, None)
         if job is None:
@@ -715,6 +722,7 @@ class Supervisor:
             self._log(job, "a result already existed; kept the first", level=logging.WARNING)
         self.to_archive.append((job, end.status == "completed",
                                 f"{end.code}: {end.message}" if end.code else ""))
+        self._recycle_workdir(job)
         self.jobs.pop(job.job_id, None)
         self.waiting.discard(job.job_id)
         if not self.jobs and not self.backlog and self.held >= COMPACT_AFTER:
@@ -734,6 +742,17 @@ class Supervisor:
                 if other is not None and other.state is JobState.QUEUED:
                     other.waiting_for = None
                     self._enqueue(other)
+
+    def _recycle_workdir(self, job: Job) -> None:
+        """The job has ended for good: keep its work dir blank for the next job if it left it
+        so, once nothing of the job is left (its PID 1 reaped: the namespace is empty)."""
+        run = job.run
+        if run is None or run.workdir is None:
+            return
+        if run.pid in self.lingering:
+            self.lingering[run.pid] = (run.origin, run.workdir)
+        elif run.rusage is not None:  # reaped here or reported by its zygote (not just lost)
+            self.workdirs.recycle(Path(run.workdir))
 
     def _compact(self) -> None:
         """The queue emptied after holding many jobs: give back what their tables still hold."""

@@ -91,7 +91,7 @@ def test_a_spare_runs_its_job_under_the_job_s_own_limits(make_worker) -> None:
 def test_a_retry_finds_its_work_dir_and_is_forked_afresh(make_worker) -> None:
     w = make_worker("--max-concurrent", "1").start()
     [first_spare] = _waiting(w, 1)
-    w.drop(job("again", "test.retry", {"succeed_on": 2}, max_attempts=2))
+    w.drop(job("again", "test.retry", {"succeed_on": 2, "say": True}, max_attempts=2))
     [next_spare] = _waiting(w, 1, without=(first_spare,))
     res = w.wait_result("again")
     assert res["status"] == "completed" and res["data"]["attempt"] == 2
@@ -100,6 +100,7 @@ def test_a_retry_finds_its_work_dir_and_is_forked_afresh(make_worker) -> None:
     assert second != next_spare  # the work dir of attempt 1 exists: a fresh child appends to it
     assert _waiting(w, 1) == [next_spare]
     assert sorted(p.name for p in (w.work / "again").iterdir()) == ["stderr.log", "stdout.log"]
+    assert (w.work / "again" / "stdout.log").read_text() == "attempt 1\nattempt 2\n"
 
 
 def test_an_order_too_big_for_the_pipe_is_forked_afresh_and_the_spare_waits_on(

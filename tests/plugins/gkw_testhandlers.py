@@ -85,6 +85,8 @@ class MisbehavingHandler(Handler):
                 raise HandlerError(str(data.get("message", "permanent failure")))
             raise RuntimeError(str(data.get("message", "boom")))
         elif behaviour == "retry":
+            if data.get("say"):
+                print(f"attempt {ctx.attempt}", flush=True)
             if ctx.attempt < int(data.get("succeed_on", 2)):
                 raise RetryableError(f"transient failure on attempt {ctx.attempt}")
         elif behaviour == "print":
@@ -173,6 +175,8 @@ def _hold(mb: int) -> bytearray:
 _ACTIONS: dict[str, Any] = {
     "read": lambda p: len(Path(p).read_bytes()),
     "write": lambda p: Path(p).write_text("x"),
+    "chmod": lambda pm: os.chmod(pm[0], int(pm[1], 8)),
+    "xattr": lambda p: os.setxattr(p, "user.note", b"left by a job"),
     "setuid0": lambda _: os.setuid(0),
     "run": _run,
     "connect": _connect,

@@ -1,0 +1,89 @@
+"""A job that leaves its work dir blank hands it to a later job; any other dir stays its own.
+
+Needs root: recycling relies on each job being PID 1 of its own namespace (reaped = gone).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Worker, job, wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="job PID namespaces need root")
+
+
+def _blanks(w: Worker) -> list[Path]:
+    d = w.work / ".blank"
+    return sorted(d.iterdir()) if d.is_dir() else []
+
+
+def _recycled(w: Worker, job_id: str) -> Path:
+    """Wait until `job_id`'s dir has become a blank; return the only blank."""
+    def gone() -> list[Path] | None:
+        blanks = _blanks(w)
+        return blanks if not (w.work / job_id).exists() and len(blanks) == 1 else None
+    [blank] = wait_until(gone, [w.work, w.work / ".blank"], 20, f"{job_id}'s dir to be recycled")
+    return blank
+
+
+def test_a_job_that_leaves_nothing_hands_its_dir_to_the_next(
+        make_worker: Callable[..., Worker]) -> None:
+    w = make_worker("--max-concurrent", "1", "--no-spares").start()
+    w.drop(job("quiet"))
+    assert w.wait_result("quiet")["status"] == "completed"
+    inode = _recycled(w, "quiet").stat().st_ino
+    w.drop(job("loud", "test.print"))
+    assert w.wait_result("loud")["status"] == "completed"
+    assert (w.work / "loud").stat().st_ino == inode
+    assert (w.work / "loud" / "stdout.log").read_text() == "hello on stdout\n"
+    assert _blanks(w) == []
+    shown = w.cli("logs", "quiet")
+    assert shown.returncode == 0 and shown.stdout == "--- stdout ---\n--- stderr ---\n"
+    assert w.cli("logs", "never-ran", check=False).returncode != 0
+
+
+def test_a_job_that_opened_up_its_dir_hands_on_a_closed_one(
+        make_worker: Callable[..., Worker]) -> None:
+    w = make_worker("--max-concurrent", "1", "--no-spares").start()
+    w.drop(job("opener", "test.probe", {"actions": [["chmod", [".", "777"]]]}))
+    res = w.wait_result("opener")
+    assert res["data"]["outcomes"] == ["ok None"]
+    inode = _recycled(w, "opener").stat().st_ino
+    w.drop(job("after", "test.print"))
+    w.wait_result("after")
+    d = w.work / "after"
+    assert d.stat().st_ino == inode
+    assert d.stat().st_mode & 0o7777 == 0o700
+    assert (d / "stdout.log").stat().st_mode & 0o7777 == 0o600
+
+
+def test_a_job_that_leaves_a_file_or_an_xattr_keeps_its_dir(
+        make_worker: Callable[..., Worker]) -> None:
+    w = make_worker("--max-concurrent", "1", "--no-spares").start()
+    w.drop(job("writer", "test.probe", {"actions": [["write", "left.txt"]]}))
+    w.drop(job("marker", "test.probe", {"actions": [["xattr", "."]]}))
+    for job_id in ("writer", "marker"):
+        assert w.wait_result(job_id)["data"]["outcomes"] in (["ok 1"], ["ok None"])
+    w.drop(job("quiet"))
+    w.wait_result("quiet")
+    blank = _recycled(w, "quiet")  # reaps are being handled: the others had theirs first
+    assert w.stop() == 0
+    assert (w.work / "writer" / "left.txt").read_text() == "x"
+    assert os.getxattr(w.work / "marker", "user.note") == b"left by a job"
+    assert sorted(os.listdir(blank)) == ["stderr.log", "stdout.log"]
+
+
+def test_a_waiting_spare_takes_a_blank_dir(make_worker: Callable[..., Worker]) -> None:
+    w = make_worker("--max-concurrent", "1").start()
+    w.drop(job("first"))
+    w.wait_result("first")
+    inode = _recycled(w, "first").stat().st_ino
+    w.drop(job("second"))  # runs on the spare made before the first's dir came back
+    w.wait_result("second")
+
+    def spare_on_it() -> bool:
+        return any(p.stat().st_ino == inode for p in w.work.glob(".spare-*"))
+    wait_until(spare_on_it, [w.work], 20, "the next spare to wait in the first job's old dir")
