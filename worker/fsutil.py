@@ -186,11 +186,15 @@ class FilePool:
             write_atomic(path, data, fsync=False)
             return
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # Overwritten in place, then cut to length: truncating to zero would free its data
+            # block and allocate another (on a filesystem mounted with `discard`, the free
+            # waits for the device).
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
+                os.ftruncate(fd, len(data))
             finally:
                 os.close(fd)
             try:
