@@ -73,6 +73,7 @@ WARMUP = 20  #: jobs run before a burst or a latency stage
 STARTUP_STALL = 120.0  #: seconds a starting supervisor may take to its first result
 SCAN_STALL = 1800.0  #: seconds the start-up scan of the deepest inbox may take
 STALL = 120.0  #: seconds without a new result before a stage gives up
+ZYGOTES = ("gkw-forker", "gkw-zygote")  #: process names of the supervisor's zygotes
 PROBE_MODULES = ("worker.cli", "worker.supervisor", "worker.logs")  #: what `supervise` imports
 
 
@@ -255,6 +256,22 @@ class SupervisorProc:
         t = self.ps.cpu_times()
         return float(t.user + t.system)
 
+    def settle(self, idle: float = 0.3, limit: float = STARTUP_STALL) -> None:
+        """Block until the supervisor and its zygotes used no CPU for `idle` seconds."""
+        import psutil
+
+        procs = [self.ps, *(c for c in self.ps.children() if c.name() in ZYGOTES)]
+        end = time.monotonic() + limit
+        last = None
+        while time.monotonic() < end:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                used = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+                if last is not None and used - last < 0.01:
+                    return
+                last = used
+            time.sleep(idle)
+        note("the supervisor never went idle after its warm-up; measuring anyway")
+
     def forker(self) -> Any:
         """The psutil handle of its lean forker (the process that forks every echo job)."""
         kids = [k for k in self.ps.children() if k.name() == "gkw-forker"]
@@ -349,10 +366,13 @@ class ResultWatch:
 
 
 def warm_up(spool: Spool, sup: SupervisorProc, watch: ResultWatch, n: int = WARMUP) -> None:
-    """Run `n` jobs through a freshly started supervisor and wait for their results."""
+    """Run `n` jobs through a freshly started supervisor, wait for their results, then until
+    it and its zygotes are idle (a warm zygote imports its handlers' modules, about a second
+    of CPU, after the supervisor is ready: a stage must not measure that)."""
     for name in spool.stage(ids("warm", n)):
         spool.drop(name)
     watch.wait(watch.count + n, sup, stall=STARTUP_STALL)
+    sup.settle()
 
 
 # -- stage 1: the bare fork loop ---------------------------------------------------------------------
