@@ -56,7 +56,11 @@ class Context:
         self.settings = settings
         self._send = send
         self._last_percent = 0
-        self.logger = logging.getLogger(f"guestkit.job.{job_id}")
+
+    @property
+    def logger(self) -> logging.Logger:
+        """The job's logger (`guestkit.job.<id>`); its records go to the job's stderr.log."""
+        return logging.getLogger(f"guestkit.job.{self.job_id}")
 
     def report_progress(self, phase: str, percent: int | None = None, message: str = "") -> None:
         """Send a progress report; percent (0-100) never goes down within a job."""

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path("/sys/fs/cgroup")
 
 
-def _write(path: Path, value: str) -> None:
+def _write(path: str | Path, value: str) -> None:
     """Unbuffered, checked write: a cgroup file reports errors on write, not on close."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -157,6 +157,7 @@ class JobCgroup:
     v2_controllers: frozenset[str] = frozenset()
     baseline: dict[str, int] = field(default_factory=dict)
     limited: tuple[int, int] | None = None  # (memory_mb, pids) last written
+    procs: tuple[str, ...] = ()  # the cgroup.procs file of each dir, for join()
 
     @classmethod
     def create(cls, h: Hierarchies, name: str) -> JobCgroup:
@@ -175,6 +176,7 @@ class JobCgroup:
         except OSError:
             cg.remove()  # none of it half-made
             raise
+        cg.procs = tuple(os.path.join(d, "cgroup.procs") for d in cg.dirs)
         return cg
 
     def limit(self, memory_mb: int, pids: int, cpu_quota: float | None = None) -> None:
@@ -209,8 +211,8 @@ class JobCgroup:
 
     def join(self) -> None:
         """Move the calling process into every directory (in the child, before any job code)."""
-        for d in self.dirs:
-            _write(d / "cgroup.procs", "0")
+        for procs in self.procs:
+            _write(procs, "0")
 
     def stats(self) -> dict[str, int]:
         """This job's peak memory (bytes), OOM kills, pids-limit hits and CPU (usec), as known."""

@@ -32,28 +32,45 @@ JOB_NAME = "gkw-job"  #: process name of a child running a job
 
 @dataclass(frozen=True, slots=True)
 class ChildSpec:
-    """Everything a job child needs, decided by the supervisor before fork."""
+    """Everything a job child needs, decided by the supervisor before fork (its handler is
+    the zygote's own, by operation)."""
 
     job_id: str
     operation: str
     attempt: int
     data: Any
-    handler: Handler
     plan: sandbox.Plan
     message_cap: int
 
 
-def run_child(spec: ChildSpec, pipe_fd: int) -> NoReturn:
+def prepare_inheritance() -> None:
+    """Set up, once in a zygote, what each of its children would otherwise redo: logging to
+    stderr (a child's fd 2 is its job's stderr.log) and the jobs' base environment."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sandbox.base_environment()
+
+
+def run_child(spec: ChildSpec, handler: Handler, pipe_fd: int) -> NoReturn:
     """Run one job in this freshly forked process; never returns."""
     code = ExitCode.SANDBOX
     try:
         signals.reset_in_child()
         layers = sandbox.enter_privileged(spec.plan)
-        code = run_boxed(spec, pipe_fd, layers)
+        code = run_boxed(spec, handler, pipe_fd, layers)
     except BaseException:  # the sandbox failed: nothing of the job ran
         _print_exc()
     finally:
         os._exit(code)
+
+
+def child_failed() -> NoReturn:
+    """End a child that could not even start its job: the error to stderr, exit SANDBOX."""
+    _print_exc()
+    os._exit(ExitCode.SANDBOX)
 
 
 def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: int,
@@ -74,7 +91,6 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
         os.setpriority(os.PRIO_PROCESS, 0, 0)  # still allowed: not yet the job user
         layers += sandbox.enter_early(base, pipe_fd, orders_fd, ready_fd, rlimits=False)
         early = sandbox.confine_early(base)
-        _reset_logging()  # its handler writes to fd 2, the job's stderr.log
         os.close(5)  # ready_fd: boxed
         order = read_order(4)
         os.close(4)
@@ -84,25 +100,24 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
             plan = dataclasses.replace(base, workdir=order.workdir, limits=order.limits,
                                        env=order.env, nproc=order.nproc)
             spec = ChildSpec(job_id=order.job_id, operation=order.operation,
-                             attempt=order.attempt, data=order.data,
-                             handler=handlers[order.operation], plan=plan,
+                             attempt=order.attempt, data=order.data, plan=plan,
                              message_cap=order.message_cap)
             sandbox.set_name(JOB_NAME)
             layers += sandbox.enter_late(plan, rlimits=True)
-            code = _run_handler(spec, MessageWriter(3, spec.message_cap), layers, early)
+            code = _run_handler(spec, handlers[order.operation], MessageWriter(3, spec.message_cap),
+                                layers, early)
     except BaseException:
         _print_exc()
     finally:
         os._exit(code)
 
 
-def run_boxed(spec: ChildSpec, pipe_fd: int, layers: list[str]) -> ExitCode:
+def run_boxed(spec: ChildSpec, handler: Handler, pipe_fd: int, layers: list[str]) -> ExitCode:
     """The inner box (stdio, fds, rlimits, user, Landlock, seccomp), then the handler."""
     sandbox.set_name(JOB_NAME)
     pipe_fd, more = sandbox.enter(spec.plan, pipe_fd)
-    _reset_logging()
     writer = MessageWriter(pipe_fd, spec.message_cap)
-    return _run_handler(spec, writer, layers + more)
+    return _run_handler(spec, handler, writer, layers + more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,19 +167,19 @@ def _read_exactly(fd: int, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def _run_handler(spec: ChildSpec, writer: MessageWriter, layers: list[str],
+def _run_handler(spec: ChildSpec, handler: Handler, writer: MessageWriter, layers: list[str],
                  early: sandbox.Confinement | None = None) -> ExitCode:
     plan = spec.plan
     ctx = Context(
         job_id=spec.job_id, operation=spec.operation, attempt=spec.attempt, workdir=plan.workdir,
         output_dir=plan.output_dir, limits=plan.limits.as_dict(),
-        settings=dict(spec.handler.settings), send=writer.send,
+        settings=dict(handler.settings), send=writer.send,
     )
     try:
-        payload = spec.handler.validate(spec.data)
-        layers = layers + sandbox.confine(plan, spec.handler.input_paths(payload), early)
+        payload = handler.validate(spec.data)
+        layers = layers + sandbox.confine(plan, handler.input_paths(payload), early)
         writer.send({"type": "sandbox", "layers": layers})
-        out = spec.handler.execute(ctx, payload)
+        out = handler.execute(ctx, payload)
         message = _result_message(out)
         _flush_stdio()  # the supervisor may end the process as soon as the result arrives
         writer.send(message)
@@ -199,14 +214,6 @@ def _send_error(
                      "retryable": retryable, "traceback": tb})
     except Exception:
         _print_exc()
-
-
-def _reset_logging() -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _flush_stdio() -> None:

@@ -173,7 +173,7 @@ def _plan(host: Host, settings: Settings, cg: cgroups.JobCgroup | None, workdir:
     want = set(settings.isolation)
     return Plan(
         workdir=workdir, output_dir=settings.output_dir.absolute(), limits=limits, env=env,
-        supervisor_pid=os.getpid(), cgroup=cg, uid=host.uid, gid=host.gid,
+        cgroup=cg, uid=host.uid, gid=host.gid,
         nproc=nproc(limits, settings),
         new_net=host.namespaces and not needs_network and "network-namespace" in want,
         pid_ns=host.namespaces and "pid-namespace" in want,

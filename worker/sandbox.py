@@ -94,7 +94,6 @@ class Plan:
     output_dir: Path
     limits: Limits
     env: dict[str, str]
-    supervisor_pid: int
     cgroup: JobCgroup | None = None
     uid: int | None = None
     gid: int | None = None
@@ -167,20 +166,31 @@ def keep_only(*fds: int) -> None:
     os.closerange(3 + len(fds), 1 << 20)
 
 
-def scrub_environment(workdir: Path, extra: dict[str, str]) -> None:
-    """Replace the environment with a minimal one: PATH, HOME, TMPDIR, LANG and `extra`."""
+#: The environment every job starts from; its work dir adds HOME and TMPDIR.
+BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8"}
+
+
+def base_environment() -> None:
+    """Make this process's environment exactly BASE_ENV."""
     os.environ.clear()
-    os.environ.update(
-        PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        HOME=str(workdir), TMPDIR=str(workdir), LANG="C.UTF-8", **extra,
-    )
+    os.environ.update(BASE_ENV)
+
+
+def scrub_environment(workdir: Path, extra: dict[str, str]) -> None:
+    """Replace the environment with a minimal one: PATH, HOME, TMPDIR, LANG and `extra`.
+
+    Cheap in a zygote's child, whose environment is BASE_ENV already."""
+    if dict(os.environ) != BASE_ENV:
+        base_environment()
+    os.environ.update(HOME=str(workdir), TMPDIR=str(workdir), **extra)
 
 
 def enter_privileged(plan: Plan) -> list[str]:
     """The outer box, still privileged: session, PDEATHSIG, cgroups, namespaces; the layers."""
     os.setsid()
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if _forker_gone(plan.supervisor_pid):  # it died before PDEATHSIG was armed
+    if _forker_gone():  # it died before PDEATHSIG was armed
         os._exit(1)
     layers = ["session", "pdeathsig"]
     if plan.cgroup is not None:
@@ -231,12 +241,15 @@ def _setns(fd: int, kind: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-def _forker_gone(expected: int) -> bool:
-    """True when the process that forked us has died (checked after arming PDEATHSIG)."""
+def _forker_gone() -> bool:
+    """True when the process that forked us with `fork_job` has died (checked after arming
+    PDEATHSIG)."""
+    if _forker is None:
+        return False  # not forked by fork_job: nothing to check against
     parent = os.getppid()
-    if parent == expected:
+    if parent == _forker[0]:
         return False
-    if parent != 0 or _forker is None:  # reparented: it is gone
+    if parent != 0:  # reparented: it is gone
         return True
     # PID 1 of a new namespace sees no parent; the forker's pidfd is readable once it died.
     ready, _, _ = select.select([_forker[1]], [], [], 0)
@@ -277,7 +290,8 @@ def enter_early(plan: Plan, *fds: int, rlimits: bool) -> list[str]:
     if rlimits:
         layers += _rlimits(plan)
     if plan.uid is not None and plan.gid is not None:
-        drop_privileges(plan.uid, plan.gid, None if plan.pid_ns else plan.supervisor_pid)
+        forker = None if plan.pid_ns or _forker is None else _forker[0]
+        drop_privileges(plan.uid, plan.gid, forker)
         layers.append(f"user:{plan.uid}")
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     layers.append("no-new-privs")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # `signal` without its enum wrappers
 import contextlib
 import os
 import signal
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 #: Signals the supervisor reacts to; their handlers only write to the wakeup pipe.
+_SIG_DFL = int(signal.SIG_DFL)
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
 
@@ -52,6 +54,24 @@ class SignalPipe:
         os.close(self._write_fd)
 
 
+#: What a child resets, as plain ints: `signal.signal` would build an enum of each old handler,
+#: and every object a fresh child touches costs it a copy-on-write page fault.
+_RESET = tuple(int(s) for s in (*HANDLED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGUSR2,
+                                signal.SIGALRM))
+_HANDLED_INTS = tuple(int(s) for s in HANDLED)
+
+
+def block() -> set[int]:
+    """Block the handled signals (around a fork); return the mask to `restore`."""
+    old: set[int] = _signal.pthread_sigmask(_signal.SIG_BLOCK, _HANDLED_INTS)
+    return old
+
+
+def restore(mask: set[int]) -> None:
+    """Set the signal mask `block` returned."""
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+
+
 @contextlib.contextmanager
 def blocked() -> Iterator[None]:
     """Block the handled signals for the duration (around fork), then restore the mask."""
@@ -64,7 +84,7 @@ def blocked() -> Iterator[None]:
 
 def reset_in_child() -> None:
     """In a fresh child: detach from the wakeup pipe, default every disposition, unblock all."""
-    signal.set_wakeup_fd(-1)
-    for sig in (*HANDLED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGUSR2, signal.SIGALRM):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    _signal.set_wakeup_fd(-1)
+    for sig in _RESET:
+        _signal.signal(sig, _SIG_DFL)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, ())

@@ -416,7 +416,7 @@ class Supervisor:
             plan = isolation.plan(self.host, self.settings, workdir=workdir, limits=limits,
                                   env=env, job_name=job.job_id, needs_network=handler.needs_network)
             spec = ChildSpec(job_id=job.job_id, operation=job.operation, attempt=job.attempt,
-                             data=data, handler=handler, plan=plan,
+                             data=data, plan=plan,
                              message_cap=self.settings.max_message_bytes)
             zygote = self.zygote if warm else self.forker
             if zygote is None:

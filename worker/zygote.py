@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import dataclasses
 import os
 import pickle
 import select
@@ -28,7 +27,7 @@ from typing import Any, NoReturn
 
 from handlers.base import Handler
 from worker import sandbox, signals
-from worker.child import ChildSpec, run_child, run_spare
+from worker.child import ChildSpec, child_failed, prepare_inheritance, run_child, run_spare
 
 #: A report: ("spawned", token, pid), ("failed", token, why) or ("exited", pid, status, rusage).
 Report = tuple[Any, ...]
@@ -73,16 +72,20 @@ class Zygote:
         return self.sock.fileno()
 
     def spawn(self, spec: ChildSpec, pipe_w: int) -> int:
-        """Have the zygote fork a child for `spec` and wait for its pid (OSError if it fails)."""
+        """Have the zygote fork a child for `spec` and wait for its pid (OSError if it fails).
+
+        The spec travels pickled and is decoded by the child, not by the zygote: what the
+        zygote writes after a fork is copied for every child still sharing its pages.
+        """
         token = self._next()
         data = pickle.dumps(spec)
         if len(data) <= _INLINE:
-            self._send(("job", token, data), [pipe_w])
+            self._send(("job", token, (spec.plan.pid_ns, data)), [pipe_w])
         else:
             memfd = os.memfd_create("gkw-spec", os.MFD_CLOEXEC)
             try:
                 os.write(memfd, data)
-                self._send(("job", token, None), [pipe_w, memfd])
+                self._send(("job", token, (spec.plan.pid_ns, None)), [pipe_w, memfd])
             finally:
                 os.close(memfd)
         while True:
@@ -172,6 +175,7 @@ def main() -> NoReturn:
         sandbox.become_subreaper()
         for h in {id(h): h for h in handlers.values()}.values() if prepare else []:
             h.prepare()
+        prepare_inheritance()
         _Server(sock, handlers).loop()
         code = 0
     finally:
@@ -194,7 +198,6 @@ class _Server:
     def __init__(self, sock: socket.socket, handlers: Mapping[str, Handler]) -> None:
         self.sock = sock
         self.handlers = handlers
-        self.me = os.getpid()
         self.boxing: dict[int, tuple[int, int]] = {}  # readiness fd -> (token, pid) of a spare
 
     def loop(self) -> None:
@@ -227,13 +230,10 @@ class _Server:
         kind, token, body = msg
         try:
             if kind == "job":
-                spec: ChildSpec = pickle.loads(body if body is not None else _read_memfd(fds[1]))
-                plan = dataclasses.replace(spec.plan, supervisor_pid=self.me)
-                handler = self.handlers.get(spec.operation, spec.handler)  # prepared here
-                spec = dataclasses.replace(spec, plan=plan, handler=handler)
-                pid = self._fork(plan.pid_ns, lambda: run_child(spec, fds[0]))
+                pid_ns, blob = body
+                pid = self._fork(pid_ns, lambda: self._run_job(blob, fds))
             else:
-                self._fork_spare(token, dataclasses.replace(body, supervisor_pid=self.me), fds)
+                self._fork_spare(token, body, fds)
                 return True
         except OSError as e:
             self._send(("failed", token, str(e)))
@@ -243,6 +243,15 @@ class _Server:
             for fd in fds:
                 os.close(fd)
         return True
+
+    def _run_job(self, blob: bytes | None, fds: list[int]) -> NoReturn:
+        """In the new child: decode its spec and run it with this zygote's handler."""
+        try:
+            spec: ChildSpec = pickle.loads(blob if blob is not None else _read_memfd(fds[1]))
+            handler = self.handlers[spec.operation]
+        except BaseException:
+            child_failed()
+        run_child(spec, handler, fds[0])
 
     def _fork_spare(self, token: int, base: sandbox.Plan, fds: list[int]) -> None:
         """Fork a spare; it is reported once it says it is boxed (the supervisor renames its
@@ -259,11 +268,14 @@ class _Server:
         self.boxing[r] = (token, pid)
 
     def _fork(self, pid_ns: bool, run: Callable[[], NoReturn]) -> int:
-        with signals.blocked():
+        mask = signals.block()
+        try:
             pid = sandbox.fork_job(pid_ns)
             if pid == 0:
                 self.sock.close()
                 run()
+        finally:
+            signals.restore(mask)
         return pid
 
     def _report_exits(self) -> None:
