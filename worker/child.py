@@ -54,12 +54,13 @@ def prepare_inheritance() -> None:
     sandbox.base_environment()
 
 
-def run_child(spec: ChildSpec, handler: Handler, pipe_fd: int) -> NoReturn:
-    """Run one job in this freshly forked process; never returns."""
+def run_child(spec: ChildSpec, handler: Handler, pipe_fd: int, net: int = -1) -> NoReturn:
+    """Run one job in this freshly forked process (in the kept network namespace `net`, when
+    not -1); never returns."""
     code = ExitCode.SANDBOX
     try:
         signals.reset_in_child()
-        layers = sandbox.enter_privileged(spec.plan)
+        layers = sandbox.enter_privileged(spec.plan, net)
         code = run_boxed(spec, handler, pipe_fd, layers)
     except BaseException:  # the sandbox failed: nothing of the job ran
         _print_exc()
@@ -74,9 +75,10 @@ def child_failed() -> NoReturn:
 
 
 def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: int,
-              pipe_fd: int, ready_fd: int) -> NoReturn:
+              pipe_fd: int, ready_fd: int, net: int = -1) -> NoReturn:
     """Box itself as far as no job is needed, wait for one order, then run that job; never
     returns. The supervisor renames the spare's work dir to the job's before the order.
+    `net`: a kept network namespace to join, as for `run_child`.
 
     It closes `ready_fd` once it is done with its work dir by path. End of file on
     `orders_fd` with no order means the spare is no longer wanted: exit 0.
@@ -86,7 +88,7 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
         signals.reset_in_child()
         sandbox.set_name(SPARE_NAME)
         os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
-        layers = sandbox.enter_privileged(base)
+        layers = sandbox.enter_privileged(base, net)
         sandbox.premake_workdir(base.workdir, base.uid, base.gid)
         os.setpriority(os.PRIO_PROCESS, 0, 0)  # still allowed: not yet the job user
         layers += sandbox.enter_early(base, pipe_fd, orders_fd, ready_fd, rlimits=False)

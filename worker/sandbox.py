@@ -105,6 +105,13 @@ class Plan:
     seccomp: bytes | None = None
     layers: list[str] = field(default_factory=list)
 
+    @property
+    def kept_net(self) -> bool:
+        """Whether a network namespace an earlier job used may serve this one: the job gets
+        no network, runs unprivileged (it cannot change the namespace) and as PID 1 of its
+        own PID namespace (once it is reaped, nothing of it is left in there)."""
+        return self.new_net and self.pid_ns and self.uid is not None
+
 
 def _vm_size() -> int:
     with open("/proc/self/statm", "rb") as f:
@@ -186,8 +193,11 @@ def scrub_environment(workdir: Path, extra: dict[str, str]) -> None:
     os.environ.update(HOME=str(workdir), TMPDIR=str(workdir), **extra)
 
 
-def enter_privileged(plan: Plan) -> list[str]:
-    """The outer box, still privileged: session, PDEATHSIG, cgroups, namespaces; the layers."""
+def enter_privileged(plan: Plan, net: int = -1) -> list[str]:
+    """The outer box, still privileged: session, PDEATHSIG, cgroups, namespaces; the layers.
+
+    `net` is the fd of a kept network namespace to join (see `Plan.kept_net`), -1 for a new one.
+    """
     os.setsid()
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if _forker_gone():  # it died before PDEATHSIG was armed
@@ -197,7 +207,11 @@ def enter_privileged(plan: Plan) -> list[str]:
         plan.cgroup.join()
         layers += plan.layers
     if plan.new_net:
-        unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+        if net >= 0:
+            setns(net, CLONE_NEWNET)
+            unshare(CLONE_NEWIPC | CLONE_NEWUTS)  # SysV objects outlive processes: always new
+        else:
+            unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
         layers.append("network-namespace")
     if plan.pid_ns:
         if os.getpid() != 1:
@@ -231,11 +245,12 @@ def fork_job(pid_ns: bool) -> int:
         pid = os.fork()
     finally:
         if os.getpid() == me:  # the parent: its later children are born where it lives
-            _setns(_own_pid_ns[1], CLONE_NEWPID)
+            setns(_own_pid_ns[1], CLONE_NEWPID)
     return pid
 
 
-def _setns(fd: int, kind: int) -> None:
+def setns(fd: int, kind: int) -> None:
+    """Call setns(2): move this process into the namespace `fd` refers to; raise OSError."""
     if _libc.setns(fd, kind) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
@@ -264,7 +279,7 @@ def pid_namespaces_work() -> bool:
         return False
     try:
         unshare(CLONE_NEWPID)
-        _setns(fd, CLONE_NEWPID)
+        setns(fd, CLONE_NEWPID)
         return True
     except OSError:
         return False

@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 from handlers.base import Handler
 from worker import sandbox, signals
 from worker.child import ChildSpec, child_failed, prepare_inheritance, run_child, run_spare
+from worker.netns import NetPool
 
 #: A report: ("spawned", token, pid), ("failed", token, why) or ("exited", pid, status, rusage).
 Report = tuple[Any, ...]
@@ -79,13 +80,14 @@ class Zygote:
         """
         token = self._next()
         data = pickle.dumps(spec)
+        box = (spec.plan.pid_ns, spec.plan.kept_net)
         if len(data) <= _INLINE:
-            self._send(("job", token, (spec.plan.pid_ns, data)), [pipe_w])
+            self._send(("job", token, (*box, data)), [pipe_w])
         else:
             memfd = os.memfd_create("gkw-spec", os.MFD_CLOEXEC)
             try:
                 os.write(memfd, data)
-                self._send(("job", token, (spec.plan.pid_ns, None)), [pipe_w, memfd])
+                self._send(("job", token, (*box, None)), [pipe_w, memfd])
             finally:
                 os.close(memfd)
         while True:
@@ -199,6 +201,7 @@ class _Server:
         self.sock = sock
         self.handlers = handlers
         self.boxing: dict[int, tuple[int, int]] = {}  # readiness fd -> (token, pid) of a spare
+        self.nets = NetPool()
 
     def loop(self) -> None:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -230,8 +233,8 @@ class _Server:
         kind, token, body = msg
         try:
             if kind == "job":
-                pid_ns, blob = body
-                pid = self._fork(pid_ns, lambda: self._run_job(blob, fds))
+                pid_ns, kept_net, blob = body
+                pid = self._fork(pid_ns, kept_net, lambda net: self._run_job(blob, fds, net))
             else:
                 self._fork_spare(token, body, fds)
                 return True
@@ -244,22 +247,22 @@ class _Server:
                 os.close(fd)
         return True
 
-    def _run_job(self, blob: bytes | None, fds: list[int]) -> NoReturn:
+    def _run_job(self, blob: bytes | None, fds: list[int], net: int) -> NoReturn:
         """In the new child: decode its spec and run it with this zygote's handler."""
         try:
             spec: ChildSpec = pickle.loads(blob if blob is not None else _read_memfd(fds[1]))
             handler = self.handlers[spec.operation]
         except BaseException:
             child_failed()
-        run_child(spec, handler, fds[0])
+        run_child(spec, handler, fds[0], net)
 
     def _fork_spare(self, token: int, base: sandbox.Plan, fds: list[int]) -> None:
         """Fork a spare; it is reported once it says it is boxed (the supervisor renames its
         work dir when it hands it a job, so it must be done with that dir by path)."""
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
-            pid = self._fork(base.pid_ns,
-                             lambda: run_spare(base, self.handlers, fds[0], fds[1], w))
+            pid = self._fork(base.pid_ns, base.kept_net,
+                             lambda net: run_spare(base, self.handlers, fds[0], fds[1], w, net))
         except BaseException:
             os.close(r)
             raise
@@ -267,19 +270,29 @@ class _Server:
             os.close(w)
         self.boxing[r] = (token, pid)
 
-    def _fork(self, pid_ns: bool, run: Callable[[], NoReturn]) -> int:
+    def _fork(self, pid_ns: bool, kept_net: bool, run: Callable[[int], NoReturn]) -> int:
+        """Fork a child that calls `run` with the fd of a kept network namespace lent to it
+        (when `kept_net`; else -1)."""
+        net = self.nets.lend() if kept_net else -1
         mask = signals.block()
         try:
             pid = sandbox.fork_job(pid_ns)
             if pid == 0:
                 self.sock.close()
-                run()
+                run(net)
+        except BaseException:
+            if net >= 0:
+                self.nets.back(net)
+            raise
         finally:
             signals.restore(mask)
+        if net >= 0:
+            self.nets.lent_to(pid, net)
         return pid
 
     def _report_exits(self) -> None:
         for pid, status, ru in sandbox.reaped():
+            self.nets.reaped(pid)
             usage = SimpleNamespace(ru_utime=ru.ru_utime, ru_stime=ru.ru_stime,
                                     ru_maxrss=ru.ru_maxrss, ru_inblock=ru.ru_inblock,
                                     ru_oublock=ru.ru_oublock)

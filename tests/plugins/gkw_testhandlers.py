@@ -155,6 +155,43 @@ def _daemon(path: str) -> int:
     return pid
 
 
+def _listening_daemon(name: str) -> str:
+    """Leave behind a daemonised grandchild listening on the abstract unix socket `name`."""
+    import socket
+
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind("\0" + name)
+            sock.listen()
+            os.write(w, b"x")
+            _forever()
+        os._exit(0)
+    os.read(r, 1)
+    return "listening"
+
+
+def _connect_abstract(name: str) -> str:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect("\0" + name)
+    return "connected"
+
+
+def _loopback_up(_: Any) -> int:
+    """Try to bring `lo` up (SIOCSIFFLAGS: IFF_UP | IFF_LOOPBACK | IFF_RUNNING)."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock, 0x8914, struct.pack("16sH22x", b"lo", 0x49))
+    return 0
+
+
 def _run(argv: list[str]) -> str:
     import subprocess
 
@@ -177,6 +214,11 @@ _ACTIONS: dict[str, Any] = {
     "write": lambda p: Path(p).write_text("x"),
     "chmod": lambda pm: os.chmod(pm[0], int(pm[1], 8)),
     "xattr": lambda p: os.setxattr(p, "user.note", b"left by a job"),
+    "netns": lambda _: os.stat("/proc/self/ns/net").st_ino,
+    "sleep": lambda seconds: time.sleep(float(seconds)),
+    "listen_abstract": _listening_daemon,
+    "connect_abstract": _connect_abstract,
+    "loopback_up": _loopback_up,
     "setuid0": lambda _: os.setuid(0),
     "run": _run,
     "connect": _connect,

@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     "worker.config": 3, "handlers.base": 3,
     "worker.progress": 4, "worker.spool": 4, "worker.watch": 4, "worker.registry": 4,
     "worker.routing": 4, "worker.results": 4, "worker.workdirs": 4,
-    "worker.sandbox": 5, "worker.service": 5, "worker.transports.redis": 5,
+    "worker.sandbox": 5, "worker.service": 5, "worker.transports.redis": 5, "worker.netns": 5.5,
     "worker.isolation": 6,
     "worker.child": 7, "worker.zygote": 7.5, "worker.spare": 7.7,
     "worker.job": 8,

@@ -1,0 +1,63 @@
+"""Network namespaces kept between jobs: one live job each, nothing carried from one job to the next.
+
+Needs root (namespaces, the job user). A work dir being recycled is the sign that its
+job's PID 1 was reaped, which is also when the zygote takes its namespace back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+from conftest import Worker, job, wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and the job user need root")
+
+
+def _reaped(w: Worker, job_id: str) -> None:
+    def recycled() -> bool:
+        return not (w.work / job_id).exists() and any((w.work / ".blank").iterdir())
+    wait_until(recycled, [w.work, w.work / ".blank"], 20, f"{job_id} to be reaped")
+
+
+def _probe(w: Worker, job_id: str, *actions: list[object]) -> list[str]:
+    w.drop(job(job_id, "test.probe", {"actions": [list(a) for a in actions]}))
+    res = w.wait_result(job_id)
+    assert res["status"] == "completed", res
+    assert "network-namespace" in res["isolation"]
+    outcomes: list[str] = res["data"]["outcomes"]
+    return outcomes
+
+
+def test_a_kept_namespace_holds_nothing_of_the_job_before(
+        make_worker: Callable[..., Worker]) -> None:
+    w = make_worker("--max-concurrent", "1", "--no-spares").start()
+    first = _probe(w, "first", ["netns", None], ["listen_abstract", "gkw-left-behind"],
+                   ["connect_abstract", "gkw-left-behind"])
+    assert first[1:] == ["ok listening", "ok connected"]  # while it lived, its daemon listened
+    _reaped(w, "first")
+    second = _probe(w, "second", ["netns", None], ["connect_abstract", "gkw-left-behind"],
+                    ["loopback_up", None])
+    assert second[0] == first[0]  # the same namespace, kept
+    assert second[1] == "ConnectionRefusedError: errno 111"  # the daemon died with its job
+    assert second[2] == "PermissionError: errno 1"  # and the job user cannot change it
+
+
+def test_jobs_alive_at_once_never_share_one(make_worker: Callable[..., Worker]) -> None:
+    w = make_worker("--max-concurrent", "2", "--no-spares").start()
+    w.drop(job("long", "test.probe", {"actions": [["netns", None], ["sleep", 5]]}))
+    wait_until(lambda: "[long] running:" in w.log(), [w.base], 20, "the long job to start")
+    short = _probe(w, "short", ["netns", None])
+    long = w.wait_result("long")["data"]["outcomes"]
+    assert long[1] == "ok None"  # it slept through the short one's whole life
+    assert short[0] != long[0]
+
+
+def test_jobs_running_as_root_get_a_new_one_each(make_worker: Callable[..., Worker]) -> None:
+    w = make_worker("--max-concurrent", "1", "--no-spares", "--user", "root").start()
+    seen = []
+    for n in range(3):
+        seen.append(_probe(w, f"root-{n}", ["netns", None])[0])
+        _reaped(w, f"root-{n}")
+    assert len(set(seen)) == 3
