@@ -24,8 +24,8 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def _write_tmp(path: Path, data: bytes, fsync: bool) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _write_tmp(path: Path, data: bytes, fsync: bool, tmp: Path | None = None) -> Path:
+    tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         view = memoryview(data)
@@ -50,12 +50,14 @@ def write_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
         fsync_dir(path.parent)
 
 
-def publish_noreplace(path: Path, data: bytes, *, fsync: bool = True, sync_dir: bool = True) -> bool:
+def publish_noreplace(path: Path, data: bytes, *, fsync: bool = True, sync_dir: bool = True,
+                      tmp: Path | None = None) -> bool:
     """Create `path` with `data` atomically unless it exists; return False when it already did.
 
-    With `sync_dir` False the caller fsyncs the directory itself (to batch it).
+    With `sync_dir` False the caller fsyncs the directory itself (to batch it). `tmp` is an
+    empty file made ahead in the same directory to write into (it is used up either way).
     """
-    tmp = _write_tmp(path, data, fsync)
+    tmp = _write_tmp(path, data, fsync, tmp)
     try:
         os.link(tmp, path)
     except FileExistsError:

@@ -40,6 +40,7 @@ class Spool:
         self.status_files = fsutil.FilePool(self.status_dir)
         self._lock_fd: int | None = None
         self._unsynced_results = False
+        self._next_result: Path | None = None  # an empty file for the next result
         self._seq = itertools.count()
 
     def setup(self) -> None:
@@ -194,10 +195,31 @@ class Spool:
 
         The file is fsync'd; its directory entry becomes durable at the next `sync_results`.
         """
+        tmp, self._next_result = self._next_result, None
         made = fsutil.publish_noreplace(self.result_path(job_id), dumps_pretty(doc),
-                                        fsync=self.fsync, sync_dir=False)
+                                        fsync=self.fsync, sync_dir=False, tmp=tmp)
         self._unsynced_results |= made
         return made
+
+    def premake_result(self) -> None:
+        """Have an empty file ready for the next result: a new inode can take milliseconds
+        on ext4 without a journal, and now no job is waiting for it."""
+        if self._next_result is None:
+            path = self.results / f"{_NEXT_RESULT}{os.getpid()}.tmp"
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            self._next_result = path
+
+    def sweep_results(self) -> int:
+        """Remove the empty result files made ahead by supervisors no longer running."""
+        n = 0
+        for name in os.listdir(self.results):
+            pid = name[len(_NEXT_RESULT):-4]
+            if name.startswith(_NEXT_RESULT) and name.endswith(".tmp") and pid.isdigit() \
+                    and not _alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.results / name)
+                    n += 1
+        return n
 
     def sync_results(self) -> None:
         """Make every result published since the last call durable (one directory fsync)."""
@@ -269,6 +291,19 @@ class Spool:
                     n += 1
         return n
 
+
+
+_NEXT_RESULT = ".next-result-"  #: prefix of the file made ahead for the next result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def original_name(claimed: str) -> str:

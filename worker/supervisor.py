@@ -115,6 +115,7 @@ class Supervisor:
         self._start_zygotes()
         self.service.open(self.sel, self._gauges)
         self.spool.sweep_tmp()
+        self.spool.sweep_results()
         self.workdirs.open()
         self._recover()
         self._scan()
@@ -202,6 +203,7 @@ class Supervisor:
         self._housekeep()
         self._fill_slots(now)
         self._archive_ended()
+        self.spool.premake_result()
         self.spares.keep(self.settings, self.settings.max_concurrent - len(self.running),
                          self.draining)
         free = self.settings.max_concurrent - len(self.running) - len(self.ready)
@@ -581,18 +583,25 @@ class Supervisor:
         self._finish_run(job)
 
     def _finish_run(self, job: Job) -> None:
+        """The run is over: publish its result (or queue its retry), then kill what is left of
+        it and give its cgroup back; whoever waits for the result need not wait for those."""
         run = job.run
         assert run is not None
         for msg in run.take_messages():
             self._on_message(job, msg)
         if run.cgroup is not None:
             run.cgroup_stats = run.cgroup.stats()
-        run.kill_tree()  # nothing of the job outlives it
-        if run.cgroup is not None and self.host.pool is not None:
-            self.host.pool.release(run.cgroup)
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(run.reader.fd)
         run.reader.close()
+        try:
+            self._end_run(job, run)
+        finally:
+            run.kill_tree()  # nothing of the job outlives it
+            if run.cgroup is not None and self.host.pool is not None:
+                self.host.pool.release(run.cgroup)
+
+    def _end_run(self, job: Job, run: Run) -> None:
         outcome = decide(run)
         reason = run.kill_reason or (outcome.code.value.lower() if outcome.code in (
             ErrorCode.CPU_LIMIT, ErrorCode.MEMORY_LIMIT, ErrorCode.KILLED) else None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -45,7 +44,9 @@ def test_kill_9_mid_run_then_restart_every_job_ends_once_within_max_attempts(mak
         if res["status"] != "completed":
             assert res["error"]["code"] == "WORKER_LOST"
             assert "no attempts left" in res["error"]["message"]
-    assert sorted(os.listdir(w.results)) == sorted(f"{j}-result.json" for j in ids)
+    assert sorted(w.published()) == sorted(f"{j}-result.json" for j in ids)
+    hidden = [p for p in w.results.iterdir() if p.name.startswith(".")]
+    assert all(p.name.startswith(".next-result-") and p.stat().st_size == 0 for p in hidden), hidden
     # the job file is archived right after its result is durable (same loop pass)
     wait_until(lambda: not any((w.jobs / ".active").iterdir()), [w.jobs / ".active"], 10,
                "every job file to be archived")

@@ -84,7 +84,7 @@ def test_thousand_jobs_at_once_each_get_exactly_one_result(make_worker) -> None:
     for p in staging.iterdir():
         p.rename(w.jobs / p.name)
     w.wait_results(1000, timeout=240)
-    results = sorted(p.name for p in w.results.iterdir())
+    results = sorted(w.published())
     assert results == [f"bulk-{i:04d}-result.json" for i in range(1000)]
     wait_until(lambda: len(list((w.jobs / "done").iterdir())) == 1000, [w.jobs / "done"], 30,
                "1000 archived job files")

@@ -1,0 +1,60 @@
+"""The empty file made ahead for the next result: used by it, never left behind by the dead."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import orjson
+
+from worker.config import Settings
+from worker.spool import Spool
+
+
+def _spool(tmp_path: Path) -> Spool:
+    spool = Spool(Settings(jobs_dir=tmp_path / "jobs", results_dir=tmp_path / "results",
+                           work_dir=tmp_path / "work", output_dir=tmp_path / "out"))
+    spool.setup()
+    return spool
+
+
+def _hidden(spool: Spool) -> list[str]:
+    return sorted(n for n in os.listdir(spool.results) if n.startswith("."))
+
+
+def test_the_next_result_is_written_into_the_file_made_ahead(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    spool.premake_result()
+    [ahead] = _hidden(spool)
+    inode = (spool.results / ahead).stat().st_ino
+    assert spool.publish_result("j1", {"job_id": "j1", "status": "completed"})
+    assert spool.result_path("j1").stat().st_ino == inode
+    assert orjson.loads(spool.result_path("j1").read_bytes())["status"] == "completed"
+    assert _hidden(spool) == []
+    assert spool.publish_result("j2", {"job_id": "j2"})  # none made ahead: made on the spot
+    assert _hidden(spool) == []
+    spool.premake_result()
+    spool.premake_result()  # one at a time
+    assert len(_hidden(spool)) == 1
+
+
+def test_an_existing_result_is_kept_and_the_file_made_ahead_is_not_left(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    assert spool.publish_result("j1", {"first": True})
+    spool.premake_result()
+    assert not spool.publish_result("j1", {"first": False})
+    assert orjson.loads(spool.result_path("j1").read_bytes()) == {"first": True}
+    assert _hidden(spool) == []
+
+
+def test_start_removes_only_what_dead_supervisors_made_ahead(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (spool.results / f".next-result-{dead.pid}.tmp").touch()
+    (spool.results / f".next-result-{os.getpid()}.tmp").touch()  # a live one's
+    (spool.results / "x-result.json").write_bytes(b"{}")
+    assert spool.sweep_results() == 1
+    assert _hidden(spool) == [f".next-result-{os.getpid()}.tmp"]
+    assert (spool.results / "x-result.json").exists()
