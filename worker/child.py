@@ -28,6 +28,7 @@ SPARE_NAME = "gkw-spare"  #: process name of a spare waiting for its job
 #: the slow part of its set-up takes only CPU that no running job wants.
 SPARE_NICE = 10
 JOB_NAME = "gkw-job"  #: process name of a child running a job
+READY = b"r"  #: what a spare writes to its readiness pipe once it is boxed
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,25 +76,30 @@ def child_failed() -> NoReturn:
 
 
 def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: int,
-              pipe_fd: int, ready_fd: int, net: int = -1) -> NoReturn:
+              pipe_fd: int, ready_fd: int, net: int = -1, renice: bool = False) -> NoReturn:
     """Box itself as far as no job is needed, wait for one order, then run that job; never
     returns. The supervisor renames the spare's work dir to the job's before the order.
-    `net`: a kept network namespace to join, as for `run_child`.
+    `net`: a kept network namespace to join, as for `run_child`; `renice`: box itself at
+    SPARE_NICE (only when it may come back to 0: see `sandbox.may_raise_priority`).
 
-    It closes `ready_fd` once it is done with its work dir by path. End of file on
-    `orders_fd` with no order means the spare is no longer wanted: exit 0.
+    It writes READY to `ready_fd` and closes it once it is done with its work dir by path;
+    a spare that dies first closes it without. End of file on `orders_fd` with no order
+    means the spare is no longer wanted: exit 0.
     """
     code = ExitCode.SANDBOX
     try:
         signals.reset_in_child()
         sandbox.set_name(SPARE_NAME)
-        os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
+        if renice:
+            os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
         layers = sandbox.enter_privileged(base, net)
         sandbox.premake_workdir(base.workdir, base.uid, base.gid)
-        os.setpriority(os.PRIO_PROCESS, 0, 0)  # still allowed: not yet the job user
+        if renice:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)  # before the job user, who may not
         layers += sandbox.enter_early(base, pipe_fd, orders_fd, ready_fd, rlimits=False)
         early = sandbox.confine_early(base)
-        os.close(5)  # ready_fd: boxed
+        os.write(5, READY)  # ready_fd: boxed
+        os.close(5)
         order = read_order(4)
         os.close(4)
         if order is None:

@@ -62,6 +62,21 @@ def reaped() -> Iterator[tuple[int, int, resource.struct_rusage]]:
         yield pid, status, rusage
 
 
+_CAP_SYS_NICE = 23
+
+
+def may_raise_priority() -> bool:
+    """Whether this process may lower its nice value back to 0 once it raised it: it has
+    CAP_SYS_NICE (a unit's bounding set may lack it) or an RLIMIT_NICE that allows 0."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                if int(line.split()[1], 16) >> _CAP_SYS_NICE & 1:
+                    return True
+                break
+    return resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
+
+
 def become_subreaper() -> bool:
     """Make orphaned descendants of jobs come back to this process; False when refused."""
     try:

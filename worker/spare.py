@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,10 @@ log = logging.getLogger("guestkit.spare")
 
 #: An order must fit in an empty pipe so that handing it over never blocks the loop.
 ORDER_MAX = 60 * 1024
+#: After this many spares in a row fail to box themselves, none is made for PAUSE seconds:
+#: jobs are forked afresh meanwhile instead of a spare being forked and dying in a loop.
+FAILURES_BEFORE_PAUSE = 3
+PAUSE = 60.0
 
 
 @dataclass(slots=True)
@@ -117,6 +122,8 @@ class Spares:
         self.coming: dict[int, Spare] = {}  # asked of the zygote, by token; no pid yet
         self.retired: dict[int, Spare] = {}  # told to exit, not yet reported ended
         self.cap = 0
+        self.failures = 0  # spares in a row that failed to box themselves
+        self.paused_until = 0.0  # monotonic time before which no spare is made
         self._seq = itertools.count()
 
     def pick(self, needs_network: bool) -> Spare | None:
@@ -136,7 +143,8 @@ class Spares:
         """Have one spare per free slot, waiting or on its way. Retire them only on drain,
         `spares = false` or fewer slots: a spare outlives a busy spell. None is made beside a
         running job: its set-up would take CPU from that job (p99 latency 13-17 ms vs 20-24)."""
-        self.cap = 0 if draining or not settings.spares or self.zygote is None \
+        paused = time.monotonic() < self.paused_until
+        self.cap = 0 if draining or paused or not settings.spares or self.zygote is None \
             else settings.max_concurrent
         while len(self.waiting) > self.cap:
             self._retire(self.waiting.pop())
@@ -157,17 +165,24 @@ class Spares:
         """The zygote forked the spare asked for with `token`."""
         s = self.coming.pop(token)
         s.pid = pid
+        self.failures = 0
         if len(self.waiting) < self.cap:
             self.waiting.append(s)
         else:
             self._retire(s)
 
     def failed(self, token: int, why: str) -> None:
-        """The zygote could not fork the spare asked for with `token`."""
+        """The spare asked for with `token` could not be forked, or died boxing itself."""
         s = self.coming.pop(token)
-        log.error("could not fork a spare child: %s", why)
+        log.error("no spare child: %s", why)
         s.retire()
-        self._clean(s)
+        self._clean(s, gone=False)  # it may still be dying
+        self.failures += 1
+        if self.failures >= FAILURES_BEFORE_PAUSE:
+            self.failures = 0
+            self.paused_until = time.monotonic() + PAUSE
+            log.warning("%d spare children in a row failed; jobs are forked afresh for %.0f s",
+                        FAILURES_BEFORE_PAUSE, PAUSE)
 
     def ended(self, pid: int, status: int) -> bool:
         """Clean up after a spare that ended without a job; False when `pid` was not one."""

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 from handlers.base import Handler
 from worker import sandbox, signals
-from worker.child import ChildSpec, child_failed, prepare_inheritance, run_child, run_spare
+from worker.child import READY, ChildSpec, child_failed, prepare_inheritance, run_child, run_spare
 from worker.netns import NetPool
 
 #: A report: ("spawned", token, pid), ("failed", token, why) or ("exited", pid, status, rusage).
@@ -202,6 +202,7 @@ class _Server:
         self.handlers = handlers
         self.boxing: dict[int, tuple[int, int]] = {}  # readiness fd -> (token, pid) of a spare
         self.nets = NetPool()
+        self.renice = sandbox.may_raise_priority()  # spares box themselves at a low priority
 
     def loop(self) -> None:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -220,10 +221,18 @@ class _Server:
                 return
 
     def _spare_ready(self, fd: int) -> None:
-        """A spare finished boxing itself (or died trying): now it may be given a job."""
+        """A spare finished boxing itself (it may be given a job now), or died trying."""
         token, pid = self.boxing.pop(fd)
+        try:
+            said = os.read(fd, len(READY))
+        except OSError:
+            said = b""
         os.close(fd)
-        self._send(("spawned", token, pid))
+        if said == READY:
+            self._send(("spawned", token, pid))
+        else:
+            self._send(("failed", token, f"spare child {pid} died while boxing itself "
+                                         "(its error is in the zygote's stderr)"))
 
     def _serve_one(self) -> bool:
         """Serve one request; False when the supervisor closed its end."""
@@ -262,7 +271,8 @@ class _Server:
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
             pid = self._fork(base.pid_ns, base.kept_net,
-                             lambda net: run_spare(base, self.handlers, fds[0], fds[1], w, net))
+                             lambda net: run_spare(base, self.handlers, fds[0], fds[1], w, net,
+                                                   self.renice))
         except BaseException:
             os.close(r)
             raise

@@ -151,3 +151,18 @@ def test_no_spares_means_every_job_is_forked_when_it_starts(make_worker) -> None
     assert res["status"] == "completed"
     assert "pid-namespace" in res["isolation"]
     assert _spares(w) == []
+
+
+def test_spares_that_die_boxing_themselves_are_never_given_a_job(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1")
+    w.work.mkdir(parents=True)
+    for n in range(3):  # a file where each of the first spares would make its dir
+        (w.work / f".spare-{n}").write_text("in the way")
+    w.start()
+    wait_until(lambda: "jobs are forked afresh for 60 s" in w.log(), [w.base], 30,
+               "three spares to fail and spares to pause")
+    assert w.log().count("died while boxing itself") == 3
+    assert "ended while waiting" not in w.log()  # never reported as ready
+    w.drop(job("after", "test.probe", {"actions": []}))
+    assert w.wait_result("after")["status"] == "completed"
+    assert _spares(w) == []  # paused: the job was forked afresh
