@@ -731,7 +731,8 @@ class Supervisor:
             self._log(job, "a result already existed; kept the first", level=logging.WARNING)
         self.to_archive.append((job, end.status == "completed",
                                 f"{end.code}: {end.message}" if end.code else ""))
-        self._recycle_workdir(job)
+        if end.status == "completed":  # any other end keeps its dir for whoever looks into it
+            self._recycle_workdir(job)
         self.jobs.pop(job.job_id, None)
         self.waiting.discard(job.job_id)
         if not self.jobs and not self.backlog and self.held >= COMPACT_AFTER:
@@ -753,8 +754,8 @@ class Supervisor:
                     self._enqueue(other)
 
     def _recycle_workdir(self, job: Job) -> None:
-        """The job has ended for good: keep its work dir blank for the next job if it left it
-        so, once nothing of the job is left (its PID 1 reaped: the namespace is empty)."""
+        """The job has completed: keep its work dir blank for the next job if it left it so,
+        once nothing of the job is left (its PID 1 reaped: the namespace is empty)."""
         run = job.run
         if run is None or run.workdir is None:
             return

@@ -76,6 +76,17 @@ def test_a_job_that_leaves_a_file_or_an_xattr_keeps_its_dir(
     assert sorted(os.listdir(blank)) == ["stderr.log", "stdout.log"]
 
 
+def test_a_job_that_did_not_complete_keeps_its_dir(make_worker: Callable[..., Worker]) -> None:
+    w = make_worker("--max-concurrent", "1", "--no-spares").start()
+    w.drop(job("refused", "test.raise", {"permanent": True, "message": "no"}))
+    assert w.wait_result("refused")["status"] == "failed"
+    w.drop(job("quiet"))
+    w.wait_result("quiet")
+    _recycled(w, "quiet")  # reaps are being handled: the failed job's came first
+    assert w.stop() == 0
+    assert sorted(os.listdir(w.work / "refused")) == ["stderr.log", "stdout.log"]
+
+
 def test_a_waiting_spare_takes_a_blank_dir(make_worker: Callable[..., Worker]) -> None:
     w = make_worker("--max-concurrent", "1").start()
     w.drop(job("first"))
