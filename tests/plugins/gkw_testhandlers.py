@@ -192,6 +192,17 @@ def _loopback_up(_: Any) -> int:
     return 0
 
 
+def _loopback_is_up(_: Any) -> bool:
+    """Whether `lo` is up (SIOCGIFFLAGS, IFF_UP)."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        got = fcntl.ioctl(sock, 0x8913, struct.pack("16sH22x", b"lo", 0))
+    return bool(struct.unpack_from("16sH", got)[1] & 0x1)
+
+
 def _run(argv: list[str]) -> str:
     import subprocess
 
@@ -219,6 +230,7 @@ _ACTIONS: dict[str, Any] = {
     "listen_abstract": _listening_daemon,
     "connect_abstract": _connect_abstract,
     "loopback_up": _loopback_up,
+    "loopback_is_up": _loopback_is_up,
     "setuid0": lambda _: os.setuid(0),
     "run": _run,
     "connect": _connect,
