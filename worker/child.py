@@ -55,6 +55,33 @@ def prepare_inheritance() -> None:
     sandbox.base_environment()
 
 
+#: Calls enough for CPython 3.11 to have specialised a function's bytecode.
+WARM_UP_CALLS = 30
+
+
+def warm_up() -> None:
+    """In a zygote: run the steps of its children's start that only compute (their
+    environment, decoding an order, the job's plan and spec) until that code is specialised.
+
+    A child running a function its zygote never ran rewrites the function's bytecode in
+    place, copying the pages it lives in (2.6 us a page here): a spare set its environment
+    in 360 us cold, 118 us warm.
+    """
+    base = sandbox.Plan(workdir=Path("/"), output_dir=Path("/"), env={},
+                        limits=sandbox.Limits(1, 1, 1, 1, 1))
+    env = {"GUESTKIT_JOB_ID": "x", "GUESTKIT_OPERATION": "x", "GUESTKIT_ATTEMPT": "1"}
+    for _ in range(WARM_UP_CALLS):
+        sandbox.scrub_environment(base.workdir, env)
+        order = Order(job_id="x", operation="x", attempt=1, data={}, workdir=base.workdir,
+                      limits=base.limits, env=env, nproc=None, message_cap=1)
+        order = pickle.loads(encode_order(order)[4:])
+        plan = dataclasses.replace(base, workdir=order.workdir, limits=order.limits,
+                                   env=order.env, nproc=order.nproc)
+        ChildSpec(job_id=order.job_id, operation=order.operation, attempt=order.attempt,
+                  data=order.data, plan=plan, message_cap=order.message_cap)
+    sandbox.base_environment()
+
+
 def run_child(spec: ChildSpec, handler: Handler, pipe_fd: int, net: int = -1) -> NoReturn:
     """Run one job in this freshly forked process (in the kept network namespace `net`, when
     not -1); never returns."""

@@ -27,7 +27,15 @@ from typing import Any, NoReturn
 
 from handlers.base import Handler
 from worker import sandbox, signals
-from worker.child import READY, ChildSpec, child_failed, prepare_inheritance, run_child, run_spare
+from worker.child import (
+    READY,
+    ChildSpec,
+    child_failed,
+    prepare_inheritance,
+    run_child,
+    run_spare,
+    warm_up,
+)
 from worker.netns import NetPool
 
 #: A report: ("spawned", token, pid), ("failed", token, why) or ("exited", pid, status, rusage).
@@ -178,6 +186,7 @@ def main() -> NoReturn:
         for h in {id(h): h for h in handlers.values()}.values() if prepare else []:
             h.prepare()
         prepare_inheritance()
+        warm_up()
         _Server(sock, handlers).loop()
         code = 0
     finally:
