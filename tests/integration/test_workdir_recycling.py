@@ -6,6 +6,7 @@ Needs root: recycling relies on each job being PID 1 of its own namespace (reape
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,14 +88,32 @@ def test_a_job_that_did_not_complete_keeps_its_dir(make_worker: Callable[..., Wo
     assert sorted(os.listdir(w.work / "refused")) == ["stderr.log", "stdout.log"]
 
 
-def test_a_waiting_spare_takes_a_blank_dir(make_worker: Callable[..., Worker]) -> None:
-    w = make_worker("--max-concurrent", "1").start()
+def _holding(w: Worker, inode: int) -> str | None:
+    """Which kind of dir under work/ has `inode` now: '.blank', '.spare-', or None."""
+    for kind, dirs in ((".blank", (w.work / ".blank").glob("*")), (".spare-", w.work.glob(".spare-*"))):
+        for d in dirs:
+            try:
+                if d.stat().st_ino == inode:
+                    return kind
+            except FileNotFoundError:
+                continue
+    return None
+
+
+def test_a_waiting_spare_takes_a_blank_dir(make_worker: Callable[..., Worker],
+                                           tmp_path: Path) -> None:
+    cfg = tmp_path / "w.toml"
+    cfg.write_text("[worker]\nmax_concurrent = 1\n")
+    w = make_worker(env={"GUESTKIT_WORKER_CONFIG": str(cfg)}).start()
+    [made] = wait_until(lambda: list(w.work.glob(".spare-*")) or None, [w.work], 20,
+                        "the first spare's dir")
+    inode = made.stat().st_ino  # the first job runs on that spare, in this dir
     w.drop(job("first"))
     w.wait_result("first")
-    inode = _recycled(w, "first").stat().st_ino
-    w.drop(job("second"))  # runs on the spare made before the first's dir came back
-    w.wait_result("second")
-
-    def spare_on_it() -> bool:
-        return any(p.stat().st_ino == inode for p in w.work.glob(".spare-*"))
-    wait_until(spare_on_it, [w.work], 20, "the next spare to wait in the first job's old dir")
+    where = wait_until(lambda: _holding(w, inode), [w.work, w.work / ".blank"], 20,
+                       "first's dir to be recycled")
+    if where == ".blank":  # the next spare was asked for before the first job was reaped
+        cfg.write_text("[worker]\nmax_concurrent = 2\n")
+        w.signal(signal.SIGHUP)  # a second free slot: its spare gets the only blank dir
+        wait_until(lambda: _holding(w, inode) == ".spare-", [w.work, w.work / ".blank"], 20,
+                   "the new spare to wait in the first job's old dir")
