@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import resource
 import select
 import signal
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,9 +166,30 @@ def premake_workdir(scratch: Path, uid: int | None, gid: int | None) -> None:
     """A spare's work dir and empty stdout/stderr logs, made before its job is known."""
     make_workdir(scratch, uid, gid)
     for name in ("stdout.log", "stderr.log"):
-        os.close(os.open(scratch / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        fd = open_log(scratch / name)
         if uid is not None and gid is not None:
-            os.chown(scratch / name, uid, gid)
+            os.fchown(fd, uid, gid)
+        os.close(fd)
+
+
+def open_log(path: Path) -> int:
+    """Open a job's log for appending, as its own regular file: whatever an earlier attempt
+    left under that name that is not one (a symlink to another job's result, a hard link,
+    a FIFO) is replaced by a new, empty log. The caller is still root: never follow."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:  # O_NONBLOCK: a FIFO there must not block the open
+        fd = os.open(path, flags | os.O_CREAT | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO with no reader
+            raise
+    else:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            os.set_blocking(fd, True)
+            return fd
+        os.close(fd)
+    os.unlink(path)
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
 
 
 def redirect_stdio(workdir: Path) -> None:
@@ -175,7 +198,7 @@ def redirect_stdio(workdir: Path) -> None:
     os.dup2(null, 0)
     os.close(null)
     for fd, name in ((1, "stdout.log"), (2, "stderr.log")):
-        out = os.open(workdir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        out = open_log(workdir / name)
         os.dup2(out, fd)
         os.close(out)
 

@@ -192,3 +192,18 @@ def test_a_job_in_a_cgroup_ends_on_its_result_with_the_cgroups_accounting(make_w
     pid = int(re.search(r"\[counted\] running: pid (\d+)", w.log()).group(1))
     wait_until(lambda: f"process {pid} exited after its job had ended on its result" in w.log(),
                [w.base], 20, "the job's process to be reaped after its result")
+
+
+def test_a_log_planted_by_an_earlier_attempt_is_not_followed(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1", "--no-spares").start()
+    w.drop(job("victim"))
+    assert w.wait_result("victim")["status"] == "completed"
+    victim = w.results / "victim-result.json"
+    before = victim.read_bytes()
+    w.drop(job("planter", "test.retry",
+               {"succeed_on": 2, "say": True, "plant_log": str(victim)}, max_attempts=2))
+    res = w.wait_result("planter")
+    assert res["status"] == "completed" and res["data"]["attempt"] == 2
+    assert victim.read_bytes() == before  # the retry, root until it drops, did not follow it
+    log = w.work / "planter" / "stdout.log"
+    assert not log.is_symlink() and log.read_text() == "attempt 2\n"

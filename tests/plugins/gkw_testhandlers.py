@@ -87,6 +87,9 @@ class MisbehavingHandler(Handler):
         elif behaviour == "retry":
             if data.get("say"):
                 print(f"attempt {ctx.attempt}", flush=True)
+            if ctx.attempt < int(data.get("succeed_on", 2)) and data.get("plant_log"):
+                os.unlink("stdout.log")  # its next attempt opens this name as root
+                os.symlink(data["plant_log"], "stdout.log")
             if ctx.attempt < int(data.get("succeed_on", 2)):
                 raise RetryableError(f"transient failure on attempt {ctx.attempt}")
         elif behaviour == "print":
