@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import itertools
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,6 +197,8 @@ class Spool:
         The file is fsync'd; its directory entry becomes durable at the next `sync_results`.
         """
         tmp, self._next_result = self._next_result, None
+        if tmp is not None and not _untouched(tmp):
+            tmp = None  # never write into a file that is not exactly the empty one made
         made = fsutil.publish_noreplace(self.result_path(job_id), dumps_pretty(doc),
                                         fsync=self.fsync, sync_dir=False, tmp=tmp)
         self._unsynced_results |= made
@@ -205,17 +208,17 @@ class Spool:
         """Have an empty file ready for the next result: a new inode can take milliseconds
         on ext4 without a journal, and now no job is waiting for it."""
         if self._next_result is None:
-            path = self.results / f"{_NEXT_RESULT}{os.getpid()}.tmp"
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            path = self.results / f"{_NEXT_RESULT}{os.getpid()}-{time.time_ns()}.tmp"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            os.close(os.open(path, flags, 0o644))
             self._next_result = path
 
     def sweep_results(self) -> int:
-        """Remove the empty result files made ahead by supervisors no longer running."""
+        """Remove every file made ahead for a result by an earlier run (one killed between
+        linking a result and unlinking this name leaves a second name of that result)."""
         n = 0
         for name in os.listdir(self.results):
-            pid = name[len(_NEXT_RESULT):-4]
-            if name.startswith(_NEXT_RESULT) and name.endswith(".tmp") and pid.isdigit() \
-                    and not _alive(int(pid)):
+            if name.startswith(_NEXT_RESULT) and name.endswith(".tmp"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.results / name)
                     n += 1
@@ -296,14 +299,13 @@ class Spool:
 _NEXT_RESULT = ".next-result-"  #: prefix of the file made ahead for the next result
 
 
-def _alive(pid: int) -> bool:
+def _untouched(path: Path) -> bool:
+    """True for the empty, singly linked regular file that premake_result made."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        st = os.lstat(path)
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == 0
 
 
 def original_name(claimed: str) -> str:

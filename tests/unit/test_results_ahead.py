@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import orjson
@@ -48,13 +47,23 @@ def test_an_existing_result_is_kept_and_the_file_made_ahead_is_not_left(tmp_path
     assert _hidden(spool) == []
 
 
-def test_start_removes_only_what_dead_supervisors_made_ahead(tmp_path: Path) -> None:
+def test_start_removes_what_a_killed_run_left_and_never_writes_into_it(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (spool.results / f".next-result-{dead.pid}.tmp").touch()
-    (spool.results / f".next-result-{os.getpid()}.tmp").touch()  # a live one's
-    (spool.results / "x-result.json").write_bytes(b"{}")
-    assert spool.sweep_results() == 1
-    assert _hidden(spool) == [f".next-result-{os.getpid()}.tmp"]
-    assert (spool.results / "x-result.json").exists()
+    assert spool.publish_result("x", {"first": True})
+    # killed between linking x's result and unlinking the name it was written under
+    os.link(spool.result_path("x"), spool.results / f".next-result-{os.getpid()}-1.tmp")
+    (spool.results / ".next-result-99999-2.tmp").touch()  # another run's, never used
+    assert spool.sweep_results() == 2
+    assert _hidden(spool) == []
+    assert spool.result_path("x").stat().st_nlink == 1
+    assert orjson.loads(spool.result_path("x").read_bytes()) == {"first": True}
+
+
+def test_a_file_made_ahead_that_is_no_longer_empty_is_not_written_into(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    spool.premake_result()
+    [ahead] = _hidden(spool)
+    os.link(spool.results / ahead, tmp_path / "another-name")  # not ours alone any more
+    assert spool.publish_result("y", {"y": 1})
+    assert (tmp_path / "another-name").read_bytes() == b""
+    assert orjson.loads(spool.result_path("y").read_bytes()) == {"y": 1}
