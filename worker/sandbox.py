@@ -127,7 +127,7 @@ class Plan:
         """Whether a network namespace an earlier job used may serve this one: the job gets
         no network, runs unprivileged (it cannot change the namespace) and as PID 1 of its
         own PID namespace (once it is reaped, nothing of it is left in there)."""
-        return self.new_net and self.pid_ns and self.uid is not None
+        return self.new_net and self.pid_ns and self.uid not in (None, 0)
 
 
 def _vm_size() -> int:

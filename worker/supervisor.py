@@ -78,6 +78,7 @@ class Supervisor:
         #: pid -> (its zygote, its work dir to recycle once reaped): processes of jobs that
         #: ended on their result, not yet reaped
         self.lingering: dict[int, tuple[int, str | None]] = {}
+        self._premake_failed = False  # said once until it works again
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -203,13 +204,23 @@ class Supervisor:
         self._housekeep()
         self._fill_slots(now)
         self._archive_ended()
-        self.spool.premake_result()
+        self._premake_result()
         self.spares.keep(self.settings, self.settings.max_concurrent - len(self.running),
                          self.draining)
         free = self.settings.max_concurrent - len(self.running) - len(self.ready)
         self.remote.poll(now, 0 if self.draining else max(0, free),
                          [j.message_id for j in self.running.values() if j.message_id])
         self.service.heartbeat(now, self._status_text())
+
+    def _premake_result(self) -> None:
+        try:
+            self.spool.premake_result()
+        except OSError as e:  # the next result is made on the spot, as without it
+            if not self._premake_failed:
+                log.warning("could not make the file for the next result ahead: %s", e)
+            self._premake_failed = True
+        else:
+            self._premake_failed = False
 
     def _status_text(self) -> str:
         queued = len(self.jobs) - len(self.running) + len(self.backlog)
@@ -583,21 +594,22 @@ class Supervisor:
         self._finish_run(job)
 
     def _finish_run(self, job: Job) -> None:
-        """The run is over: publish its result (or queue its retry), then kill what is left of
-        it and give its cgroup back; whoever waits for the result need not wait for those."""
+        """The run is over: kill what is left of it (nothing of a job may act once its result
+        is out), publish its result (or queue its retry), then give its cgroup back, which
+        whoever waits for the result need not wait for."""
         run = job.run
         assert run is not None
         for msg in run.take_messages():
             self._on_message(job, msg)
         if run.cgroup is not None:
             run.cgroup_stats = run.cgroup.stats()
+        run.kill_tree()
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(run.reader.fd)
         run.reader.close()
         try:
             self._end_run(job, run)
         finally:
-            run.kill_tree()  # nothing of the job outlives it
             if run.cgroup is not None and self.host.pool is not None:
                 self.host.pool.release(run.cgroup)
 
@@ -827,6 +839,8 @@ class Supervisor:
                      running_attempt: int | None = None, message_id: str | None = None) -> None:
         """Admit a job a stopped worker had claimed: the attempt it was running counts."""
         status = (self.spool.read_status(job_id) if job_id else None) or {}
+        if status.get("job_id") != job_id:  # not fsync'd: a power cut may leave another's
+            status = {}
         attempt = running_attempt or int(status.get("attempt") or 0) or None
         was_running = running_attempt is not None or status.get("state") in ("assigned", "running")
         acc = self.intake.admit(where, claimed, data, claimed,

@@ -212,17 +212,20 @@ class _Server:
         self.boxing: dict[int, tuple[int, int]] = {}  # readiness fd -> (token, pid) of a spare
         self.nets = NetPool()
         self.renice = sandbox.may_raise_priority()  # spares box themselves at a low priority
+        self.poller = select.poll()  # not select(): a zygote may hold fds above 1023
 
     def loop(self) -> None:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        for fd in (self.sock.fileno(), r):
+            self.poller.register(fd, select.POLLIN)
         while True:
-            ready, _, _ = select.select([self.sock.fileno(), r, *self.boxing], [], [])
+            ready = {fd for fd, _ in self.poller.poll()}
             if r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(r, 4096)
-            for fd in set(ready) & set(self.boxing):
+            for fd in ready & self.boxing.keys():
                 self._spare_ready(fd)
             if r in ready:
                 self._report_exits()  # after any readiness of the same spare
@@ -232,6 +235,7 @@ class _Server:
     def _spare_ready(self, fd: int) -> None:
         """A spare finished boxing itself (it may be given a job now), or died trying."""
         token, pid = self.boxing.pop(fd)
+        self.poller.unregister(fd)
         try:
             said = os.read(fd, len(READY))
         except OSError:
@@ -288,6 +292,7 @@ class _Server:
         finally:
             os.close(w)
         self.boxing[r] = (token, pid)
+        self.poller.register(r, select.POLLIN)
 
     def _fork(self, pid_ns: bool, kept_net: bool, run: Callable[[int], NoReturn]) -> int:
         """Fork a child that calls `run` with the fd of a kept network namespace lent to it

@@ -150,3 +150,18 @@ def test_a_failed_key_may_run_again(worker: Worker) -> None:
     worker.drop(job("runs", "test.ledger", {}, idempotency_key="k-3"))
     res = worker.wait_result("runs")
     assert res["status"] == "completed" and "idempotent_replay" not in res
+
+
+def test_a_status_file_naming_another_job_is_not_believed_at_recovery(make_worker) -> None:
+    """Status files are not fsync'd: after a power cut one may hold another job's document."""
+    w = make_worker("--max-concurrent", "1")
+    for d in (w.jobs / ".active", w.jobs / ".status"):
+        d.mkdir(parents=True)
+    (w.jobs / ".active" / "00000000000000000001-000000-lost.json").write_bytes(
+        orjson.dumps(job("lost", max_attempts=2)))
+    (w.jobs / ".status" / "lost.json").write_bytes(orjson.dumps(
+        {"job_id": "someone-else", "state": "running", "attempt": 2}))
+    w.start()
+    res = w.wait_result("lost")
+    assert res["status"] == "completed"  # not failed as WORKER_LOST after "attempt 2 of 2"
+    assert res["execution_summary"]["attempt"] == 1

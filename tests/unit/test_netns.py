@@ -8,13 +8,12 @@ import pytest
 
 from worker.netns import NetPool
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating namespaces needs root")
-
 
 def _ino(fd: int) -> int:
     return os.fstat(fd).st_ino
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating namespaces needs root")
 def test_a_namespace_is_lent_to_one_child_at_a_time_and_back_when_reaped() -> None:
     own = os.stat("/proc/self/ns/net").st_ino
     pool = NetPool()
@@ -34,3 +33,21 @@ def test_a_namespace_is_lent_to_one_child_at_a_time_and_back_when_reaped() -> No
     finally:
         for fd in [*pool.free, *pool.lent.values()]:
             os.close(fd)
+
+
+def test_only_an_unprivileged_job_in_its_own_pid_namespace_may_borrow_one() -> None:
+    from pathlib import Path
+
+    from worker.sandbox import Limits, Plan
+
+    def plan(**kw: object) -> Plan:
+        base: dict[str, object] = {"workdir": Path("/w"), "output_dir": Path("/o"), "env": {},
+                                   "limits": Limits(1, 1, 1, 1, 1), "new_net": True,
+                                   "pid_ns": True, "uid": 990, "gid": 990}
+        return Plan(**{**base, **kw})  # type: ignore[arg-type]
+
+    assert plan().kept_net
+    assert not plan(uid=0).kept_net  # root under another name can change a namespace
+    assert not plan(uid=None).kept_net
+    assert not plan(pid_ns=False).kept_net  # reaping it would not prove its processes gone
+    assert not plan(new_net=False).kept_net
