@@ -11,10 +11,13 @@ ended for good (a retry keeps its dir) and after its PID namespace is empty.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import itertools
 import os
 import shutil
 import stat
+import struct
 from pathlib import Path
 
 from worker import fsutil
@@ -92,29 +95,54 @@ class Workdirs:
         return False
 
     def _own(self, path: Path) -> None:
-        """Modes back to what a fresh dir gets; owned by the job user (a setting may change)."""
+        """Modes and times back to what a fresh dir gets; owned by the job user (a setting may
+        change)."""
         os.chmod(path, 0o700)
         for name in LOGS:
             os.chmod(path / name, 0o600)
+            os.utime(path / name, follow_symlinks=False)
+        os.utime(path, follow_symlinks=False)
         if self.uid is not None and self.gid is not None:
             for p in (path, path / LOGS[0], path / LOGS[1]):
                 os.chown(p, self.uid, self.gid, follow_symlinks=False)
 
 
 def _is_blank(path: Path) -> bool:
-    """True for a real dir holding exactly two empty, singly linked logs and no xattrs."""
+    """True for a real dir, never grown past one block, holding exactly two empty, singly
+    linked logs with no blocks; none of the three with xattrs or inode flags a job may set."""
     try:
         st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_nlink != 2 or os.listxattr(path, follow_symlinks=False):
+        if not stat.S_ISDIR(st.st_mode) or st.st_nlink != 2 or st.st_size > st.st_blksize:
             return False
-        if sorted(os.listdir(path)) != list(LOGS):
+        if sorted(os.listdir(path)) != list(LOGS) or not _plain(path, os.O_DIRECTORY):
             return False
         for name in LOGS:
             log = os.lstat(path / name)
-            if not stat.S_ISREG(log.st_mode) or log.st_size or log.st_nlink != 1:
-                return False
-            if os.listxattr(path / name, follow_symlinks=False):
+            if not stat.S_ISREG(log.st_mode) or log.st_size or log.st_blocks \
+                    or log.st_nlink != 1 or not _plain(path / name, 0):
                 return False
     except OSError:
         return False
     return True
+
+
+#: Inode flags the filesystem sets by itself (FS_IOC_GETFLAGS): extents, inline data, a
+#: dir's hash index. Any other (sync, dirsync, noatime, nodump, nocow, ...) a job set.
+_OWN_FLAGS = 0x00080000 | 0x10000000 | 0x00001000
+_FS_IOC_GETFLAGS = 0x80086601
+
+
+def _plain(path: Path, kind: int) -> bool:
+    """No xattrs and no inode flags but the filesystem's own on `path` (not followed)."""
+    if os.listxattr(path, follow_symlinks=False):
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | kind)
+    try:
+        got = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 4)
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+            return True  # a filesystem without inode flags
+        raise
+    finally:
+        os.close(fd)
+    return not struct.unpack("i", got)[0] & ~_OWN_FLAGS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,14 +79,36 @@ def _log_missing(d: Path) -> None:
     (d / "stdout.log").unlink()
 
 
+def _space_kept(d: Path) -> None:  # size 0, blocks allocated: space carried to the next job
+    subprocess.run(["fallocate", "--keep-size", "-l", "1M", str(d / "stdout.log")], check=True)
+
+
+def _sync_log(d: Path) -> None:  # chattr +S: every write of the next job synchronous
+    subprocess.run(["chattr", "+S", str(d / "stderr.log")], check=True)
+
+
+def _dirsync_dir(d: Path) -> None:
+    subprocess.run(["chattr", "+D", str(d)], check=True)
+
+
+def _grown_dir(d: Path) -> None:  # a dir keeps the size its most entries gave it
+    for i in range(400):
+        (d / f"entry-{i:04d}-with-a-long-enough-name").touch()
+    for i in range(400):
+        (d / f"entry-{i:04d}-with-a-long-enough-name").unlink()
+
+
 @pytest.mark.parametrize("leave", [_file_left, _output, _subdir, _hard_link, _symlinked_log,
-                                   _fifo_log, _xattr_on_log, _xattr_on_dir, _log_missing])
+                                   _fifo_log, _xattr_on_log, _xattr_on_dir, _log_missing,
+                                   _space_kept, _sync_log, _dirsync_dir, _grown_dir])
 def test_a_dir_the_job_changed_is_never_kept(dirs: Workdirs, leave: Callable[[Path], None]) -> None:
     d = _made(dirs.root, "busy")
     try:
         leave(d)
-    except OSError as e:  # e.g. a filesystem without user xattrs
+    except (OSError, subprocess.CalledProcessError) as e:  # e.g. no user xattrs, no chattr
         pytest.skip(f"this filesystem refuses {leave.__name__}: {e}")
+    if leave is _grown_dir and d.stat().st_size <= d.stat().st_blksize:
+        pytest.skip("directories here do not keep their size")
     assert not dirs.recycle(d)
     assert d.is_dir()  # still the job's, where it left it
     assert dirs.free == []
@@ -99,15 +122,19 @@ def test_a_symlink_in_place_of_the_dir_is_not_followed(dirs: Workdirs, tmp_path:
     assert link.is_symlink() and target.is_dir()
 
 
-def test_modes_a_job_changed_are_reset(dirs: Workdirs) -> None:
+def test_modes_and_times_a_job_changed_are_reset(dirs: Workdirs) -> None:
     d = _made(dirs.root, "chmodded")
     d.chmod(0o777)
     (d / "stdout.log").chmod(0o666)
+    for p in (d, d / "stdout.log", d / "stderr.log"):
+        os.utime(p, ns=(1_234_567_891, 1_234_567_891))  # a number left for the next job
     assert dirs.recycle(d)
     nxt = dirs.path("next")
     assert dirs.provide(nxt)
     assert nxt.stat().st_mode & 0o7777 == 0o700
     assert {(nxt / n).stat().st_mode & 0o7777 for n in ("stdout.log", "stderr.log")} == {0o600}
+    assert all(p.stat().st_mtime_ns != 1_234_567_891
+               for p in (nxt, nxt / "stdout.log", nxt / "stderr.log"))
 
 
 def test_an_existing_dir_is_never_replaced(dirs: Workdirs) -> None:
