@@ -27,6 +27,7 @@ class Host:
     pool: Pool | None = None
     landlock_abi: int = 0
     seccomp: bytes | None = None
+    seccomp_sealed: bytes | None = None  # also refuses AF_UNIX sockets (jobs without network)
     uid: int | None = None
     gid: int | None = None
     namespaces: bool = False
@@ -47,6 +48,8 @@ class Host:
             out.append(f"landlock-abi{self.landlock_abi}")
         if self.seccomp is not None:
             out.append("seccomp")
+        if self.seccomp_sealed is not None:
+            out.append("no-unix-sockets")
         return out
 
 
@@ -80,6 +83,7 @@ def probe(settings: Settings, dry: bool = False) -> Host:
     if "seccomp" in want:
         try:
             host.seccomp = syscall_filter.compile_program()
+            host.seccomp_sealed = syscall_filter.compile_program(unix_sockets=False)
         except (ImportError, OSError, RuntimeError) as e:
             host.notes.append(f"seccomp unavailable: {e}")
     if "user" in want and root:
@@ -171,12 +175,14 @@ def nproc(limits: Limits, settings: Settings) -> int:
 def _plan(host: Host, settings: Settings, cg: cgroups.JobCgroup | None, workdir: Path,
           limits: Limits, env: dict[str, str], needs_network: bool) -> Plan:
     want = set(settings.isolation)
+    sealed = not needs_network and host.seccomp_sealed is not None  # no unix sockets either
     return Plan(
         workdir=workdir, output_dir=settings.output_dir.absolute(), limits=limits, env=env,
         cgroup=cg, uid=host.uid, gid=host.gid,
         nproc=nproc(limits, settings),
         new_net=host.namespaces and not needs_network and "network-namespace" in want,
         pid_ns=host.namespaces and "pid-namespace" in want,
-        landlock_abi=host.landlock_abi, read_paths=host.runtime, seccomp=host.seccomp,
+        landlock_abi=host.landlock_abi, read_paths=host.runtime,
+        seccomp=host.seccomp_sealed if sealed else host.seccomp, unix_sockets=not sealed,
         layers=host.cgroups.layers if host.cgroups is not None else [],
     )

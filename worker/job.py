@@ -92,8 +92,8 @@ class Run:
     cgroup_stats: dict[str, int] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
     io_bytes: tuple[int, int] | None = None  # (read, write) from /proc when ended before reaping
-    #: Its work dir, when it runs as PID 1 of its own namespace: reaping it then proves that
-    #: no process of the job is left, so the dir may be recycled once the job has ended.
+    #: Its work dir, when the job is sealed (`Plan.sealed`): once it is reaped nothing of the
+    #: job can reach the dir, which may then be recycled.
     workdir: str | None = None
 
     def signal_group(self, sig: int) -> None:
@@ -142,7 +142,7 @@ def spawn(spec: ChildSpec, timeout: float, now: float, zygote: Zygote) -> Run:
         os.close(w)
     run = _new_run(pid, r, spec.message_cap, spec.plan.limits, spec.plan.cgroup, timeout, now,
                    zygote.pid)
-    run.workdir = str(spec.plan.workdir) if spec.plan.pid_ns else None
+    run.workdir = str(spec.plan.workdir) if spec.plan.sealed else None
     return run
 
 
@@ -153,7 +153,7 @@ def hand_to(spare: Spare, order: Order, timeout: float, now: float) -> Run | Non
     fd, spare.messages = spare.messages, -1
     run = _new_run(spare.pid, fd, order.message_cap, order.limits, spare.cgroup, timeout, now,
                    spare.origin)
-    run.workdir = str(order.workdir) if spare.pid_ns else None
+    run.workdir = str(order.workdir) if spare.sealed else None
     return run
 
 

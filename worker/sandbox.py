@@ -120,14 +120,22 @@ class Plan:
     landlock_abi: int = 0
     read_paths: tuple[str, ...] = ()
     seccomp: bytes | None = None
+    unix_sockets: bool = True  # False: `seccomp` refuses socket(AF_UNIX) too
     layers: list[str] = field(default_factory=list)
+
+    @property
+    def sealed(self) -> bool:
+        """Whether nothing of the job can act once its PID 1 is reaped: it is PID 1 of its
+        own PID namespace (the kernel ends the rest first), unprivileged, and without unix
+        sockets, so it can have handed no fd of its own to another process. What it used
+        may then serve a later job (a blank work dir, a network namespace)."""
+        return self.pid_ns and self.uid not in (None, 0) and not self.unix_sockets
 
     @property
     def kept_net(self) -> bool:
         """Whether a network namespace an earlier job used may serve this one: the job gets
-        no network, runs unprivileged (it cannot change the namespace) and as PID 1 of its
-        own PID namespace (once it is reaped, nothing of it is left in there)."""
-        return self.new_net and self.pid_ns and self.uid not in (None, 0)
+        no network, and is sealed (as unprivileged, it cannot change the namespace)."""
+        return self.new_net and self.sealed
 
 
 def _vm_size() -> int:
@@ -386,6 +394,8 @@ def confine(plan: Plan, inputs: list[str], early: Confinement | None = None) -> 
         if not early.seccomp:
             syscall_filter.load(plan.seccomp)
         layers.append("seccomp")
+        if not plan.unix_sockets:
+            layers.append("no-unix-sockets")
     return layers
 
 

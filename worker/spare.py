@@ -50,7 +50,7 @@ class Spare:
     messages: int  # read end of the message pipe its job will write to
     cgroup: JobCgroup | None
     new_net: bool  # it sits in a fresh network namespace: only for jobs without network
-    pid_ns: bool  # it is PID 1 of a namespace of its own
+    sealed: bool  # what its job used may serve a later one (`Plan.sealed`)
     scratch: Path  # the work dir it made while waiting (renamed to its job's)
     origin: int  # pid of the zygote that forked it
 
@@ -107,7 +107,7 @@ def request(base: Plan, zygote: Zygote) -> tuple[int, Spare]:
         os.close(orders_r)
         os.close(messages_w)
     os.set_blocking(orders_w, False)
-    return token, Spare(0, orders_w, messages_r, base.cgroup, base.new_net, base.pid_ns,
+    return token, Spare(0, orders_w, messages_r, base.cgroup, base.new_net, base.sealed,
                         base.workdir, zygote.pid)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import socket
 import tempfile
 
 #: Syscalls a job never needs; they fail with EPERM.
@@ -13,7 +14,7 @@ DENIED = (
     "reboot", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
     "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
     "open_by_handle_at", "name_to_handle_at", "acct", "quotactl", "lookup_dcookie",
-    "process_vm_writev", "fanotify_init", "iopl", "ioperm",
+    "process_vm_writev", "fanotify_init", "iopl", "ioperm", "pidfd_getfd",
 )
 #: Syscalls that end the job at once (SIGSYS): debugging other processes.
 KILLED = ("ptrace", "process_vm_readv")
@@ -26,11 +27,19 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def compile_program(denied: tuple[str, ...] = DENIED, killed: tuple[str, ...] = KILLED) -> bytes:
-    """Build the filter with libseccomp (pyseccomp) and return its BPF bytes; raise ImportError."""
+def compile_program(denied: tuple[str, ...] = DENIED, killed: tuple[str, ...] = KILLED,
+                    unix_sockets: bool = True) -> bytes:
+    """Build the filter with libseccomp (pyseccomp) and return its BPF bytes; raise ImportError.
+
+    Without `unix_sockets`, socket(AF_UNIX, ...) fails too (socketpair does not): a job then
+    has no way to reach another process's socket, so it can hand no fd to anyone.
+    """
     import pyseccomp
 
     f = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
+    if not unix_sockets:
+        f.add_rule(pyseccomp.ERRNO(errno.EPERM), "socket",
+                   pyseccomp.Arg(0, pyseccomp.EQ, socket.AF_UNIX))
     for name in denied:
         try:
             f.add_rule(pyseccomp.ERRNO(errno.EPERM), name)

@@ -207,3 +207,19 @@ def test_a_log_planted_by_an_earlier_attempt_is_not_followed(make_worker) -> Non
     assert victim.read_bytes() == before  # the retry, root until it drops, did not follow it
     log = w.work / "planter" / "stdout.log"
     assert not log.is_symlink() and log.read_text() == "attempt 2\n"
+
+
+def test_a_job_without_network_has_no_unix_sockets_one_with_network_does(make_worker) -> None:
+    """No AF_UNIX socket means no reaching another process's socket, so no fd handed over."""
+    w = make_worker("--max-concurrent", "1", "--no-spares").start()
+    w.drop(job("sealed", "test.probe", {"actions": [["listen_abstract", "gkw-x"],
+                                                    ["connect_abstract", "gkw-x"],
+                                                    ["unix_pair", None]]}))
+    res = w.wait_result("sealed")
+    assert res["data"]["outcomes"] == ["PermissionError: errno 1", "PermissionError: errno 1",
+                                       "ok 1"]  # a socketpair stays within the job
+    assert "no-unix-sockets" in res["isolation"]
+    w.drop(job("networked", "test.net", {}))
+    res = w.wait_result("networked")
+    assert res["status"] == "completed" and "no-unix-sockets" not in res["isolation"]
+    assert "no-unix-sockets" in w.cli("capabilities").stdout

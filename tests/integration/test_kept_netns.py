@@ -7,8 +7,10 @@ job's PID 1 was reaped, which is also when the zygote takes its namespace back.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 
+import psutil
 import pytest
 from conftest import Worker, job, wait_until
 
@@ -33,14 +35,12 @@ def _probe(w: Worker, job_id: str, *actions: list[object]) -> list[str]:
 def test_a_kept_namespace_holds_nothing_of_the_job_before(
         make_worker: Callable[..., Worker]) -> None:
     w = make_worker("--max-concurrent", "1", "--no-spares").start()
-    first = _probe(w, "first", ["netns", None], ["listen_abstract", "gkw-left-behind"],
-                   ["connect_abstract", "gkw-left-behind"])
-    assert first[1:] == ["ok listening", "ok connected"]  # while it lived, its daemon listened
+    first = _probe(w, "first", ["netns", None], ["udp_daemon", 4242], ["udp_bind", 4242])
+    assert first[1:] == ["ok bound", "OSError: errno 98"]  # while it lived, its daemon held it
     _reaped(w, "first")
-    second = _probe(w, "second", ["netns", None], ["connect_abstract", "gkw-left-behind"],
-                    ["loopback_up", None])
+    second = _probe(w, "second", ["netns", None], ["udp_bind", 4242], ["loopback_up", None])
     assert second[0] == first[0]  # the same namespace, kept
-    assert second[1] == "ConnectionRefusedError: errno 111"  # the daemon died with its job
+    assert second[1] == "ok bound"  # the daemon and its socket died with their job
     assert second[2] == "PermissionError: errno 1"  # and the job user cannot change it
 
 
@@ -60,5 +60,6 @@ def test_jobs_running_as_root_get_a_new_one_each(make_worker: Callable[..., Work
     w = make_worker("--max-concurrent", "1", "--no-spares", "--user", "root").start()
     assert _probe(w, "changer", ["loopback_up", None], ["loopback_is_up", None]) == \
         ["ok 0", "ok True"]
-    _reaped(w, "changer")
+    [pid] = (int(p) for p in re.findall(r"\[changer\] running: pid (\d+)", w.log()))
+    wait_until(lambda: not psutil.pid_exists(pid), [w.base], 20, "changer to be reaped")
     assert _probe(w, "next", ["loopback_is_up", None]) == ["ok False"]

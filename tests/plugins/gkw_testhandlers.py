@@ -176,6 +176,42 @@ def _listening_daemon(name: str) -> str:
     return "listening"
 
 
+def _udp_daemon(port: int) -> str:
+    """Leave behind a daemonised grandchild holding UDP `port` bound in this namespace."""
+    import socket
+
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("0.0.0.0", int(port)))
+            os.write(w, b"x")
+            _forever()
+        os._exit(0)
+    os.read(r, 1)
+    return "bound"
+
+
+def _udp_bind(port: int) -> str:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("0.0.0.0", int(port)))
+    return "bound"
+
+
+def _unix_pair(_: Any) -> int:
+    import socket
+
+    a, b = socket.socketpair()
+    a.sendall(b"x")
+    got = len(b.recv(1))
+    a.close()
+    b.close()
+    return got
+
+
 def _connect_abstract(name: str) -> str:
     import socket
 
@@ -232,6 +268,9 @@ _ACTIONS: dict[str, Any] = {
     "sleep": lambda seconds: time.sleep(float(seconds)),
     "listen_abstract": _listening_daemon,
     "connect_abstract": _connect_abstract,
+    "udp_daemon": _udp_daemon,
+    "udp_bind": _udp_bind,
+    "unix_pair": _unix_pair,
     "loopback_up": _loopback_up,
     "loopback_is_up": _loopback_is_up,
     "setuid0": lambda _: os.setuid(0),

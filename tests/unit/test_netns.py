@@ -35,7 +35,7 @@ def test_a_namespace_is_lent_to_one_child_at_a_time_and_back_when_reaped() -> No
             os.close(fd)
 
 
-def test_only_an_unprivileged_job_in_its_own_pid_namespace_may_borrow_one() -> None:
+def test_only_a_sealed_job_without_network_may_borrow_one() -> None:
     from pathlib import Path
 
     from worker.sandbox import Limits, Plan
@@ -43,7 +43,8 @@ def test_only_an_unprivileged_job_in_its_own_pid_namespace_may_borrow_one() -> N
     def plan(**kw: object) -> Plan:
         base: dict[str, object] = {"workdir": Path("/w"), "output_dir": Path("/o"), "env": {},
                                    "limits": Limits(1, 1, 1, 1, 1), "new_net": True,
-                                   "pid_ns": True, "uid": 990, "gid": 990}
+                                   "pid_ns": True, "uid": 990, "gid": 990,
+                                   "unix_sockets": False}
         return Plan(**{**base, **kw})  # type: ignore[arg-type]
 
     assert plan().kept_net
@@ -51,3 +52,4 @@ def test_only_an_unprivileged_job_in_its_own_pid_namespace_may_borrow_one() -> N
     assert not plan(uid=None).kept_net
     assert not plan(pid_ns=False).kept_net  # reaping it would not prove its processes gone
     assert not plan(new_net=False).kept_net
+    assert not plan(unix_sockets=True).kept_net  # it may have handed an fd to another job
