@@ -158,21 +158,37 @@ def _daemon(path: str) -> int:
     return pid
 
 
-def _listening_daemon(name: str) -> str:
-    """Leave behind a daemonised grandchild listening on the abstract unix socket `name`."""
-    import socket
-
+def _leave_daemon(hold: Any) -> None:
+    """Leave behind a daemonised grandchild that made what `hold()` returns and keeps it;
+    return once it has (its error, if any, comes back as OSError)."""
     r, w = os.pipe()
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind("\0" + name)
-            sock.listen()
-            os.write(w, b"x")
+            try:
+                kept = hold()  # noqa: F841 - held until the job's namespace ends
+            except OSError as e:
+                os.write(w, str(e.errno).encode())
+                os._exit(1)
+            os.write(w, b"0")
             _forever()
         os._exit(0)
-    os.read(r, 1)
+    err = int(os.read(r, 16) or b"0")
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _listening_daemon(name: str) -> str:
+    """Leave behind a daemonised grandchild listening on the abstract unix socket `name`."""
+    import socket
+
+    def listen() -> Any:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind("\0" + name)
+        sock.listen()
+        return sock
+
+    _leave_daemon(listen)
     return "listening"
 
 
@@ -180,16 +196,12 @@ def _udp_daemon(port: int) -> str:
     """Leave behind a daemonised grandchild holding UDP `port` bound in this namespace."""
     import socket
 
-    r, w = os.pipe()
-    if os.fork() == 0:
-        os.setsid()
-        if os.fork() == 0:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(("0.0.0.0", int(port)))
-            os.write(w, b"x")
-            _forever()
-        os._exit(0)
-    os.read(r, 1)
+    def bind() -> Any:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("0.0.0.0", int(port)))
+        return sock
+
+    _leave_daemon(bind)
     return "bound"
 
 
