@@ -11,11 +11,12 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from worker.errors import HandlerError, RetryableError
+
+if TYPE_CHECKING:  # the forker that runs plain handlers never imports pydantic
+    from pydantic import BaseModel
 
 __all__ = ["Context", "Handler", "HandlerError", "HandlerResult", "RetryableError"]
 

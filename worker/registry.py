@@ -68,8 +68,13 @@ class Registry:
         return {f for h in self.handlers.values() for f in h.features}
 
     def needs_warmth(self, handler: Handler) -> bool:
-        """True for a handler with a real `prepare()`: its jobs are forked from the warm zygote."""
-        return type(handler).prepare is not Handler.prepare
+        """True for a handler whose jobs fork from the warm zygote: it has a real `prepare()`,
+        or it validates its payload with a model (pydantic), which the lean forker of plain
+        jobs does not import: it would nearly double the forker, and every fork and exit
+        costs in proportion to the forker's memory."""
+        kind = type(handler)
+        return (kind.prepare is not Handler.prepare or kind.validate is not Handler.validate
+                or handler.payload_model is not None)
 
     def warm_handlers(self) -> list[Handler]:
         """The handlers (each once) whose jobs start from a pre-imported process."""

@@ -88,3 +88,17 @@ def test_a_terminal_interrupt_does_not_reach_the_forker(make_worker) -> None:
     assert w.wait_result("after-ctrl-c")["status"] == "completed"
     assert _forkers(w) == [forker]
     assert "died" not in w.log()
+
+
+def test_the_forker_stays_lean_jobs_that_validate_a_model_fork_from_the_zygote(make_worker) -> None:
+    """Only the shipped handlers (no test plugins): echo is plain; guestkit.convert validates
+    its payload with pydantic, so it forks from the zygote and pydantic never enters the
+    forker that every echo job forks from (qemu-img is installed with the test packages)."""
+    w = make_worker("--max-concurrent", "1", "--no-spares", env={"PYTHONPATH": ""}).start()
+    [forker] = _forkers(w)
+    assert re.search(r"zygote \d+ warms .*guestkit-convert", w.log()), w.log()
+    w.drop(job("plain"))
+    assert w.wait_result("plain")["status"] == "completed"
+    maps = {m.path for m in psutil.Process(forker).memory_maps()}
+    assert any("libpython" in p or "/python3" in p for p in maps), maps  # the listing works
+    assert not [p for p in maps if "pydantic" in p], maps
