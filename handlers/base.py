@@ -42,8 +42,8 @@ class Context:
         job_id: str,
         operation: str,
         attempt: int,
-        workdir: Path,
-        output_dir: Path,
+        workdir: str | Path,
+        output_dir: str | Path,
         limits: dict[str, Any],
         settings: dict[str, Any],
         send: Send,
@@ -51,12 +51,22 @@ class Context:
         self.job_id = job_id
         self.operation = operation
         self.attempt = attempt
-        self.workdir = workdir
-        self.output_dir = output_dir
+        self._workdir = str(workdir)  # strings: a job that never asks never runs pathlib's code
+        self._output_dir = str(output_dir)
         self.limits = limits
         self.settings = settings
         self._send = send
         self._last_percent = 0
+
+    @property
+    def workdir(self) -> Path:
+        """The job's private work dir (also its current directory, HOME and TMPDIR)."""
+        return Path(self._workdir)
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the job writes what it produces (shared by the worker's jobs)."""
+        return Path(self._output_dir)
 
     @property
     def logger(self) -> logging.Logger:

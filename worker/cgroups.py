@@ -7,6 +7,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path("/sys/fs/cgroup")
 
@@ -145,6 +146,11 @@ def _probe_v2_delegated(h: Hierarchies, own: Path, dry: bool) -> None:
         h.notes.append(f"v2 (delegated): {e}")
 
 
+def _joinable(procs: tuple[str, ...], limits_memory: bool) -> JobCgroup:
+    """A job's cgroup as its child knows it (see `JobCgroup.__reduce__`)."""
+    return JobCgroup([], None, None, None, limits_memory, procs=procs)
+
+
 @dataclass
 class JobCgroup:
     """The cgroup directories of one job, one per hierarchy in use."""
@@ -208,6 +214,11 @@ class JobCgroup:
                 _write(self.memory_v1 / "memory.memsw.limit_in_bytes", str(mb))
         if self.pids_v1 is not None:
             _write(self.pids_v1 / "pids.max", str(pids))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled, it travels to the child that joins it: the child gets only what `join` and
+        its rlimits need (its procs files, whether memory is limited), and no Path to build."""
+        return (_joinable, (self.procs, self.limits_memory))
 
     def join(self) -> None:
         """Move the calling process into every directory (in the child, before any job code)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import encodings.idna  # noqa: F401 - lazy imports fail once the job runs as another user
 import logging
@@ -15,7 +14,6 @@ import sys
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 from handlers.base import Context, Handler, HandlerResult
@@ -31,7 +29,7 @@ JOB_NAME = "gkw-job"  #: process name of a child running a job
 READY = b"r"  #: what a spare writes to its readiness pipe once it is boxed
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: a slotted frozen dataclass unpickles in Python code
 class ChildSpec:
     """Everything a job child needs, decided by the supervisor before fork (its handler is
     the zygote's own, by operation)."""
@@ -67,7 +65,7 @@ def warm_up() -> None:
     place, copying the pages it lives in (2.6 us a page here): a spare set its environment
     in 360 us cold, 118 us warm.
     """
-    base = sandbox.Plan(workdir=Path("/"), output_dir=Path("/"), env={},
+    base = sandbox.Plan(workdir="/", output_dir="/", env={},
                         limits=sandbox.Limits(1, 1, 1, 1, 1))
     env = {"GUESTKIT_JOB_ID": "x", "GUESTKIT_OPERATION": "x", "GUESTKIT_ATTEMPT": "1"}
     for _ in range(WARM_UP_CALLS):
@@ -163,7 +161,7 @@ class Order:
     operation: str
     attempt: int
     data: Any
-    workdir: Path
+    workdir: str
     limits: sandbox.Limits
     env: dict[str, str]
     nproc: int | None
@@ -254,8 +252,10 @@ def _send_error(
 def _flush_stdio() -> None:
     """Write out what the handler printed (os._exit would drop Python's buffers); never raise."""
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(BaseException):
+        try:  # noqa: SIM105 - in every child: contextlib.suppress would run contextlib's code too
             stream.flush()
+        except BaseException:
+            pass
 
 
 def _print_exc() -> None:

@@ -177,7 +177,8 @@ def _plan(host: Host, settings: Settings, cg: cgroups.JobCgroup | None, workdir:
     want = set(settings.isolation)
     sealed = not needs_network and host.seccomp_sealed is not None  # no unix sockets either
     return Plan(
-        workdir=workdir, output_dir=settings.output_dir.absolute(), limits=limits, env=env,
+        workdir=str(workdir), output_dir=str(settings.output_dir.absolute()), limits=limits,
+        env=env,
         cgroup=cg, uid=host.uid, gid=host.gid,
         nproc=nproc(limits, settings),
         new_net=host.namespaces and not needs_network and "network-namespace" in want,

@@ -8,6 +8,7 @@ import stat
 from collections.abc import Iterable
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall  # bound at import, in the zygote, not in every child
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
 _CREATE_RULESET_VERSION = 1
 _RULE_PATH_BENEATH = 1
@@ -27,7 +28,7 @@ class _PathBeneath(ctypes.Structure):
 
 def abi() -> int:
     """The Landlock ABI version of this kernel; 0 when Landlock is unavailable."""
-    v = _libc.syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0),
+    v = _syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0),
                       ctypes.c_uint32(_CREATE_RULESET_VERSION))
     return max(int(v), 0)
 
@@ -63,7 +64,7 @@ def ruleset(read: Iterable[str], write: Iterable[str], version: int) -> int:
     enforced later (a rule holds the path's inode: a dir renamed afterwards stays allowed)."""
     handled = _handled(version)
     attr = (ctypes.c_uint64 * 3)(handled, 0, 0)
-    fd = _check(_libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(8),
+    fd = _check(_syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(8),
                               ctypes.c_uint32(0)), "create_ruleset")
     try:
         for paths, rights in ((read, READ & handled), (write, handled)):
@@ -80,7 +81,7 @@ def enforce(fd: int, read: Iterable[str], version: int) -> None:
     try:
         for path in read:
             _add(fd, path, READ & _handled(version))
-        _check(_libc.syscall(_SYS_RESTRICT_SELF, fd, ctypes.c_uint32(0)), "restrict_self")
+        _check(_syscall(_SYS_RESTRICT_SELF, fd, ctypes.c_uint32(0)), "restrict_self")
     finally:
         os.close(fd)
 
@@ -94,7 +95,7 @@ def _add(ruleset: int, path: str, rights: int) -> None:
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             rights &= _FILE_ONLY
         rule = _PathBeneath(rights, fd)
-        _check(_libc.syscall(_SYS_ADD_RULE, ruleset, ctypes.c_uint32(_RULE_PATH_BENEATH),
+        _check(_syscall(_SYS_ADD_RULE, ruleset, ctypes.c_uint32(_RULE_PATH_BENEATH),
                              ctypes.byref(rule), ctypes.c_uint32(0)), f"add_rule {path}")
     finally:
         os.close(fd)

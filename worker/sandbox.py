@@ -9,6 +9,7 @@ environment, rlimits, privilege drop, NO_NEW_PRIVS; after the payload is validat
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # `signal` without its enum wrappers
 import contextlib
 import ctypes
 import errno
@@ -18,8 +19,7 @@ import select
 import signal
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 
 from worker import landlock, syscall_filter
 from worker.cgroups import JobCgroup
@@ -31,23 +31,25 @@ PR_SET_NO_NEW_PRIVS = 38
 CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x4000000, 0x8000000, 0x20000000, 0x40000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# Bound once at import, in the zygote: a child's first `_libc.name` would build the function.
+_prctl, _unshare, _setns = _libc.prctl, _libc.unshare, _libc.setns
 
 
 def prctl(option: int, arg: int = 0) -> None:
     """Call prctl(2); raise OSError on failure."""
-    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+    if _prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
 
 def set_name(name: str) -> None:
     """Name the calling process as `ps` and `top` show it (at most 15 bytes); best effort."""
-    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    _prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def unshare(flags: int) -> None:
     """Call unshare(2) (os.unshare exists only from Python 3.12); raise OSError on failure."""
-    if _libc.unshare(flags) != 0:
+    if _unshare(flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare: {os.strerror(err)}")
 
@@ -88,7 +90,7 @@ def become_subreaper() -> bool:
     return True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: a slotted frozen dataclass unpickles in Python code
 class Limits:
     """The resource limits of one job, already capped by the worker's settings."""
 
@@ -100,15 +102,17 @@ class Limits:
 
     def as_dict(self) -> dict[str, int]:
         """Plain dict form for results and handlers."""
-        return {s: getattr(self, s) for s in self.__slots__}
+        return dict(self.__dict__)
 
+
+LIMIT_FIELDS = tuple(f.name for f in fields(Limits))  #: the limits a job may ask for
 
 @dataclass(frozen=True)
 class Plan:
     """What the supervisor decided for one job's box, before fork."""
 
-    workdir: Path
-    output_dir: Path
+    workdir: str  # paths as strings: the child then never runs pathlib's code
+    output_dir: str
     limits: Limits
     env: dict[str, str]
     cgroup: JobCgroup | None = None
@@ -162,25 +166,27 @@ def apply_rlimits(limits: Limits, cgroup_memory: bool, nproc: int | None) -> Non
         resource.setrlimit(res, (min(value, hard), hard))
 
 
-def make_workdir(workdir: Path, uid: int | None, gid: int | None) -> None:
+def make_workdir(workdir: str, uid: int | None, gid: int | None) -> None:
     """Create the job's work dir (0700; kept if an earlier attempt made it), owned by the job user."""
-    with contextlib.suppress(FileExistsError):
+    try:  # noqa: SIM105 - in every child: contextlib.suppress would run contextlib's code too
         os.mkdir(workdir, 0o700)
+    except FileExistsError:
+        pass
     if uid is not None and gid is not None:
         os.chown(workdir, uid, gid)
 
 
-def premake_workdir(scratch: Path, uid: int | None, gid: int | None) -> None:
+def premake_workdir(scratch: str, uid: int | None, gid: int | None) -> None:
     """A spare's work dir and empty stdout/stderr logs, made before its job is known."""
     make_workdir(scratch, uid, gid)
     for name in ("stdout.log", "stderr.log"):
-        fd = open_log(scratch / name)
+        fd = open_log(f"{scratch}/{name}")
         if uid is not None and gid is not None:
             os.fchown(fd, uid, gid)
         os.close(fd)
 
 
-def open_log(path: Path) -> int:
+def open_log(path: str) -> int:
     """Open a job's log for appending, as its own regular file: whatever an earlier attempt
     left under that name that is not one (a symlink to another job's result, a hard link,
     a FIFO) is replaced by a new, empty log. The caller is still root: never follow."""
@@ -200,13 +206,13 @@ def open_log(path: Path) -> int:
     return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
 
 
-def redirect_stdio(workdir: Path) -> None:
+def redirect_stdio(workdir: str) -> None:
     """stdin from /dev/null; stdout and stderr appended to files in the job's work dir."""
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
     for fd, name in ((1, "stdout.log"), (2, "stderr.log")):
-        out = open_log(workdir / name)
+        out = open_log(f"{workdir}/{name}")
         os.dup2(out, fd)
         os.close(out)
 
@@ -230,13 +236,13 @@ def base_environment() -> None:
     os.environ.update(BASE_ENV)
 
 
-def scrub_environment(workdir: Path, extra: dict[str, str]) -> None:
+def scrub_environment(workdir: str, extra: dict[str, str]) -> None:
     """Replace the environment with a minimal one: PATH, HOME, TMPDIR, LANG and `extra`.
 
     Cheap in a zygote's child, whose environment is BASE_ENV already."""
     if dict(os.environ) != BASE_ENV:
         base_environment()
-    os.environ.update(HOME=str(workdir), TMPDIR=str(workdir), **extra)
+    os.environ.update(HOME=workdir, TMPDIR=workdir, **extra)
 
 
 def enter_privileged(plan: Plan, net: int = -1) -> list[str]:
@@ -263,7 +269,7 @@ def enter_privileged(plan: Plan, net: int = -1) -> list[str]:
         if os.getpid() != 1:
             raise OSError("the job was not forked into a PID namespace of its own")
         # PID 1 ignores signals it has no handler for: make SIGTERM end the job (and its namespace).
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
+        _signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
         layers.append("pid-namespace")
     return layers
 
@@ -297,7 +303,7 @@ def fork_job(pid_ns: bool) -> int:
 
 def setns(fd: int, kind: int) -> None:
     """Call setns(2): move this process into the namespace `fd` refers to; raise OSError."""
-    if _libc.setns(fd, kind) != 0:
+    if _setns(fd, kind) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
 
@@ -412,7 +418,7 @@ def confine_early(plan: Plan, load_seccomp: bool = True) -> Confinement:
     denies nothing a spare still does); the job's input paths are added by `confine`."""
     ruleset = -1
     if plan.landlock_abi:
-        write = [str(plan.workdir), str(plan.output_dir), os.devnull]
+        write = [plan.workdir, plan.output_dir, os.devnull]
         ruleset = landlock.ruleset(plan.read_paths, write, plan.landlock_abi)
     if load_seccomp and plan.seccomp is not None:
         syscall_filter.load(plan.seccomp)

@@ -108,7 +108,7 @@ def request(base: Plan, zygote: Zygote) -> tuple[int, Spare]:
         os.close(messages_w)
     os.set_blocking(orders_w, False)
     return token, Spare(0, orders_w, messages_r, base.cgroup, base.new_net, base.sealed,
-                        base.workdir, zygote.pid)
+                        Path(base.workdir), zygote.pid)
 
 
 class Spares:
@@ -151,7 +151,7 @@ class Spares:
         while len(self.waiting) + len(self.coming) < min(self.cap, free_slots):
             assert self.zygote is not None
             base = isolation.spare_plan(self.host, settings, f"spare-{next(self._seq)}")
-            self.workdirs.provide(base.workdir)
+            self.workdirs.provide(Path(base.workdir))
             try:
                 token, spare = request(base, self.zygote)
             except OSError as e:

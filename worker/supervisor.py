@@ -454,7 +454,7 @@ class Supervisor:
         if candidate.cgroup is not None:
             candidate.cgroup.limit(limits.memory_mb, limits.max_processes)
         order = Order(job_id=job.job_id, operation=job.operation, attempt=job.attempt, data=data,
-                      workdir=workdir, limits=limits, env=env,
+                      workdir=str(workdir), limits=limits, env=env,
                       nproc=isolation.nproc(limits, self.settings),
                       message_cap=self.settings.max_message_bytes)
         run = hand_to(candidate, order, timeout, now)  # None: too big for its pipe, or it died
@@ -472,7 +472,7 @@ class Supervisor:
         caps.update(s.operation_limits.get(operation, {}))
         wanted = asked or {}
         return sandbox.Limits(**{k: min(wanted.get(k, cap), cap) for k, cap in caps.items()
-                                 if k in sandbox.Limits.__slots__})
+                                 if k in sandbox.LIMIT_FIELDS})
 
     def _child_env(self, job: Job) -> dict[str, str]:
         env = {"GUESTKIT_JOB_ID": job.job_id, "GUESTKIT_OPERATION": job.operation,

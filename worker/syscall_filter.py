@@ -21,6 +21,7 @@ KILLED = ("ptrace", "process_vm_readv")
 
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 _libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl  # bound at import, in the zygote, not in every child
 
 
 class _SockFprog(ctypes.Structure):
@@ -57,6 +58,6 @@ def load(program: bytes) -> None:
     """Install a compiled filter on the calling process (needs NO_NEW_PRIVS); irreversible."""
     buf = ctypes.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+    if _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"seccomp: {os.strerror(err)}")

@@ -36,12 +36,10 @@ def test_a_namespace_is_lent_to_one_child_at_a_time_and_back_when_reaped() -> No
 
 
 def test_only_a_sealed_job_without_network_may_borrow_one() -> None:
-    from pathlib import Path
-
     from worker.sandbox import Limits, Plan
 
     def plan(**kw: object) -> Plan:
-        base: dict[str, object] = {"workdir": Path("/w"), "output_dir": Path("/o"), "env": {},
+        base: dict[str, object] = {"workdir": "/w", "output_dir": "/o", "env": {},
                                    "limits": Limits(1, 1, 1, 1, 1), "new_net": True,
                                    "pid_ns": True, "uid": 990, "gid": 990,
                                    "unix_sockets": False}
