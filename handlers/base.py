@@ -45,7 +45,7 @@ class Context:
         workdir: str | Path,
         output_dir: str | Path,
         limits: dict[str, Any],
-        settings: dict[str, Any],
+        settings: Mapping[str, Any],
         send: Send,
     ) -> None:
         self.job_id = job_id

@@ -206,7 +206,7 @@ def _run_handler(spec: ChildSpec, handler: Handler, writer: MessageWriter, layer
     ctx = Context(
         job_id=spec.job_id, operation=spec.operation, attempt=spec.attempt, workdir=plan.workdir,
         output_dir=plan.output_dir, limits=plan.limits.as_dict(),
-        settings=dict(handler.settings), send=writer.send,
+        settings=handler.settings, send=writer.send,  # the child's own copy: no dict() of it
     )
     try:
         payload = handler.validate(spec.data)

@@ -230,19 +230,30 @@ BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
             "LANG": "C.UTF-8"}
 
 
+_env_is_base = False  # True from base_environment() until the environment changes again
+
+
 def base_environment() -> None:
     """Make this process's environment exactly BASE_ENV."""
+    global _env_is_base
     os.environ.clear()
     os.environ.update(BASE_ENV)
+    _env_is_base = True
 
 
 def scrub_environment(workdir: str, extra: dict[str, str]) -> None:
     """Replace the environment with a minimal one: PATH, HOME, TMPDIR, LANG and `extra`.
 
-    Cheap in a zygote's child, whose environment is BASE_ENV already."""
-    if dict(os.environ) != BASE_ENV:
+    Cheap in a zygote's child, whose environment is BASE_ENV already (the zygote set it
+    last, and nothing of it runs between that and a fork): only the job's keys are set."""
+    global _env_is_base
+    if not _env_is_base:
         base_environment()
-    os.environ.update(HOME=workdir, TMPDIR=workdir, **extra)
+    _env_is_base = False
+    environ = os.environ
+    environ["HOME"] = environ["TMPDIR"] = workdir
+    for key, value in extra.items():  # not update(): that runs _collections_abc's code too
+        environ[key] = value
 
 
 def enter_privileged(plan: Plan, net: int = -1) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -9,8 +10,9 @@ import socket
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
-from conftest import Worker, job, no_process_left, select_sleep, wait_until
+from conftest import Worker, idle_spare, job, no_process_left, select_sleep, wait_until
 
 from worker import cgroups, landlock
 
@@ -223,3 +225,32 @@ def test_a_job_without_network_has_no_unix_sockets_one_with_network_does(make_wo
     res = w.wait_result("networked")
     assert res["status"] == "completed" and "no-unix-sockets" not in res["isolation"]
     assert "no-unix-sockets" in w.cli("capabilities").stdout
+
+
+def _idle_spares(w: Worker) -> list[int] | None:
+    assert w.proc is not None
+    kids = psutil.Process(w.proc.pid).children(recursive=True)
+    return [k.pid for k in kids if k.name() == "gkw-spare" and idle_spare(k)] or None
+
+
+@pytest.mark.parametrize("spares", [False, True], ids=["fresh-fork", "spare"])
+def test_a_job_sees_only_its_own_environment_in_python_and_in_what_it_runs(
+        make_worker, spares: bool) -> None:
+    w = make_worker("--max-concurrent", "1", *([] if spares else ["--no-spares"]),
+                    env={"LEAK_ME": "supervisor secret"}).start()
+    for n, key in ((1, None), (2, "k-2")):  # the second job's environment must not hold the first's
+        waiting = wait_until(lambda: _idle_spares(w), [w.base, w.work], 20, "a spare") if spares else []
+        w.drop(job(f"env-{n}", "test.probe", {"actions": [["env", None]]},
+                   **({"idempotency_key": key} if key else {})))
+        res = w.wait_result(f"env-{n}")
+        assert res["status"] == "completed", res
+        ran = re.findall(rf"\[env-{n}\] running: pid (\d+)", w.log())
+        assert (int(ran[0]) in waiting) == spares, (ran, waiting)
+        seen = ast.literal_eval(res["data"]["outcomes"][0].removeprefix("ok "))
+        workdir = str(w.work / f"env-{n}")
+        want = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
+                "GUESTKIT_JOB_ID": f"env-{n}", "GUESTKIT_OPERATION": "test.probe",
+                "GUESTKIT_ATTEMPT": "1", **({"GUESTKIT_IDEMPOTENCY_KEY": key} if key else {})}
+        assert seen["python"] == want
+        assert seen["c"] == want

@@ -297,6 +297,9 @@ _ACTIONS: dict[str, Any] = {
     "hold": lambda mb: len(_hold(int(mb))),
     "rlimit": lambda name: resource.getrlimit(getattr(resource, name)),
     "nice": lambda _: os.getpriority(os.PRIO_PROCESS, 0),
+    # the environment as Python sees it, and as a program it runs gets it (the C environ)
+    "env": lambda _: {"python": dict(os.environ),
+                      "c": dict(line.split("=", 1) for line in _run(["/usr/bin/env"]).splitlines())},
 }
 
 
