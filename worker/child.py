@@ -119,10 +119,12 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
             os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
         layers = sandbox.enter_privileged(base, net)
         sandbox.premake_workdir(base.workdir, base.uid, base.gid)
+        ruleset = sandbox.landlock_ruleset(base)  # fd 6 once the others are 3, 4, 5
         if renice:
             os.setpriority(os.PRIO_PROCESS, 0, 0)  # before the job user, who may not
-        layers += sandbox.enter_early(base, pipe_fd, orders_fd, ready_fd, rlimits=False)
-        early = sandbox.confine_early(base)
+        fds = (pipe_fd, orders_fd, ready_fd, *([ruleset] if ruleset >= 0 else []))
+        layers += sandbox.enter_early(base, *fds, rlimits=False)
+        early = sandbox.confine_early(base, 6 if ruleset >= 0 else -1)
         os.write(5, READY)  # ready_fd: boxed
         os.close(5)
         order = read_order(4)
@@ -148,9 +150,9 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
 def run_boxed(spec: ChildSpec, handler: Handler, pipe_fd: int, layers: list[str]) -> ExitCode:
     """The inner box (stdio, fds, rlimits, user, Landlock, seccomp), then the handler."""
     sandbox.set_name(JOB_NAME)
-    pipe_fd, more = sandbox.enter(spec.plan, pipe_fd)
+    pipe_fd, early, more = sandbox.enter(spec.plan, pipe_fd)
     writer = MessageWriter(pipe_fd, spec.message_cap)
-    return _run_handler(spec, handler, writer, layers + more)
+    return _run_handler(spec, handler, writer, layers + more, early)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +203,7 @@ def _read_exactly(fd: int, n: int) -> bytes | None:
 
 
 def _run_handler(spec: ChildSpec, handler: Handler, writer: MessageWriter, layers: list[str],
-                 early: sandbox.Confinement | None = None) -> ExitCode:
+                 early: sandbox.Confinement) -> ExitCode:
     plan = spec.plan
     ctx = Context(
         job_id=spec.job_id, operation=spec.operation, attempt=spec.attempt, workdir=plan.workdir,

@@ -59,17 +59,49 @@ def restrict(read: Iterable[str], write: Iterable[str], version: int) -> None:
     enforce(ruleset(read, write, version), [], version)
 
 
+#: Read-only rules made once, in a zygote: path -> (its rule, the O_PATH fd the rule names).
+_anchored: dict[str, tuple[_PathBeneath, int]] = {}
+_anchored_version = 0
+_RULE_TYPE, _NO_FLAGS = ctypes.c_uint32(_RULE_PATH_BENEATH), ctypes.c_uint32(0)
+
+
+def anchor(paths: Iterable[str], version: int) -> None:
+    """Open `paths` once (O_PATH, kept open) and make their read-only rules, in a zygote: its
+    children then add those rules to their rulesets without resolving each path again.
+
+    A path is resolved when anchored: one replaced afterwards (not a path's contents, the
+    path itself, as a venv made anew) keeps its old inode until the zygote restarts.
+    Paths that cannot be opened are skipped, as `ruleset` skips them.
+    """
+    global _anchored_version
+    _anchored_version = version
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+        _anchored[path] = (_PathBeneath(_rights(fd, READ & _handled(version)), fd), fd)
+
+
 def ruleset(read: Iterable[str], write: Iterable[str], version: int) -> int:
     """A ruleset fd allowing read-only access below `read` and full access below `write`, to be
-    enforced later (a rule holds the path's inode: a dir renamed afterwards stays allowed)."""
+    enforced later (a rule holds the path's inode: a dir renamed afterwards stays allowed).
+    Anchored read paths (see `anchor`) are added from their fds, which must still be open."""
     handled = _handled(version)
     attr = (ctypes.c_uint64 * 3)(handled, 0, 0)
     fd = _check(_syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(8),
-                              ctypes.c_uint32(0)), "create_ruleset")
+                         _NO_FLAGS), "create_ruleset")
+    anchored = _anchored if version == _anchored_version else {}
     try:
-        for paths, rights in ((read, READ & handled), (write, handled)):
-            for path in paths:
-                _add(fd, path, rights)
+        for path in read:
+            if path in anchored:
+                rule = anchored[path][0]
+                _check(_syscall(_SYS_ADD_RULE, fd, _RULE_TYPE, ctypes.byref(rule), _NO_FLAGS),
+                       f"add_rule {path}")
+            else:
+                _add(fd, path, READ & handled)
+        for path in write:
+            _add(fd, path, handled)
     except BaseException:
         os.close(fd)
         raise
@@ -81,7 +113,7 @@ def enforce(fd: int, read: Iterable[str], version: int) -> None:
     try:
         for path in read:
             _add(fd, path, READ & _handled(version))
-        _check(_syscall(_SYS_RESTRICT_SELF, fd, ctypes.c_uint32(0)), "restrict_self")
+        _check(_syscall(_SYS_RESTRICT_SELF, fd, _NO_FLAGS), "restrict_self")
     finally:
         os.close(fd)
 
@@ -92,10 +124,13 @@ def _add(ruleset: int, path: str, rights: int) -> None:
     except OSError:
         return
     try:
-        if not stat.S_ISDIR(os.fstat(fd).st_mode):
-            rights &= _FILE_ONLY
-        rule = _PathBeneath(rights, fd)
-        _check(_syscall(_SYS_ADD_RULE, ruleset, ctypes.c_uint32(_RULE_PATH_BENEATH),
-                             ctypes.byref(rule), ctypes.c_uint32(0)), f"add_rule {path}")
+        rule = _PathBeneath(_rights(fd, rights), fd)
+        _check(_syscall(_SYS_ADD_RULE, ruleset, _RULE_TYPE, ctypes.byref(rule), _NO_FLAGS),
+               f"add_rule {path}")
     finally:
         os.close(fd)
+
+
+def _rights(fd: int, rights: int) -> int:
+    """`rights` as they may apply to what `fd` is: a file takes no directory rights."""
+    return rights if stat.S_ISDIR(os.fstat(fd).st_mode) else rights & _FILE_ONLY

@@ -350,11 +350,15 @@ def pid_namespaces_work() -> bool:
         os.close(fd)
 
 
-def enter(plan: Plan, pipe_fd: int) -> tuple[int, list[str]]:
-    """Put a fresh child in its inner box; return the pipe's new fd (3) and the layers."""
+def enter(plan: Plan, pipe_fd: int) -> tuple[int, Confinement, list[str]]:
+    """Put a fresh child in its inner box; return the pipe's new fd (3), its confinement to
+    finish (a Landlock ruleset at fd 4, or none) and the layers."""
     os.umask(0o077)
     make_workdir(plan.workdir, plan.uid, plan.gid)
-    return 3, enter_early(plan, pipe_fd, rlimits=True) + enter_late(plan, rlimits=False)
+    ruleset = landlock_ruleset(plan)
+    fds = (pipe_fd, ruleset) if ruleset >= 0 else (pipe_fd,)
+    layers = enter_early(plan, *fds, rlimits=True) + enter_late(plan, rlimits=False)
+    return 3, Confinement(4 if ruleset >= 0 else -1), layers
 
 
 def enter_early(plan: Plan, *fds: int, rlimits: bool) -> list[str]:
@@ -399,10 +403,9 @@ def drop_privileges(uid: int, gid: int, parent: int | None) -> None:
         os._exit(1)
 
 
-def confine(plan: Plan, inputs: list[str], early: Confinement | None = None) -> list[str]:
-    """Last steps before the handler runs: Landlock (with the handler's `inputs`), then
-    seccomp, or what `early` left to do; return the layers applied."""
-    early = early or confine_early(plan, load_seccomp=False)
+def confine(plan: Plan, inputs: list[str], early: Confinement) -> list[str]:
+    """Last steps before the handler runs: Landlock (its ruleset, made early, with the
+    handler's `inputs`), then seccomp unless `early` loaded it; return the layers applied."""
     layers = []
     if early.ruleset >= 0:
         landlock.enforce(early.ruleset, inputs, plan.landlock_abi)
@@ -424,16 +427,22 @@ class Confinement:
     seccomp: bool = False
 
 
-def confine_early(plan: Plan, load_seccomp: bool = True) -> Confinement:
-    """Build the Landlock ruleset for the runtime and the plan's dirs, and load seccomp (which
-    denies nothing a spare still does); the job's input paths are added by `confine`."""
-    ruleset = -1
-    if plan.landlock_abi:
-        write = [plan.workdir, plan.output_dir, os.devnull]
-        ruleset = landlock.ruleset(plan.read_paths, write, plan.landlock_abi)
-    if load_seccomp and plan.seccomp is not None:
+def landlock_ruleset(plan: Plan) -> int:
+    """The job's Landlock ruleset fd for the runtime and the plan's dirs (-1 without Landlock),
+    to enforce later: made while this process still holds its zygote's anchors (the read
+    paths' fds, see `landlock.anchor`), so before `keep_only` closes them."""
+    if not plan.landlock_abi:
+        return -1
+    write = [plan.workdir, plan.output_dir, os.devnull]
+    return landlock.ruleset(plan.read_paths, write, plan.landlock_abi)
+
+
+def confine_early(plan: Plan, ruleset: int) -> Confinement:
+    """In a spare: load seccomp (which denies nothing a spare still does) beside its Landlock
+    `ruleset` (see `landlock_ruleset`); the job's input paths are added by `confine`."""
+    if plan.seccomp is not None:
         syscall_filter.load(plan.seccomp)
-    return Confinement(ruleset, load_seccomp and plan.seccomp is not None)
+    return Confinement(ruleset, plan.seccomp is not None)
 
 
 def readable_runtime() -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 from typing import Any, NoReturn
 
 from handlers.base import Handler
-from worker import sandbox, signals
+from worker import landlock, sandbox, signals
 from worker.child import (
     READY,
     ChildSpec,
@@ -48,10 +48,13 @@ _BOOT = "from worker.zygote import main; main()"
 class Zygote:
     """The supervisor's handle on one zygote process."""
 
-    def __init__(self, name: str, handlers: Mapping[str, Handler], prepare: bool) -> None:
+    def __init__(self, name: str, handlers: Mapping[str, Handler], prepare: bool,
+                 read_paths: tuple[str, ...] = (), landlock_abi: int = 0) -> None:
         self.name = name
         self.handlers = dict(handlers)  # the operations it forks jobs (and spares) for
         self.prepare = prepare  # run each handler's prepare() once, before any fork
+        #: every job's Landlock read paths, anchored once in the zygote (`landlock.anchor`)
+        self.anchors = (read_paths, landlock_abi)
         self.pid = 0
         self.sock: socket.socket | None = None
         self.pending: list[Report] = []  # reports read while waiting for a job's fork
@@ -73,7 +76,8 @@ class Zygote:
                 _exec(argv, env, me, theirs.fileno())
         theirs.close()
         self.pid, self.sock = pid, ours
-        self._send(("setup", self.name, list(sys.path), self.handlers, self.prepare), [])
+        self._send(("setup", self.name, list(sys.path), self.handlers, self.prepare,
+                    self.anchors), [])
 
     def fileno(self) -> int:
         """The fd the selector watches for reports."""
@@ -179,13 +183,15 @@ def main() -> NoReturn:
             signal.signal(sig, signal.SIG_IGN)
         sock = socket.socket(fileno=fd)
         os.set_inheritable(fd, False)
-        _, name, path, handlers, prepare = _request(sock)[0]
+        _, name, path, handlers, prepare, (read_paths, abi) = _request(sock)[0]
         sys.path[:] = path
         sandbox.set_name(name)
         sandbox.become_subreaper()
         for h in {id(h): h for h in handlers.values()}.values() if prepare else []:
             h.prepare()
         prepare_inheritance()
+        if abi:
+            landlock.anchor(read_paths, abi)
         warm_up()
         _Server(sock, handlers).loop()
         code = 0

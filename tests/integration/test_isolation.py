@@ -254,3 +254,27 @@ def test_a_job_sees_only_its_own_environment_in_python_and_in_what_it_runs(
                 "GUESTKIT_ATTEMPT": "1", **({"GUESTKIT_IDEMPOTENCY_KEY": key} if key else {})}
         assert seen["python"] == want
         assert seen["c"] == want
+
+
+@pytest.mark.parametrize("spares", [False, True], ids=["fresh-fork", "spare"])
+def test_a_job_holds_only_stdio_and_its_pipe_though_its_zygote_holds_more(
+        make_worker, spares: bool) -> None:
+    """The forker keeps fds open for every job (the Landlock read paths it anchored);
+    none reaches the job."""
+    w = make_worker("--max-concurrent", "1", *([] if spares else ["--no-spares"])).start()
+    assert w.proc is not None
+    [forker] = [k for k in psutil.Process(w.proc.pid).children() if k.name() == "gkw-forker"]
+    held = {os.readlink(f"/proc/{forker.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{forker.pid}/fd")}
+    assert "/usr" in held or not landlock.abi(), held
+    waiting = wait_until(lambda: _idle_spares(w), [w.base, w.work], 20, "a spare") if spares else []
+    w.drop(job("fds", "test.probe", {"actions": [["fds", None]]}))
+    res = w.wait_result("fds")
+    assert res["status"] == "completed", res
+    ran = re.findall(r"\[fds\] running: pid (\d+)", w.log())
+    assert (int(ran[0]) in waiting) == spares, (ran, waiting)
+    fds = ast.literal_eval(res["data"]["outcomes"][0].removeprefix("ok "))
+    workdir = w.work / "fds"
+    assert sorted(fds) == [0, 1, 2, 3], fds
+    assert fds[0] == "/dev/null"
+    assert (fds[1], fds[2]) == (str(workdir / "stdout.log"), str(workdir / "stderr.log"))
+    assert fds[3].startswith("pipe:"), fds

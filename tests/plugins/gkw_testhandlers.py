@@ -254,6 +254,17 @@ def _loopback_is_up(_: Any) -> bool:
     return bool(struct.unpack_from("16sH", got)[1] & 0x1)
 
 
+def _fds() -> dict[int, str]:
+    """What each open fd of this process refers to (the listing's own fd left out)."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:  # the fd os.listdir had open
+            continue
+    return out
+
+
 def _run(argv: list[str]) -> str:
     import subprocess
 
@@ -297,6 +308,7 @@ _ACTIONS: dict[str, Any] = {
     "hold": lambda mb: len(_hold(int(mb))),
     "rlimit": lambda name: resource.getrlimit(getattr(resource, name)),
     "nice": lambda _: os.getpriority(os.PRIO_PROCESS, 0),
+    "fds": lambda _: _fds(),
     # the environment as Python sees it, and as a program it runs gets it (the C environ)
     "env": lambda _: {"python": dict(os.environ),
                       "c": dict(line.split("=", 1) for line in _run(["/usr/bin/env"]).splitlines())},
