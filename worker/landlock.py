@@ -83,19 +83,21 @@ def anchor(paths: Iterable[str], version: int) -> None:
         _anchored[path] = (_PathBeneath(_rights(fd, READ & _handled(version)), fd), fd)
 
 
-def ruleset(read: Iterable[str], write: Iterable[str], version: int) -> int:
+def ruleset(read: Iterable[str], write: Iterable[str], version: int,
+            anchored: bool = False) -> int:
     """A ruleset fd allowing read-only access below `read` and full access below `write`, to be
     enforced later (a rule holds the path's inode: a dir renamed afterwards stays allowed).
-    Anchored read paths (see `anchor`) are added from their fds, which must still be open."""
+    With `anchored`, read paths anchored for `version` (see `anchor`) are added from their
+    fds: only in a zygote's child before it closes its inherited fds."""
     handled = _handled(version)
     attr = (ctypes.c_uint64 * 3)(handled, 0, 0)
     fd = _check(_syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(8),
                          _NO_FLAGS), "create_ruleset")
-    anchored = _anchored if version == _anchored_version else {}
+    anchors = _anchored if anchored and version == _anchored_version else {}
     try:
         for path in read:
-            if path in anchored:
-                rule = anchored[path][0]
+            if path in anchors:
+                rule = anchors[path][0]
                 _check(_syscall(_SYS_ADD_RULE, fd, _RULE_TYPE, ctypes.byref(rule), _NO_FLAGS),
                        f"add_rule {path}")
             else:

@@ -2,9 +2,10 @@
 
 `fork_job` forks the child, as PID 1 of a new PID namespace when the plan asks for
 one. In the child, still privileged (`enter_privileged`): session, parent-death
-signal, cgroups, network namespace. Then (`enter`): work dir, stdio, fds,
+signal, cgroups, network namespace. Then (`enter`): work dir, its Landlock ruleset
+(built while the zygote's anchors are open, enforced later), stdio, fds,
 environment, rlimits, privilege drop, NO_NEW_PRIVS; after the payload is validated
-(`confine`), Landlock and seccomp, last.
+(`confine`), Landlock enforced and seccomp, last.
 """
 
 from __future__ import annotations
@@ -421,7 +422,8 @@ def confine(plan: Plan, inputs: list[str], early: Confinement) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class Confinement:
-    """Confinement prepared before the job is known: a Landlock ruleset fd, seccomp loaded."""
+    """Confinement prepared before the handler runs: the Landlock ruleset fd (made by `enter`
+    or, in a spare, before its job is known), and whether seccomp is loaded already."""
 
     ruleset: int = -1
     seccomp: bool = False
@@ -434,7 +436,7 @@ def landlock_ruleset(plan: Plan) -> int:
     if not plan.landlock_abi:
         return -1
     write = [plan.workdir, plan.output_dir, os.devnull]
-    return landlock.ruleset(plan.read_paths, write, plan.landlock_abi)
+    return landlock.ruleset(plan.read_paths, write, plan.landlock_abi, anchored=True)
 
 
 def confine_early(plan: Plan, ruleset: int) -> Confinement:

@@ -74,7 +74,7 @@ class Supervisor:
         self.remote = remote or Remote()
         self.service.ready_check = self.remote.healthy
         self.forker: Zygote | None = None  # forks spares and plain jobs
-        self.zygote: Zygote | None = None  # forks jobs of handlers with a costly prepare()
+        self.zygote: Zygote | None = None  # jobs of handlers with a prepare() or a payload model
         #: pid -> (its zygote, its work dir to recycle once reaped): processes of jobs that
         #: ended on their result, not yet reaped
         self.lingering: dict[int, tuple[int, str | None]] = {}
@@ -127,7 +127,7 @@ class Supervisor:
                  self.spool.inbox, len(self.jobs))
 
     def _start_zygotes(self) -> None:
-        """The lean forker always; a warm zygote when a handler has a costly prepare()."""
+        """The lean forker always; a warm zygote for handlers that need one (`needs_warmth`)."""
         handlers = self.registry.handlers
         if self.forker is None:
             plain = {op: h for op, h in handlers.items() if not self.registry.needs_warmth(h)}

@@ -4,10 +4,10 @@ Fork cost grows with the forking process's memory, and the supervisor's grows wi
 A zygote is a fresh interpreter, executed once at start, that imports only what a child needs,
 so a fork costs the same whatever the supervisor holds and the supervisor never forks a job.
 The lean zygote (`gkw-forker`) forks spares and plain jobs; handlers with a costly `prepare()`
-get a warm one (`gkw-zygote`) that prepares them once. Requests and reports are pickled over a
-SOCK_SEQPACKET pair and a child's pipe ends travel with its request as SCM_RIGHTS. A spare's
-fork is not waited for (its pid comes back as a report); a job's fork is. The zygote reports
-every child's end with its wait status and rusage.
+or a payload model get a warm one (`gkw-zygote`) that prepares them once. Requests and
+reports are pickled over a SOCK_SEQPACKET pair and a child's pipe ends travel with its
+request as SCM_RIGHTS. A spare's fork is not waited for (its pid comes back as a report); a
+job's fork is. The zygote reports every child's end with its wait status and rusage.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main() -> NoReturn:
         prepare_inheritance()
         if abi:
             landlock.anchor(read_paths, abi)
-        warm_up()
+        warm_up(read_paths, abi)
         _Server(sock, handlers).loop()
         code = 0
     finally:

@@ -1,0 +1,132 @@
+"""What a job's child gets from its zygote and its pickled spec, and which zygote forks it."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from handlers.base import Context, Handler
+from worker import landlock
+from worker.cgroups import JobCgroup
+from worker.registry import Registry
+
+
+def test_a_pickled_cgroup_keeps_what_its_child_joins_and_nothing_else(tmp_path: Path) -> None:
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("")
+    cg = JobCgroup([tmp_path], tmp_path, None, None, limits_memory=True, procs=(str(procs),))
+    child = pickle.loads(pickle.dumps(cg))
+    assert (child.procs, child.limits_memory) == ((str(procs),), True)
+    assert (child.dirs, child.v2, child.memory_v1, child.pids_v1) == ([], None, None, None)
+    child.join()  # writes "0" (this process) to every procs file
+    assert procs.read_text() == "0"
+    assert cg.v2 == tmp_path  # the supervisor's object is untouched
+
+
+class _Model(BaseModel):
+    n: int
+
+
+class _Plain(Handler):
+    operations = ("t.plain",)
+
+
+class _Modelled(Handler):
+    operations = ("t.model",)
+    payload_model = _Model
+
+
+class _Validating(Handler):
+    operations = ("t.validate",)
+
+    def validate(self, data: Any) -> Any:
+        return data
+
+
+class _Prepared(Handler):
+    operations = ("t.prepared",)
+
+    def prepare(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind, warm", [(_Plain, False), (_Modelled, True), (_Validating, True),
+                                        (_Prepared, True)])
+def test_only_a_plain_handler_forks_from_the_lean_forker(kind: type[Handler], warm: bool) -> None:
+    registry = Registry()
+    registry.add(kind, {})
+    [handler] = registry.handlers.values()
+    assert registry.needs_warmth(handler) is warm
+
+
+def test_a_context_takes_str_or_path_and_gives_paths() -> None:
+    for workdir, output in (("/w", "/o"), (Path("/w"), Path("/o"))):
+        ctx = Context(job_id="j", operation="o", attempt=1, workdir=workdir, output_dir=output,
+                      limits={}, settings={"a": 1}, send=lambda _: None)
+        assert (ctx.workdir, ctx.output_dir) == (Path("/w"), Path("/o"))
+        assert isinstance(ctx.workdir, Path)
+
+
+def _confined(read: list[str], write: list[str], version: int, anchored: bool,
+              probe: list[str]) -> list[bool]:
+    """In a forked child: restrict to a ruleset, then try to read each of `probe`."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - reported through the pipe
+        code = 1
+        try:
+            from worker import sandbox
+
+            sandbox.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
+            landlock.enforce(landlock.ruleset(read, write, version, anchored=anchored), [],
+                             version)
+            seen = []
+            for path in probe:
+                try:
+                    os.close(os.open(path, os.O_RDONLY))
+                    seen.append("1")
+                except PermissionError:
+                    seen.append("0")
+            os.write(w, "".join(seen).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    out = os.read(r, 64).decode()
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return [c == "1" for c in out]
+
+
+@pytest.mark.skipif(landlock.abi() < 1, reason="needs Landlock in the kernel")
+def test_anchored_and_unanchored_read_paths_mix_and_a_version_mismatch_opens_them_again(
+        tmp_path: Path) -> None:
+    version = landlock.abi()
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "f").write_text("x")
+    (tmp_path / "elsewhere").write_text("x")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - its anchors must not stay in the test process
+        code = 1
+        try:
+            landlock.anchor(["/usr"], version)
+            probe = ["/usr/bin/env", str(here / "f"), str(tmp_path / "elsewhere")]
+            want = [True, True, False]
+            ok = (_confined(["/usr", str(here)], [], version, True, probe) == want
+                  and _confined([str(here)], [], version, True, probe) == [False, True, False]
+                  and _confined(["/usr", str(here)], [], version, False, probe) == want)
+            if version > 1:  # anchored for another ABI: the paths are opened again
+                landlock.anchor(["/usr"], version - 1)
+                ok = ok and _confined(["/usr", str(here)], [], version, True, probe) == want
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
