@@ -201,8 +201,10 @@ def dissect_missing(operation: str) -> str | None:
 
 
 def warm_up() -> None:
-    """Import the inspection library and its plugin registry, so a forked job starts warm."""
+    """Import the inspection library and its plugin registry, so a forked job starts warm
+    (and what its jobs import late: a job cannot read the interpreter's files to import)."""
     import pkgutil
+    import sqlite3  # noqa: F401 - the rpmdb reader imports it late, as the supervisor never does
 
     from dissect.target import containers, filesystems, plugin, volumes
 

@@ -7,7 +7,6 @@ entries (tag, type, offset, count) and the data store they point into.
 
 from __future__ import annotations
 
-import sqlite3
 import struct
 from typing import Any
 
@@ -50,6 +49,8 @@ def parse_header(blob: bytes) -> dict[str, Any]:
 
 def read_packages(db: bytes) -> list[dict[str, Any]]:
     """Every package header in an rpmdb.sqlite image, sorted by name; RpmdbError if unreadable."""
+    import sqlite3  # imported by the image library's warm-up: not in the supervisor
+
     if not db.startswith(_SQLITE_MAGIC):
         raise RpmdbError("not an sqlite database")
     if db[18:20] == b"\x02\x02":  # WAL mode: read the main file as a rollback-journal db

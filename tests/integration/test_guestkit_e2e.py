@@ -122,3 +122,14 @@ def test_every_example_job_ends_with_a_specific_outcome(gk: Worker) -> None:
         assert jid in res["error"]["message"]
         if code == "VALIDATION_ERROR":
             assert "payload.data." in res["error"]["message"]
+
+
+def test_an_rpm_guest_s_packages_are_read_by_the_sandboxed_job(gk: Worker, images: Path) -> None:
+    """The rpmdb reader imports sqlite3 late (the supervisor never loads it); the job, which
+    cannot read the interpreter's files, finds it imported by the zygote's prepare()."""
+    gk.drop(_inspect("rpm", images / "rocky-xfs.qcow2"))
+    res = gk.wait_result("rpm", timeout=120)
+    assert res["status"] == "completed", res["error"]
+    report = orjson.loads(Path(res["outputs"]["primary"]).read_bytes())
+    names = {p["name"] for p in report["packages"]["packages"]}
+    assert {"bash", "openssh-server", "kernel-core"} <= names, names
