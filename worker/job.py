@@ -130,19 +130,42 @@ class Run:
             return []
 
 
-def spawn(spec: ChildSpec, timeout: float, now: float, zygote: Zygote) -> Run:
-    """Have `zygote` fork a child for `spec`; return its Run (the parent side)."""
+@dataclass(slots=True)
+class Forking:
+    """A job's child asked of a zygote, its pid not read yet (see `request_fork`)."""
+
+    spec: ChildSpec
+    zygote: Zygote
+    token: int
+    reader: int  # the read end of the child's pipe
+    timeout: float
+    now: float  # when its dispatch began
+
+
+def request_fork(spec: ChildSpec, timeout: float, now: float, zygote: Zygote) -> Forking:
+    """Ask `zygote` to fork a child for `spec` without waiting for it: `forked` gives its Run."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = zygote.spawn(spec, w)
+        token = zygote.request(spec, w)
     except BaseException:
         os.close(r)
         raise
     finally:
         os.close(w)
-    run = _new_run(pid, r, spec.message_cap, spec.plan.limits, spec.plan.cgroup, timeout, now,
-                   zygote.pid)
-    run.workdir = str(spec.plan.workdir) if spec.plan.sealed else None
+    return Forking(spec, zygote, token, r, timeout, now)
+
+
+def forked(f: Forking) -> Run:
+    """Wait for the pid of the child `f` asked for; its Run (OSError if it could not be forked)."""
+    try:
+        pid = f.zygote.await_pid(f.token)
+    except BaseException:
+        os.close(f.reader)
+        raise
+    plan = f.spec.plan
+    run = _new_run(pid, f.reader, f.spec.message_cap, plan.limits, plan.cgroup, f.timeout, f.now,
+                   f.zygote.pid)
+    run.workdir = plan.workdir if plan.sealed else None
     return run
 
 

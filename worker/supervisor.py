@@ -22,7 +22,19 @@ from worker.child import ChildSpec, Order
 from worker.config import Settings
 from worker.errors import ErrorCode, UnsafeFile
 from worker.intake import Accepted, Intake
-from worker.job import RETRYABLE, Job, Outcome, Run, decide, hand_to, run_metrics, spawn, storage_io
+from worker.job import (
+    RETRYABLE,
+    Forking,
+    Job,
+    Outcome,
+    Run,
+    decide,
+    forked,
+    hand_to,
+    request_fork,
+    run_metrics,
+    storage_io,
+)
 from worker.logs import setup_logging
 from worker.registry import Registry
 from worker.results import Ending, build
@@ -58,6 +70,8 @@ class Supervisor:
         self.spool = Spool(settings)
         self.jobs: dict[str, Job] = {}
         self.running: dict[int, Job] = {}
+        #: jobs whose child a zygote forks while this loop pass goes on (see `_await_forks`)
+        self.forking: list[tuple[Job, Forking]] = []
         self.ready: list[tuple[int, int, str]] = []  # (-priority, seq, job_id)
         self.retries: list[tuple[float, str]] = []  # (not_before epoch, job_id)
         self.key_waiters: dict[str, list[str]] = {}
@@ -202,9 +216,12 @@ class Supervisor:
         now = time.monotonic()
         self._enforce(now)
         self._housekeep()
-        self._fill_slots(now)
-        self._archive_ended()
-        self._premake_result()
+        try:
+            self._fill_slots(now)
+            self._archive_ended()  # while the zygotes fork what _fill_slots asked for
+            self._premake_result()
+        finally:
+            self._await_forks()
         self.spares.keep(self.settings, self.settings.max_concurrent - len(self.running),
                          self.draining)
         free = self.settings.max_concurrent - len(self.running) - len(self.ready)
@@ -378,7 +395,8 @@ class Supervisor:
     # -- dispatch -------------------------------------------------------------------------------
 
     def _fill_slots(self, now: float) -> None:
-        while len(self.running) < self.settings.max_concurrent and not self.draining:
+        while len(self.running) + len(self.forking) < self.settings.max_concurrent \
+                and not self.draining:
             self._promote_front()
             if not self.ready:
                 return
@@ -434,7 +452,26 @@ class Supervisor:
             zygote = self.zygote if warm else self.forker
             if zygote is None:
                 raise OSError("no zygote to fork the job (it died and could not be restarted)")
-            run = spawn(spec, timeout, now, zygote)
+            self.forking.append((job, request_fork(spec, timeout, now, zygote)))
+            return
+        self._started(job, run, now, timeout)
+
+    def _await_forks(self) -> None:
+        """Read the pids of the children asked for in this pass (their forks ran while the
+        pass made its results durable and archived its jobs), and start their runs."""
+        forking, self.forking = self.forking, []
+        for job, f in forking:
+            try:
+                run = forked(f)
+            except OSError as e:
+                log.error("could not start job %s: %s", job.job_id, e)
+                self._conclude(job, self._ending(job, "failed", ErrorCode.INTERNAL,
+                                                 f"job {job.job_id!r}: could not be started: {e}"))
+            else:
+                self._started(job, run, f.now, f.timeout)
+
+    def _started(self, job: Job, run: Run, now: float, timeout: float) -> None:
+        """The job's child exists: watch its pipe, count it running, say so."""
         self.service.m.spawn_latency.observe(time.monotonic() - now)
         job.run = run
         job.move(JobState.RUNNING)

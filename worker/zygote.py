@@ -84,8 +84,8 @@ class Zygote:
         assert self.sock is not None
         return self.sock.fileno()
 
-    def spawn(self, spec: ChildSpec, pipe_w: int) -> int:
-        """Have the zygote fork a child for `spec` and wait for its pid (OSError if it fails).
+    def request(self, spec: ChildSpec, pipe_w: int) -> int:
+        """Ask the zygote to fork a child for `spec`; return the token to `await_pid` with.
 
         The spec travels pickled and is decoded by the child, not by the zygote: what the
         zygote writes after a fork is copied for every child still sharing its pages.
@@ -102,6 +102,11 @@ class Zygote:
                 self._send(("job", token, (*box, None)), [pipe_w, memfd])
             finally:
                 os.close(memfd)
+        return token
+
+    def await_pid(self, token: int) -> int:
+        """Wait for the pid of the child asked for with `token` (OSError if it could not be
+        forked); the other reports read meanwhile wait in `pending`."""
         while True:
             report = self._receive(block=True)
             assert report is not None
