@@ -123,12 +123,12 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
             os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
         layers = sandbox.enter_privileged(base, net)
         sandbox.premake_workdir(base.workdir, base.uid, base.gid)
-        ruleset = sandbox.landlock_ruleset(base)  # fd 6 once the others are 3, 4, 5
+        fds, ruleset = sandbox.with_ruleset((pipe_fd, orders_fd, ready_fd),
+                                            sandbox.landlock_ruleset(base))
         if renice:
             os.setpriority(os.PRIO_PROCESS, 0, 0)  # before the job user, who may not
-        fds = (pipe_fd, orders_fd, ready_fd, *([ruleset] if ruleset >= 0 else []))
         layers += sandbox.enter_early(base, *fds, rlimits=False)
-        early = sandbox.confine_early(base, 6 if ruleset >= 0 else -1)
+        early = sandbox.confine_early(base, ruleset)
         os.write(5, READY)  # ready_fd: boxed
         os.close(5)
         order = read_order(4)

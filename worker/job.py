@@ -176,7 +176,7 @@ def hand_to(spare: Spare, order: Order, timeout: float, now: float) -> Run | Non
     fd, spare.messages = spare.messages, -1
     run = _new_run(spare.pid, fd, order.message_cap, order.limits, spare.cgroup, timeout, now,
                    spare.origin)
-    run.workdir = str(order.workdir) if spare.sealed else None
+    run.workdir = order.workdir if spare.sealed else None
     return run
 
 

@@ -29,7 +29,7 @@ class _PathBeneath(ctypes.Structure):
 def abi() -> int:
     """The Landlock ABI version of this kernel; 0 when Landlock is unavailable."""
     v = _syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0),
-                      ctypes.c_uint32(_CREATE_RULESET_VERSION))
+                 ctypes.c_uint32(_CREATE_RULESET_VERSION))
     return max(int(v), 0)
 
 
@@ -59,8 +59,8 @@ def restrict(read: Iterable[str], write: Iterable[str], version: int) -> None:
     enforce(ruleset(read, write, version), [], version)
 
 
-#: Read-only rules made once, in a zygote: path -> (its rule, the O_PATH fd the rule names).
-_anchored: dict[str, tuple[_PathBeneath, int]] = {}
+#: Read-only rules made once, in a zygote: path -> its rule (naming an O_PATH fd kept open).
+_anchored: dict[str, _PathBeneath] = {}
 _anchored_version = 0
 _RULE_TYPE, _NO_FLAGS = ctypes.c_uint32(_RULE_PATH_BENEATH), ctypes.c_uint32(0)
 
@@ -71,16 +71,19 @@ def anchor(paths: Iterable[str], version: int) -> None:
 
     A path is resolved when anchored: one replaced afterwards (not a path's contents, the
     path itself, as a venv made anew) keeps its old inode until the zygote restarts.
-    Paths that cannot be opened are skipped, as `ruleset` skips them.
+    Paths that cannot be opened are skipped, as `ruleset` skips them. Replaces earlier anchors.
     """
     global _anchored_version
+    for rule in _anchored.values():
+        os.close(rule.parent_fd)
+    _anchored.clear()
     _anchored_version = version
     for path in paths:
         try:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         except OSError:
             continue
-        _anchored[path] = (_PathBeneath(_rights(fd, READ & _handled(version)), fd), fd)
+        _anchored[path] = _PathBeneath(_rights(fd, READ & _handled(version)), fd)
 
 
 def ruleset(read: Iterable[str], write: Iterable[str], version: int,
@@ -97,9 +100,7 @@ def ruleset(read: Iterable[str], write: Iterable[str], version: int,
     try:
         for path in read:
             if path in anchors:
-                rule = anchors[path][0]
-                _check(_syscall(_SYS_ADD_RULE, fd, _RULE_TYPE, ctypes.byref(rule), _NO_FLAGS),
-                       f"add_rule {path}")
+                _add_rule(fd, anchors[path], path)
             else:
                 _add(fd, path, READ & handled)
         for path in write:
@@ -126,11 +127,14 @@ def _add(ruleset: int, path: str, rights: int) -> None:
     except OSError:
         return
     try:
-        rule = _PathBeneath(_rights(fd, rights), fd)
-        _check(_syscall(_SYS_ADD_RULE, ruleset, _RULE_TYPE, ctypes.byref(rule), _NO_FLAGS),
-               f"add_rule {path}")
+        _add_rule(ruleset, _PathBeneath(_rights(fd, rights), fd), path)
     finally:
         os.close(fd)
+
+
+def _add_rule(ruleset: int, rule: _PathBeneath, path: str) -> None:
+    _check(_syscall(_SYS_ADD_RULE, ruleset, _RULE_TYPE, ctypes.byref(rule), _NO_FLAGS),
+           f"add_rule {path}")
 
 
 def _rights(fd: int, rights: int) -> int:

@@ -108,6 +108,7 @@ class Limits:
 
 LIMIT_FIELDS = tuple(f.name for f in fields(Limits))  #: the limits a job may ask for
 
+
 @dataclass(frozen=True)
 class Plan:
     """What the supervisor decided for one job's box, before fork."""
@@ -356,10 +357,9 @@ def enter(plan: Plan, pipe_fd: int) -> tuple[int, Confinement, list[str]]:
     finish (a Landlock ruleset at fd 4, or none) and the layers."""
     os.umask(0o077)
     make_workdir(plan.workdir, plan.uid, plan.gid)
-    ruleset = landlock_ruleset(plan)
-    fds = (pipe_fd, ruleset) if ruleset >= 0 else (pipe_fd,)
+    fds, ruleset = with_ruleset((pipe_fd,), landlock_ruleset(plan))
     layers = enter_early(plan, *fds, rlimits=True) + enter_late(plan, rlimits=False)
-    return 3, Confinement(4 if ruleset >= 0 else -1), layers
+    return 3, Confinement(ruleset), layers
 
 
 def enter_early(plan: Plan, *fds: int, rlimits: bool) -> list[str]:
@@ -437,6 +437,14 @@ def landlock_ruleset(plan: Plan) -> int:
         return -1
     write = [plan.workdir, plan.output_dir, os.devnull]
     return landlock.ruleset(plan.read_paths, write, plan.landlock_abi, anchored=True)
+
+
+def with_ruleset(fds: tuple[int, ...], ruleset: int) -> tuple[tuple[int, ...], int]:
+    """`fds` for `keep_only`, with the Landlock `ruleset` last when there is one (-1: none),
+    and the fd the ruleset has once they are moved to 3, 4, … (-1: none)."""
+    if ruleset < 0:
+        return fds, -1
+    return (*fds, ruleset), 3 + len(fds)
 
 
 def confine_early(plan: Plan, ruleset: int) -> Confinement:

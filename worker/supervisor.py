@@ -411,8 +411,7 @@ class Supervisor:
                 self._dispatch(job, now)
             except (OSError, UnsafeFile, ValueError, KeyError, TypeError) as e:
                 log.exception("could not start job %s", job_id)
-                self._conclude(job, self._ending(job, "failed", ErrorCode.INTERNAL,
-                                                 f"job {job_id!r}: could not be started: {e}"))
+                self._not_started(job, e)
 
     def _spare_due(self, job: Job) -> bool:
         """True when `job` would run on a spare that the zygote is forking now: wait for it."""
@@ -465,10 +464,13 @@ class Supervisor:
                 run = forked(f)
             except OSError as e:
                 log.error("could not start job %s: %s", job.job_id, e)
-                self._conclude(job, self._ending(job, "failed", ErrorCode.INTERNAL,
-                                                 f"job {job.job_id!r}: could not be started: {e}"))
+                self._not_started(job, e)
             else:
                 self._started(job, run, f.now, f.timeout)
+
+    def _not_started(self, job: Job, e: Exception) -> None:
+        self._conclude(job, self._ending(job, "failed", ErrorCode.INTERNAL,
+                                         f"job {job.job_id!r}: could not be started: {e}"))
 
     def _started(self, job: Job, run: Run, now: float, timeout: float) -> None:
         """The job's child exists: watch its pipe, count it running, say so."""

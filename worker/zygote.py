@@ -7,7 +7,8 @@ The lean zygote (`gkw-forker`) forks spares and plain jobs; handlers with a cost
 or a payload model get a warm one (`gkw-zygote`) that prepares them once. Requests and
 reports are pickled over a SOCK_SEQPACKET pair and a child's pipe ends travel with its
 request as SCM_RIGHTS. A spare's fork is not waited for (its pid comes back as a report); a
-job's fork is. The zygote reports every child's end with its wait status and rusage.
+job's pid is read later in the same loop pass (`request`, then `await_pid`). The zygote
+reports every child's end with its wait status and rusage.
 """
 
 from __future__ import annotations
