@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psutil
@@ -233,20 +234,25 @@ def _idle_spares(w: Worker) -> list[int] | None:
     return [k.pid for k in kids if k.name() == "gkw-spare" and idle_spare(k)] or None
 
 
+def _probe_on(w: Worker, spares: bool, job_id: str, action: str, **execution: object) -> Any:
+    """Run one probe `action` as `job_id`, on an idle spare or a fresh fork (checked), and
+    give back what it returned."""
+    waiting = wait_until(lambda: _idle_spares(w), [w.base, w.work], 20, "a spare") if spares else []
+    w.drop(job(job_id, "test.probe", {"actions": [[action, None]]}, **execution))
+    res = w.wait_result(job_id)
+    assert res["status"] == "completed", res
+    ran = re.findall(rf"\[{job_id}\] running: pid (\d+)", w.log())
+    assert (int(ran[0]) in waiting) == spares, (ran, waiting)
+    return ast.literal_eval(res["data"]["outcomes"][0].removeprefix("ok "))
+
+
 @pytest.mark.parametrize("spares", [False, True], ids=["fresh-fork", "spare"])
 def test_a_job_sees_only_its_own_environment_in_python_and_in_what_it_runs(
         make_worker, spares: bool) -> None:
     w = make_worker("--max-concurrent", "1", *([] if spares else ["--no-spares"]),
                     env={"LEAK_ME": "supervisor secret"}).start()
     for n, key in ((1, None), (2, "k-2")):  # the second job's environment must not hold the first's
-        waiting = wait_until(lambda: _idle_spares(w), [w.base, w.work], 20, "a spare") if spares else []
-        w.drop(job(f"env-{n}", "test.probe", {"actions": [["env", None]]},
-                   **({"idempotency_key": key} if key else {})))
-        res = w.wait_result(f"env-{n}")
-        assert res["status"] == "completed", res
-        ran = re.findall(rf"\[env-{n}\] running: pid (\d+)", w.log())
-        assert (int(ran[0]) in waiting) == spares, (ran, waiting)
-        seen = ast.literal_eval(res["data"]["outcomes"][0].removeprefix("ok "))
+        seen = _probe_on(w, spares, f"env-{n}", "env", **({"idempotency_key": key} if key else {}))
         workdir = str(w.work / f"env-{n}")
         want = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
@@ -266,13 +272,7 @@ def test_a_job_holds_only_stdio_and_its_pipe_though_its_zygote_holds_more(
     [forker] = [k for k in psutil.Process(w.proc.pid).children() if k.name() == "gkw-forker"]
     held = {os.readlink(f"/proc/{forker.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{forker.pid}/fd")}
     assert "/usr" in held or not landlock.abi(), held
-    waiting = wait_until(lambda: _idle_spares(w), [w.base, w.work], 20, "a spare") if spares else []
-    w.drop(job("fds", "test.probe", {"actions": [["fds", None]]}))
-    res = w.wait_result("fds")
-    assert res["status"] == "completed", res
-    ran = re.findall(r"\[fds\] running: pid (\d+)", w.log())
-    assert (int(ran[0]) in waiting) == spares, (ran, waiting)
-    fds = ast.literal_eval(res["data"]["outcomes"][0].removeprefix("ok "))
+    fds = _probe_on(w, spares, "fds", "fds")
     workdir = w.work / "fds"
     assert sorted(fds) == [0, 1, 2, 3], fds
     assert fds[0] == "/dev/null"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -165,3 +166,21 @@ def test_a_status_file_naming_another_job_is_not_believed_at_recovery(make_worke
     res = w.wait_result("lost")
     assert res["status"] == "completed"  # not failed as WORKER_LOST after "attempt 2 of 2"
     assert res["execution_summary"]["attempt"] == 1
+
+
+def test_no_more_jobs_run_than_max_concurrent_even_when_many_start_in_one_pass(make_worker) -> None:
+    """Five jobs wait at start-up, so one loop pass dispatches what it may; each asks the
+    forker for its child before any pid is read, and those still count against the slots."""
+    w = make_worker("--max-concurrent", "2", "--no-spares")
+    for n in range(5):
+        w.drop(job(f"slot-{n}", "test.sleep", {"seconds": 30}))
+    w.start()
+
+    def states() -> list[str] | None:
+        rows = [ln.split() for ln in w.cli("status").stdout.splitlines() if ln.startswith("slot-")]
+        found = sorted(r[1] for r in rows if len(r) > 1)
+        return found if found.count("running") == 2 and found.count("queued") == 3 else None
+
+    wait_until(states, [w.jobs / ".status"], 20, "two running, three queued")
+    assert len(re.findall(r"\[slot-\d\] running: pid", w.log())) == 2
+    assert len([k for k in w.children() if k.name() == "gkw-job"]) == 2
