@@ -55,12 +55,14 @@ def prepare_inheritance() -> None:
 
 #: Calls enough for CPython 3.11 to have specialised a function's bytecode.
 WARM_UP_CALLS = 30
+#: The environment a rehearsal sets: the keys every job gets (`Supervisor._child_env`).
+REHEARSAL_ENV = {"GUESTKIT_JOB_ID": "x", "GUESTKIT_OPERATION": "x", "GUESTKIT_ATTEMPT": "1"}
 
 
 def warm_up(read_paths: tuple[str, ...] = (), landlock_abi: int = 0) -> None:
-    """In a zygote: run the steps of its children's start that only compute (their
-    environment, decoding an order, the job's plan and spec, with `landlock_abi` a Landlock
-    ruleset from the anchored `read_paths`, never enforced) until that code is specialised.
+    """In a zygote: rehearse its children's start (see `rehearse`), and with `landlock_abi`
+    build a Landlock ruleset from the anchored `read_paths` (never enforced), until that
+    code is specialised.
 
     A child running a function its zygote never ran rewrites the function's bytecode in
     place, copying the pages it lives in (2.6 us a page here): a spare set its environment
@@ -69,19 +71,42 @@ def warm_up(read_paths: tuple[str, ...] = (), landlock_abi: int = 0) -> None:
     base = sandbox.Plan(workdir="/", output_dir="/", env={},
                         limits=sandbox.Limits(1, 1, 1, 1, 1), read_paths=read_paths,
                         landlock_abi=landlock_abi)
-    env = {"GUESTKIT_JOB_ID": "x", "GUESTKIT_OPERATION": "x", "GUESTKIT_ATTEMPT": "1"}
     for _ in range(WARM_UP_CALLS):
-        sandbox.scrub_environment(base.workdir, env)
-        order = Order(job_id="x", operation="x", attempt=1, data={}, workdir=base.workdir,
-                      limits=base.limits, env=env, nproc=None, message_cap=1)
-        order = pickle.loads(encode_order(order)[4:])
-        plan = dataclasses.replace(base, workdir=order.workdir, limits=order.limits,
-                                   env=order.env, nproc=order.nproc)
-        ChildSpec(job_id=order.job_id, operation=order.operation, attempt=order.attempt,
-                  data=order.data, plan=plan, message_cap=order.message_cap)
+        rehearse(base)
         if landlock_abi:
             os.close(sandbox.landlock_ruleset(base))
+
+
+def rehearse(base: sandbox.Plan) -> None:
+    """Run on a stand-in order the steps of a job's start that only compute (its
+    environment, decoding its order, its plan and spec, its context, a message), then
+    set the base environment again; nothing of it leaves the process.
+
+    A zygote does it to specialise that code; a spare, to take before its job comes the
+    copy-on-write faults of the pages those steps write (about 6 us each here).
+    """
+    sandbox.scrub_environment(base.workdir, REHEARSAL_ENV)
+    order = Order(job_id="x", operation="x", attempt=1, data={}, workdir=base.workdir,
+                  limits=base.limits, env=REHEARSAL_ENV, nproc=None, message_cap=1 << 16)
+    spec = job_spec(base, decode_order(encode_order(order)[4:]))
+    plan = spec.plan
+    Context(job_id=spec.job_id, operation=spec.operation, attempt=spec.attempt,
+            workdir=plan.workdir, output_dir=plan.output_dir, limits=plan.limits.as_dict(),
+            settings={}, send=_ignore)
+    MessageWriter(-1, spec.message_cap).encode({"type": "sandbox", "layers": plan.layers})
     sandbox.base_environment()
+
+
+def _ignore(_message: dict[str, Any]) -> None:
+    """Where a rehearsal's context sends its messages: nowhere."""
+
+
+def job_spec(base: sandbox.Plan, order: Order) -> ChildSpec:
+    """A spare's job as a freshly forked child would have it: `base` with the order's parts."""
+    plan = dataclasses.replace(base, workdir=order.workdir, limits=order.limits, env=order.env,
+                               nproc=order.nproc)
+    return ChildSpec(job_id=order.job_id, operation=order.operation, attempt=order.attempt,
+                     data=order.data, plan=plan, message_cap=order.message_cap)
 
 
 def run_child(spec: ChildSpec, handler: Handler, pipe_fd: int, net: int = -1) -> NoReturn:
@@ -129,6 +154,8 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
             os.setpriority(os.PRIO_PROCESS, 0, 0)  # before the job user, who may not
         layers += sandbox.enter_early(base, *fds, rlimits=False)
         early = sandbox.confine_early(base, ruleset)
+        rehearse(base)  # before READY: a ready spare uses no CPU until its job comes
+        sandbox.set_name(SPARE_NAME)  # the same call as for JOB_NAME, done once ahead
         os.write(5, READY)  # ready_fd: boxed
         os.close(5)
         order = read_order(4)
@@ -136,13 +163,9 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
         if order is None:
             code = ExitCode.OK
         else:
-            plan = dataclasses.replace(base, workdir=order.workdir, limits=order.limits,
-                                       env=order.env, nproc=order.nproc)
-            spec = ChildSpec(job_id=order.job_id, operation=order.operation,
-                             attempt=order.attempt, data=order.data, plan=plan,
-                             message_cap=order.message_cap)
+            spec = job_spec(base, order)
             sandbox.set_name(JOB_NAME)
-            layers += sandbox.enter_late(plan, rlimits=True)
+            layers += sandbox.enter_late(spec.plan, rlimits=True)
             code = _run_handler(spec, handlers[order.operation], MessageWriter(3, spec.message_cap),
                                 layers, early)
     except BaseException:
@@ -159,7 +182,7 @@ def run_boxed(spec: ChildSpec, handler: Handler, pipe_fd: int, layers: list[str]
     return _run_handler(spec, handler, writer, layers + more, early)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: see ChildSpec
 class Order:
     """What a spare learns of its job; the rest of its ChildSpec it inherited at fork."""
 
@@ -188,6 +211,11 @@ def read_order(fd: int) -> Order | None:
     blob = _read_exactly(fd, struct.unpack("!I", head)[0])
     if blob is None:
         return None
+    return decode_order(blob)
+
+
+def decode_order(blob: bytes) -> Order:
+    """The order in `blob` (a pickle, as `encode_order` makes it after its length)."""
     order = pickle.loads(blob)
     assert isinstance(order, Order)
     return order

@@ -23,15 +23,19 @@ class MessageWriter:
 
     def send(self, message: dict[str, Any]) -> None:
         """Write one message; raise MessageTooLarge rather than send more than the cap."""
+        view = memoryview(self.encode(message))
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def encode(self, message: dict[str, Any]) -> bytes:
+        """One message as its line; MessageTooLarge when the line is over the cap."""
         line = orjson.dumps(message, default=str, option=orjson.OPT_NON_STR_KEYS) + b"\n"
         if len(line) > self.cap:
             raise MessageTooLarge(
                 f"a {message.get('type', 'message')} message of {len(line)} bytes"
                 f" exceeds the limit of {self.cap} bytes"
             )
-        view = memoryview(line)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        return line
 
 
 class MessageReader:

@@ -166,10 +166,15 @@ class Spares:
         s = self.coming.pop(token)
         s.pid = pid
         self.failures = 0
-        if len(self.waiting) < self.cap:
-            self.waiting.append(s)
-        else:
+        if len(self.waiting) >= self.cap:
             self._retire(s)
+            return
+        self.waiting.append(s)
+        if s.cgroup is not None:  # boxed and idle until its order: its job starts from here
+            try:
+                s.cgroup.prime()
+            except OSError as e:  # noted again when the job is handed over
+                log.debug("could not note spare %d's cgroup counters: %s", pid, e)
 
     def failed(self, token: int, why: str) -> None:
         """The spare asked for with `token` could not be forked, or died boxing itself."""

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,56 @@ def test_a_stale_slot_whose_process_is_not_yet_reaped_is_skipped() -> None:
         os.waitpid(pid, 0)
         cgroups.sweep(h)
     assert not any(d.exists() for d in stale.dirs)
+
+
+def _burn(ms: int) -> None:
+    """Use `ms` more milliseconds of this process's CPU."""
+    end = time.process_time() + ms / 1000
+    while time.process_time() < end:
+        pass
+
+
+@pytest.mark.skipif(not _hierarchies().layers, reason="needs a cgroup hierarchy")
+def test_a_primed_cgroup_counts_from_its_priming_and_one_taken_again_is_not_primed() -> None:
+    h = cgroups.probe("guestkit-prime-test")
+    cgroups.sweep(h)
+    pool = cgroups.Pool(h)
+    cg = pool.take("a")
+    steps_r, steps_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a spare's life: boxing (CPU), waiting, then its job (CPU)
+        cg.join()
+        _burn(40)
+        os.write(steps_w, b"1")
+        os.read(go_r, 1)
+        _burn(40)
+        os.write(steps_w, b"2")
+        os.read(go_r, 1)
+        os._exit(0)
+    try:
+        assert os.read(steps_r, 1) == b"1"
+        cg.prime()  # the spare waits, boxed
+        os.write(go_w, b"g")
+        assert os.read(steps_r, 1) == b"2"
+        cg.limit(256, 64)  # the hand-over: primed, so the start noted before stands
+        if "cpu_usec" not in cg.stats():
+            pytest.skip("no cpu.stat in this cgroup hierarchy")
+        assert 30_000 <= cg.stats()["cpu_usec"] < 75_000  # the job's 40 ms, not the boxing
+        os.write(go_w, b"g")
+        os.waitpid(pid, 0)
+        pid = 0
+        pool.release(cg)
+        again = pool.take("b")  # the same cgroup where a pool reuses them, else a new one
+        assert again is cg or not pool.reusable
+        assert not again.primed  # it was primed for a spare that is gone
+        again.limit(256, 64)
+        assert again.stats()["cpu_usec"] < 30_000  # counted from now, not from the prime
+    finally:
+        if pid:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        cgroups.sweep(h)
 
 
 @pytest.mark.skipif(not _hierarchies().layers, reason="needs a cgroup hierarchy")

@@ -11,8 +11,9 @@ import pytest
 from pydantic import BaseModel
 
 from handlers.base import Context, Handler
-from worker import landlock
+from worker import landlock, sandbox
 from worker.cgroups import JobCgroup
+from worker.child import Order, job_spec, rehearse
 from worker.registry import Registry
 
 
@@ -130,3 +131,26 @@ def test_anchored_and_unanchored_read_paths_mix_and_a_version_mismatch_opens_the
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_rehearsal_leaves_the_base_environment_and_its_job_gets_only_its_own() -> None:
+    pid = os.fork()
+    if pid == 0:  # environment changes stay in this child
+        code = 1
+        try:
+            sandbox.base_environment()
+            base = sandbox.Plan(workdir="/scratch", output_dir="/out", env={},
+                                limits=sandbox.Limits(64, 1, 8, 16, 1))
+            rehearse(base)
+            assert dict(os.environ) == sandbox.BASE_ENV
+            spec = job_spec(base, Order(job_id="j", operation="echo", attempt=2, data={"m": 1},
+                                        workdir="/w/j", limits=base.limits,
+                                        env={"GUESTKIT_JOB_ID": "j"}, nproc=7, message_cap=9))
+            assert (spec.plan.workdir, spec.plan.output_dir, spec.plan.nproc) == ("/w/j", "/out", 7)
+            sandbox.scrub_environment(spec.plan.workdir, spec.plan.env)
+            assert dict(os.environ) == {**sandbox.BASE_ENV, "HOME": "/w/j", "TMPDIR": "/w/j",
+                                        "GUESTKIT_JOB_ID": "j"}
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
