@@ -21,7 +21,7 @@ def _write(path: str | Path, value: str) -> None:
         os.close(fd)
 
 
-def _read(path: Path) -> str:
+def _read(path: str | Path) -> str:
     """The whole file with plain syscalls (cgroup files report no size); '' when unreadable."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -153,7 +153,8 @@ def _joinable(procs: tuple[str, ...], limits_memory: bool) -> JobCgroup:
 
 @dataclass
 class JobCgroup:
-    """The cgroup directories of one job, one per hierarchy in use."""
+    """The cgroup directories of one job, one per hierarchy in use (per-job file paths are
+    formatted as strings: joining Paths costs more than the syscalls)."""
 
     dirs: list[Path]
     v2: Path | None
@@ -216,17 +217,17 @@ class JobCgroup:
             if "memory" in self.v2_controllers:
                 for f, v in (("memory.max", mb), ("memory.swap.max", 0), ("memory.oom.group", 1)):
                     with contextlib.suppress(FileNotFoundError):
-                        _write(self.v2 / f, str(v))
+                        _write(f"{self.v2}/{f}", str(v))
             if "pids" in self.v2_controllers:
-                _write(self.v2 / "pids.max", str(pids))
+                _write(f"{self.v2}/pids.max", str(pids))
             if "cpu" in self.v2_controllers and cpu_quota:
-                _write(self.v2 / "cpu.max", f"{int(cpu_quota * 100000)} 100000")
+                _write(f"{self.v2}/cpu.max", f"{int(cpu_quota * 100000)} 100000")
         if self.memory_v1 is not None:
-            _write(self.memory_v1 / "memory.limit_in_bytes", str(mb))
+            _write(f"{self.memory_v1}/memory.limit_in_bytes", str(mb))
             with contextlib.suppress(OSError):  # no swap accounting: nothing to limit
-                _write(self.memory_v1 / "memory.memsw.limit_in_bytes", str(mb))
+                _write(f"{self.memory_v1}/memory.memsw.limit_in_bytes", str(mb))
         if self.pids_v1 is not None:
-            _write(self.pids_v1 / "pids.max", str(pids))
+            _write(f"{self.pids_v1}/pids.max", str(pids))
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled, it travels to the child that joins it: the child gets only what `join` and
@@ -246,34 +247,34 @@ class JobCgroup:
         out: dict[str, int] = {}
         if self.v2 is not None:
             if "memory" in self.v2_controllers:
-                peak = _read(self.v2 / "memory.peak").strip()
+                peak = _read(f"{self.v2}/memory.peak").strip()
                 if peak.isdigit():
                     out["memory_peak"] = int(peak)
-                events = _keyed(_read(self.v2 / "memory.events"))
+                events = _keyed(_read(f"{self.v2}/memory.events"))
                 if "oom_kill" in events:
                     out["oom_kill"] = events["oom_kill"]
-            out["cpu_usec"] = _keyed(_read(self.v2 / "cpu.stat")).get("usage_usec", 0)
+            out["cpu_usec"] = _keyed(_read(f"{self.v2}/cpu.stat")).get("usage_usec", 0)
             if "pids" in self.v2_controllers:
-                pev = _keyed(_read(self.v2 / "pids.events"))
+                pev = _keyed(_read(f"{self.v2}/pids.events"))
                 if "max" in pev:
                     out["pids_max_hit"] = pev["max"]
         if self.memory_v1 is not None:
-            peak = _read(self.memory_v1 / "memory.max_usage_in_bytes").strip()
+            peak = _read(f"{self.memory_v1}/memory.max_usage_in_bytes").strip()
             if peak.isdigit():
                 out["memory_peak"] = int(peak)
-            out["oom_kill"] = _keyed(_read(self.memory_v1 / "memory.oom_control")).get("oom_kill", 0)
+            out["oom_kill"] = _keyed(_read(f"{self.memory_v1}/memory.oom_control")).get("oom_kill", 0)
         if self.pids_v1 is not None:
-            out["pids_max_hit"] = _keyed(_read(self.pids_v1 / "pids.events")).get("max", 0)
+            out["pids_max_hit"] = _keyed(_read(f"{self.pids_v1}/pids.events")).get("max", 0)
         return out
 
     def kill(self) -> None:
         """SIGKILL every process left in the job's cgroups (cgroup.kill where there is one)."""
-        if self.v2 is not None and (self.v2 / "cgroup.kill").exists():
-            with contextlib.suppress(OSError):
-                _write(self.v2 / "cgroup.kill", "1")
+        if self.v2 is not None:
+            with contextlib.suppress(OSError):  # no cgroup.kill before Linux 5.14
+                _write(f"{self.v2}/cgroup.kill", "1")
                 return
         for d in self.dirs:
-            for pid in _read(d / "cgroup.procs").split():
+            for pid in _read(f"{d}/cgroup.procs").split():
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
 
@@ -284,10 +285,10 @@ class JobCgroup:
         answers for every hierarchy (reading `cgroup.procs` costs far more).
         """
         if self.v2 is not None:
-            events = _keyed(_read(self.v2 / "cgroup.events"))
+            events = _keyed(_read(f"{self.v2}/cgroup.events"))
             if "populated" in events:
                 return events["populated"] == 0
-        return all(not _read(d / "cgroup.procs").strip() for d in self.dirs if d.exists())
+        return all(not _read(f"{d}/cgroup.procs").strip() for d in self.dirs if d.exists())
 
     def remove(self) -> bool:
         """Remove the directories; False while a process (or zombie) still holds one."""

@@ -124,6 +124,18 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
+def read_whole(path: str) -> bytes:
+    """A whole file with plain syscalls: open() adds an fstat, an ioctl and two lseeks."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 def makedirs(*paths: Path, mode: int = 0o755) -> None:
     """Create each directory (and parents) when missing."""
     for p in paths:
@@ -134,17 +146,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
 
 
-def exchange(a: Path, b: Path) -> None:
+def exchange(a: str | Path, b: str | Path) -> None:
     """Swap two existing names atomically (renameat2 RENAME_EXCHANGE); OSError otherwise."""
     _renameat2(a, b, _RENAME_EXCHANGE)
 
 
-def rename_noreplace(src: Path, dst: Path) -> None:
+def rename_noreplace(src: str | Path, dst: str | Path) -> None:
     """Rename `src` to `dst` unless `dst` exists (FileExistsError then, even for an empty dir)."""
     _renameat2(src, dst, _RENAME_NOREPLACE)
 
 
-def _renameat2(a: Path, b: Path, flags: int) -> None:
+def _renameat2(a: str | Path, b: str | Path, flags: int) -> None:
     if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(a), None, str(b))
@@ -166,6 +178,8 @@ class FilePool:
         self.keep = keep
         self.free: list[str] = []
         self._next = 0
+        # per-file paths as strings: building a Path per write costs more than the syscalls
+        self._dir, self._parked = os.fspath(directory), os.fspath(self.parked)
 
     def open(self) -> None:
         """Create the parking place; take back files parked, or left half-written, earlier."""
@@ -174,18 +188,20 @@ class FilePool:
         self._next = max((int(n) for n in self.free), default=-1) + 1
         for name in os.listdir(self.dir):
             if name.startswith(".") and name.endswith(".tmp"):
-                self._park(self.dir / name)
+                self._park(f"{self._dir}/{name}")
 
-    def write(self, path: Path, data: bytes) -> None:
-        """Replace `path` with `data` so that readers see the old or the new file, never a torn one."""
+    def write(self, name: str, data: bytes) -> None:
+        """Replace file `name` with `data` so that readers see the old or the new file, never
+        a torn one."""
+        path = f"{self._dir}/{name}"
         if not self.free:
-            write_atomic(path, data, fsync=False)
+            write_atomic(Path(path), data, fsync=False)
             return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = f"{self._dir}/.{name}.{os.getpid()}.tmp"
         try:
-            os.rename(self.parked / self.free.pop(), tmp)
+            os.rename(f"{self._parked}/{self.free.pop()}", tmp)
         except FileNotFoundError:  # removed behind our back: make a new one
-            write_atomic(path, data, fsync=False)
+            write_atomic(Path(path), data, fsync=False)
             return
         try:
             # Overwritten in place, then cut to length: truncating to zero would free its data
@@ -211,18 +227,19 @@ class FilePool:
             raise
         self._park(tmp)
 
-    def remove(self, path: Path) -> None:
-        """Remove `path` (gone already is fine), keeping its inode for a later write."""
+    def remove(self, name: str) -> None:
+        """Remove file `name` (gone already is fine), keeping its inode for a later write."""
+        path = f"{self._dir}/{name}"
         if len(self.free) >= self.keep:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             return
         self._park(path)
 
-    def _park(self, path: Path) -> None:
+    def _park(self, path: str) -> None:
         name = str(self._next)
         try:
-            os.rename(path, self.parked / name)
+            os.rename(path, f"{self._parked}/{name}")
         except FileNotFoundError:
             return
         self._next += 1

@@ -12,6 +12,7 @@ from typing import Any
 from worker.cgroups import JobCgroup
 from worker.child import ChildSpec, Order
 from worker.errors import ErrorCode, ExitCode
+from worker.fsutil import read_whole
 from worker.progress import MessageReader, MessageTooLarge
 from worker.sandbox import Limits
 from worker.spare import Spare
@@ -293,12 +294,8 @@ RETRYABLE = frozenset({ErrorCode.KILLED, ErrorCode.INTERNAL, ErrorCode.EXECUTION
 
 def storage_io(pid: int) -> tuple[int, int] | None:
     """Bytes `pid` (with its reaped children) read from and wrote to storage, or None."""
-    try:  # plain syscalls: open() would add a buffered reader's fstat, ioctl and lseeks
-        fd = os.open(f"/proc/{pid}/io", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            text = os.read(fd, 4096)  # about 100 bytes, given whole by the first read
-        finally:
-            os.close(fd)
+    try:
+        text = read_whole(f"/proc/{pid}/io")
         fields = dict(line.split(b": ") for line in text.splitlines() if b": " in line)
         return int(fields[b"read_bytes"]), int(fields[b"write_bytes"])
     except (OSError, KeyError, ValueError):

@@ -43,6 +43,9 @@ class Spool:
         self._unsynced_results = False
         self._next_result: Path | None = None  # an empty file for the next result
         self._seq = itertools.count()
+        # per-job paths as strings (see `path`)
+        self._results, self._status, self._cancel = (
+            os.fspath(p) for p in (self.results, self.status_dir, self.cancel_dir))
 
     def setup(self) -> None:
         """Create every directory of the spool."""
@@ -117,8 +120,7 @@ class Spool:
 
     def read(self, where: str, claimed: str) -> bytes:
         """The bytes of a claimed job file (the supervisor's own: no checks needed)."""
-        with open(self.path(where, claimed), "rb") as f:
-            return f.read()
+        return fsutil.read_whole(self.path(where, claimed))
 
     def move(self, claimed: str, src: str, dst: str) -> None:
         """Move a claimed job file between .active and .retry."""
@@ -157,15 +159,19 @@ class Spool:
         """Record a job's live status: atomic (whole or absent), survives a crash of this process,
         not fsync'd (a power cut may lose the latest; results and job files are what is durable)."""
         doc = {**doc, "job_id": job_id, "updated_at": rfc3339()}
-        self.status_files.write(self.status_dir / f"{job_id}.json", dumps(doc))
+        self.status_files.write(f"{job_id}.json", dumps(doc))
 
     def read_status(self, job_id: str) -> dict[str, Any] | None:
         """The live status of a job, or None."""
         return _read_json(self.status_dir / f"{job_id}.json")
 
+    def has_status(self, job_id: str) -> bool:
+        """True when `job_id` has a live status file."""
+        return os.path.exists(f"{self._status}/{job_id}.json")
+
     def remove_status(self, job_id: str) -> None:
         """Forget a finished job's live status."""
-        self.status_files.remove(self.status_dir / f"{job_id}.json")
+        self.status_files.remove(f"{job_id}.json")
 
     def statuses(self) -> list[dict[str, Any]]:
         """Every live status; a claimed job with no status file yet is queued."""
@@ -236,7 +242,7 @@ class Spool:
 
     def has_result(self, job_id: str) -> bool:
         """True once `job_id` has its result."""
-        return self.result_path(job_id).exists()
+        return os.path.exists(f"{self._results}/{job_id}-result.json")
 
     # -- cancel requests ----------------------------------------------------------------------
 
@@ -246,12 +252,12 @@ class Spool:
 
     def cancel_requested(self, job_id: str) -> bool:
         """True when a cancel request for `job_id` is waiting."""
-        return (self.cancel_dir / job_id).exists()
+        return os.path.exists(f"{self._cancel}/{job_id}")
 
     def clear_cancel(self, job_id: str) -> None:
         """Drop a handled cancel request."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.cancel_dir / job_id)
+            os.unlink(f"{self._cancel}/{job_id}")
 
     # -- idempotency keys ------------------------------------------------------------------------
 

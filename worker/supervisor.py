@@ -353,7 +353,7 @@ class Supervisor:
             heapq.heappush(self.ready, (-job.priority, seq, job.job_id))
             return
         seq = next(self._seq)
-        if job.attempt > 1 or (self.spool.status_dir / f"{job.job_id}.json").exists():
+        if job.attempt > 1 or self.spool.has_status(job.job_id):
             self._write_status(job)  # replace a stale waiting/retry status
         if (len(self.ready) >= self.settings.queue_window and job.where == ACTIVE and job.message_id is None
                 and self.backlog.add(job.job_id, job.claimed, job.priority, seq,
