@@ -6,7 +6,6 @@ import ctypes
 import errno
 import os
 import socket
-import tempfile
 
 #: Syscalls a job never needs; they fail with EPERM.
 DENIED = (
@@ -48,6 +47,8 @@ def compile_program(denied: tuple[str, ...] = DENIED, killed: tuple[str, ...] = 
             continue  # not a syscall on this architecture
     for name in killed:
         f.add_rule(pyseccomp.KILL_PROCESS, name)
+    import tempfile  # here: tempfile imports random, whose re-seed then runs in every fork
+
     with tempfile.TemporaryFile() as out:
         f.export_bpf(out)
         out.seek(0)
