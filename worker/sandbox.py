@@ -19,7 +19,7 @@ import resource
 import select
 import signal
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 
 from worker import landlock, syscall_filter
@@ -473,4 +473,15 @@ def readable_runtime() -> tuple[str, ...]:
         paths.add(entry or os.path.dirname(path))
     with contextlib.suppress(OSError):
         paths.add(os.path.realpath(sys.executable))
-    return tuple(sorted(paths))
+    return outermost(paths)
+
+
+def outermost(paths: Iterable[str]) -> tuple[str, ...]:
+    """`paths` resolved, without those below another: a Landlock rule covers everything below
+    its dir, so each left out is a rule less to add for every job (18 -> 10 here)."""
+    real = sorted({os.path.realpath(p) for p in paths}, key=lambda p: p.split("/"))
+    out: list[str] = []
+    for p in real:  # by components: a dir comes right before what is below it
+        if not (out and (p + "/").startswith(out[-1].rstrip("/") + "/")):
+            out.append(p)
+    return tuple(out)

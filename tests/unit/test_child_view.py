@@ -154,3 +154,14 @@ def test_a_rehearsal_leaves_the_base_environment_and_its_job_gets_only_its_own()
         finally:
             os._exit(code)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_read_paths_below_another_are_left_out_but_a_link_out_of_it_is_kept(tmp_path: Path) -> None:
+    (tmp_path / "runtime" / "lib").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "runtime" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "runtime-2").mkdir()  # a sibling whose name starts alike: not below
+    paths = [str(tmp_path / p) for p in ("runtime/lib", "runtime", "runtime/linked", "runtime-2")]
+    assert sandbox.outermost(paths) == tuple(
+        str(tmp_path / p) for p in ("elsewhere", "runtime", "runtime-2"))
+    assert sandbox.outermost(["/", "/usr", "/etc"]) == ("/",)
