@@ -155,7 +155,8 @@ class Supervisor:
                      ", ".join(h.name for h in self.registry.warm_handlers()))
 
     def _start_zygote(self, name: str, handlers: Mapping[str, Handler], prepare: bool) -> Zygote:
-        z = Zygote(name, handlers, prepare, self.host.runtime, self.host.landlock_abi)
+        z = Zygote(name, handlers, prepare, self.host.runtime, self.host.landlock_abi,
+                   (self.host.seccomp, self.host.seccomp_sealed))
         z.start()
         self.sel.register(z.fileno(), selectors.EVENT_READ, lambda: self._on_zygote(z))
         return z

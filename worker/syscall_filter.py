@@ -6,6 +6,7 @@ import ctypes
 import errno
 import os
 import socket
+from typing import Any
 
 #: Syscalls a job never needs; they fail with EPERM.
 DENIED = (
@@ -55,10 +56,27 @@ def compile_program(denied: tuple[str, ...] = DENIED, killed: tuple[str, ...] = 
         return out.read()
 
 
-def load(program: bytes) -> None:
-    """Install a compiled filter on the calling process (needs NO_NEW_PRIVS); irreversible."""
+def prepare(*programs: bytes | None) -> None:
+    """In a zygote: build once the structure `load` hands the kernel for each program, so
+    that a child only makes the call (building it cost a fresh child about 80 us)."""
+    for program in programs:
+        if program is not None:
+            _prepared[program] = _fprog(program)
+
+
+def _fprog(program: bytes) -> tuple[Any, ...]:
+    """(the program's buffer, the sock_fprog that points at it, a reference to pass that)."""
     buf = ctypes.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    if _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+    return buf, prog, ctypes.byref(prog)
+
+
+_prepared: dict[bytes, tuple[Any, ...]] = {}
+
+
+def load(program: bytes) -> None:
+    """Install a compiled filter on the calling process (needs NO_NEW_PRIVS); irreversible."""
+    _, _, ref = _prepared.get(program) or _fprog(program)
+    if _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ref, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"seccomp: {os.strerror(err)}")

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any, NoReturn
 
 from handlers.base import Handler
-from worker import landlock, sandbox, signals
+from worker import landlock, sandbox, signals, syscall_filter
 from worker.child import (
     READY,
     ChildSpec,
@@ -50,12 +50,14 @@ class Zygote:
     """The supervisor's handle on one zygote process."""
 
     def __init__(self, name: str, handlers: Mapping[str, Handler], prepare: bool,
-                 read_paths: tuple[str, ...] = (), landlock_abi: int = 0) -> None:
+                 read_paths: tuple[str, ...] = (), landlock_abi: int = 0,
+                 seccomp: tuple[bytes | None, ...] = ()) -> None:
         self.name = name
         self.handlers = dict(handlers)  # the operations it forks jobs (and spares) for
         self.prepare = prepare  # run each handler's prepare() once, before any fork
         #: every job's Landlock read paths, anchored once in the zygote (`landlock.anchor`)
         self.anchors = (read_paths, landlock_abi)
+        self.seccomp = seccomp  # the programs its children load, prepared once for them
         self.pid = 0
         self.sock: socket.socket | None = None
         self.pending: list[Report] = []  # reports read while waiting for a job's fork
@@ -78,7 +80,7 @@ class Zygote:
         theirs.close()
         self.pid, self.sock = pid, ours
         self._send(("setup", self.name, list(sys.path), self.handlers, self.prepare,
-                    self.anchors), [])
+                    self.anchors, self.seccomp), [])
 
     def fileno(self) -> int:
         """The fd the selector watches for reports."""
@@ -189,7 +191,7 @@ def main() -> NoReturn:
             signal.signal(sig, signal.SIG_IGN)
         sock = socket.socket(fileno=fd)
         os.set_inheritable(fd, False)
-        _, name, path, handlers, prepare, (read_paths, abi) = _request(sock)[0]
+        _, name, path, handlers, prepare, (read_paths, abi), seccomp = _request(sock)[0]
         sys.path[:] = path
         sandbox.set_name(name)
         sandbox.become_subreaper()
@@ -198,6 +200,7 @@ def main() -> NoReturn:
         prepare_inheritance()
         if abi:
             landlock.anchor(read_paths, abi)
+        syscall_filter.prepare(*seccomp)
         warm_up(read_paths, abi)
         _Server(sock, handlers).loop()
         code = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from pydantic import BaseModel
 
 from handlers.base import Context, Handler
-from worker import landlock, sandbox
+from worker import landlock, sandbox, syscall_filter
 from worker.cgroups import JobCgroup
 from worker.child import Order, job_spec, rehearse
 from worker.registry import Registry
@@ -165,3 +166,30 @@ def test_read_paths_below_another_are_left_out_but_a_link_out_of_it_is_kept(tmp_
     assert sandbox.outermost(paths) == tuple(
         str(tmp_path / p) for p in ("elsewhere", "runtime", "runtime-2"))
     assert sandbox.outermost(["/", "/usr", "/etc"]) == ("/",)
+
+
+def _denied_after_load(program: bytes) -> int:
+    """In a fork: load `program`, then try a denied syscall; the errno it failed with."""
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            sandbox.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
+            syscall_filter.load(program)
+            try:
+                sandbox.unshare(sandbox.CLONE_NEWUTS)
+                code = 0
+            except OSError as e:
+                code = e.errno
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_a_prepared_seccomp_program_and_one_not_prepared_both_deny_what_they_list() -> None:
+    prepared = syscall_filter.compile_program()
+    other = syscall_filter.compile_program(unix_sockets=False)
+    syscall_filter.prepare(prepared, None)  # as a zygote does, before any fork
+    assert prepared in syscall_filter._prepared and other not in syscall_filter._prepared
+    assert _denied_after_load(prepared) == errno.EPERM
+    assert _denied_after_load(other) == errno.EPERM
