@@ -38,7 +38,9 @@ Stages, in order:
 Each figure is printed with its ratio to the baseline where one makes sense: rates as a fraction
 of the bare fork loop's forks/s, times (latency, CPU per job) as multiples of one bare fork.
 Targets (PASS/MISS): best throughput >= 600 jobs/s and >= 0.8x the bare fork loop (one in
-flight); latency p50 <= 3 ms and p99 <= 10 ms; deepest-inbox rate >= 0.9x the 100-deep rate;
+flight); latency p50 <= 3 ms and p99 <= 10 ms to the durable result (the job archived: its
+result file appears before the directory fsync that makes its name durable); deepest-inbox
+rate >= 0.9x the 100-deep rate;
 peak supervisor RSS <= 50 MiB over every stage, and RSS after the deepest drain <= 1.1x that
 after the 100-deep one. The exit status is 0 whether targets pass or not.
 """
@@ -767,8 +769,12 @@ def judge(rep: Report, peaks: list[float]) -> None:
                600, f["throughput_best_per_s"] >= 600)
     rep.target("throughput >= 0.8x the bare fork loop (1 in flight)", f["throughput_best_per_s_ratio"], 0.8,
                f["throughput_best_per_s_ratio"] >= 0.8)
-    rep.target("latency p50 <= 3 ms", f["latency_p50_ms"], 3, f["latency_p50_ms"] <= 3)
-    rep.target("latency p99 <= 10 ms", f["latency_p99_ms"], 10, f["latency_p99_ms"] <= 10)
+    # durable: a result's name is on disk only after the directory's fsync, which the
+    # archiving of its job file follows; the file appears a little earlier
+    rep.target("latency p50 <= 3 ms, drop -> durable result", f["latency_done_p50_ms"], 3,
+               f["latency_done_p50_ms"] <= 3)
+    rep.target("latency p99 <= 10 ms, drop -> durable result", f["latency_done_p99_ms"], 10,
+               f["latency_done_p99_ms"] <= 10)
     ratio = f[f"inbox_{deepest}_per_s_ratio"]
     rep.target(f"throughput with {deepest:,} waiting >= 0.9x that with {shallowest}", ratio, 0.9,
                ratio >= 0.9)
