@@ -150,12 +150,11 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
         sandbox.premake_workdir(base.workdir, base.uid, base.gid)
         fds, ruleset = sandbox.with_ruleset((pipe_fd, orders_fd, ready_fd),
                                             sandbox.landlock_ruleset(base))
+        rehearse(base)  # at the low priority, and before READY: a ready spare idles
         if renice:
             os.setpriority(os.PRIO_PROCESS, 0, 0)  # before the job user, who may not
         layers += sandbox.enter_early(base, *fds, rlimits=False)
         early = sandbox.confine_early(base, ruleset)
-        rehearse(base)  # before READY: a ready spare uses no CPU until its job comes
-        sandbox.set_name(SPARE_NAME)  # the same call as for JOB_NAME, done once ahead
         os.write(5, READY)  # ready_fd: boxed
         os.close(5)
         order = read_order(4)
