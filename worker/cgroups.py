@@ -208,7 +208,7 @@ class JobCgroup:
 
     def _mark_start(self) -> None:
         if self.memory_v1 is not None:
-            _write(self.memory_v1 / "memory.max_usage_in_bytes", "0")
+            _write(f"{self.memory_v1}/memory.max_usage_in_bytes", "0")
         self.baseline = {k: v for k, v in self._raw_stats().items() if k != "memory_peak"}
 
     def _write_limits(self, memory_mb: int, pids: int, cpu_quota: float | None) -> None:

@@ -477,11 +477,12 @@ def readable_runtime() -> tuple[str, ...]:
 
 
 def outermost(paths: Iterable[str]) -> tuple[str, ...]:
-    """`paths` resolved, without those below another: a Landlock rule covers everything below
-    its dir, so each left out is a rule less to add for every job (18 -> 10 here)."""
-    real = sorted({os.path.realpath(p) for p in paths}, key=lambda p: p.split("/"))
-    out: list[str] = []
-    for p in real:  # by components: a dir comes right before what is below it
-        if not (out and (p + "/").startswith(out[-1].rstrip("/") + "/")):
-            out.append(p)
-    return tuple(out)
+    """`paths` without those whose target lies below another's: a Landlock rule covers
+    everything below its dir, so each left out is a rule less to add for every job (18 ->
+    10 here). Kept paths keep their names: a zygote resolves them when it opens them."""
+    real = sorted(((os.path.realpath(p), p) for p in paths), key=lambda rp: rp[0].split("/"))
+    out: list[tuple[str, str]] = []
+    for target, path in real:  # by components: a dir comes right before what is below it
+        if not (out and (target + "/").startswith(out[-1][0].rstrip("/") + "/")):
+            out.append((target, path))
+    return tuple(sorted(path for _, path in out))

@@ -162,7 +162,9 @@ class Spares:
             self.coming[token] = spare
 
     def arrived(self, token: int, pid: int) -> None:
-        """The zygote forked the spare asked for with `token`."""
+        """The spare asked for with `token` is boxed and waits (the zygote reports it once
+        the spare says so): keep it, and note its cgroup's counters, from which its job's
+        accounting starts; or retire it when no free slot wants it."""
         s = self.coming.pop(token)
         s.pid = pid
         self.failures = 0

@@ -44,8 +44,9 @@ class Spool:
         self._next_result: Path | None = None  # an empty file for the next result
         self._seq = itertools.count()
         # per-job paths as strings (see `path`)
-        self._results, self._status, self._cancel = (
-            os.fspath(p) for p in (self.results, self.status_dir, self.cancel_dir))
+        self._results, self._status, self._cancel, self._done, self._failed = (
+            os.fspath(p) for p in (self.results, self.status_dir, self.cancel_dir, self.done,
+                                   self.failed))
 
     def setup(self) -> None:
         """Create every directory of the spool."""
@@ -144,9 +145,9 @@ class Spool:
 
     def archive(self, where: str, claimed: str, job_id: str, ok: bool, reason: str = "") -> None:
         """Move a finished job's file to done/ or failed/ (with `<id>.reason.txt` on failure)."""
-        dest = (self.done if ok else self.failed) / f"{job_id}.json"
+        dest = f"{self._done if ok else self._failed}/{job_id}.json"
         if not ok:
-            fsutil.write_atomic(dest.with_name(f"{job_id}.reason.txt"), (reason + "\n").encode(),
+            fsutil.write_atomic(self.failed / f"{job_id}.reason.txt", (reason + "\n").encode(),
                                 fsync=False)
         with contextlib.suppress(FileNotFoundError):
             os.replace(self.path(where, claimed), dest)
@@ -159,19 +160,22 @@ class Spool:
         """Record a job's live status: atomic (whole or absent), survives a crash of this process,
         not fsync'd (a power cut may lose the latest; results and job files are what is durable)."""
         doc = {**doc, "job_id": job_id, "updated_at": rfc3339()}
-        self.status_files.write(f"{job_id}.json", dumps(doc))
+        self.status_files.write(_status_name(job_id), dumps(doc))
 
     def read_status(self, job_id: str) -> dict[str, Any] | None:
         """The live status of a job, or None."""
-        return _read_json(self.status_dir / f"{job_id}.json")
+        return _read_json(Path(self._status_file(job_id)))
 
     def has_status(self, job_id: str) -> bool:
         """True when `job_id` has a live status file."""
-        return os.path.exists(f"{self._status}/{job_id}.json")
+        return os.path.exists(self._status_file(job_id))
+
+    def _status_file(self, job_id: str) -> str:
+        return f"{self._status}/{_status_name(job_id)}"
 
     def remove_status(self, job_id: str) -> None:
         """Forget a finished job's live status."""
-        self.status_files.remove(f"{job_id}.json")
+        self.status_files.remove(_status_name(job_id))
 
     def statuses(self) -> list[dict[str, Any]]:
         """Every live status; a claimed job with no status file yet is queued."""
@@ -195,7 +199,10 @@ class Spool:
 
     def result_path(self, job_id: str) -> Path:
         """Where the result of `job_id` is (or will be)."""
-        return self.results / f"{job_id}-result.json"
+        return Path(self._result_file(job_id))
+
+    def _result_file(self, job_id: str) -> str:
+        return f"{self._results}/{job_id}-result.json"
 
     def publish_result(self, job_id: str, doc: dict[str, Any]) -> bool:
         """Write the result once; False when one already exists (it is never replaced).
@@ -242,7 +249,7 @@ class Spool:
 
     def has_result(self, job_id: str) -> bool:
         """True once `job_id` has its result."""
-        return os.path.exists(f"{self._results}/{job_id}-result.json")
+        return os.path.exists(self._result_file(job_id))
 
     # -- cancel requests ----------------------------------------------------------------------
 
@@ -324,6 +331,11 @@ def original_name(claimed: str) -> str:
 
 def _job_name(name: str) -> bool:
     return name.endswith(".json") and name[0] != "."
+
+
+def _status_name(job_id: str) -> str:
+    """The name of a job's live status file in .status/."""
+    return f"{job_id}.json"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

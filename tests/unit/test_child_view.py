@@ -16,6 +16,7 @@ from worker import landlock, sandbox, syscall_filter
 from worker.cgroups import JobCgroup
 from worker.child import Order, job_spec, rehearse
 from worker.registry import Registry
+from worker.spare import Spare, Spares
 
 
 def test_a_pickled_cgroup_keeps_what_its_child_joins_and_nothing_else(tmp_path: Path) -> None:
@@ -163,18 +164,25 @@ def test_read_paths_below_another_are_left_out_but_a_link_out_of_it_is_kept(tmp_
     (tmp_path / "runtime" / "linked").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "runtime-2").mkdir()  # a sibling whose name starts alike: not below
     paths = [str(tmp_path / p) for p in ("runtime/lib", "runtime", "runtime/linked", "runtime-2")]
-    assert sandbox.outermost(paths) == tuple(
-        str(tmp_path / p) for p in ("elsewhere", "runtime", "runtime-2"))
+    assert sandbox.outermost(paths) == tuple(  # the link by its name: a zygote resolves it
+        str(tmp_path / p) for p in ("runtime", "runtime-2", "runtime/linked"))
     assert sandbox.outermost(["/", "/usr", "/etc"]) == ("/",)
 
 
-def _denied_after_load(program: bytes) -> int:
-    """In a fork: load `program`, then try a denied syscall; the errno it failed with."""
+def _cannot_build(program: bytes) -> Any:
+    raise RuntimeError("built in the child")
+
+
+def _denied_after_load(program: bytes, prepared_only: bool = False) -> int:
+    """In a fork: load `program`, then try a denied syscall; the errno it failed with (99:
+    the filter was not loaded). With `prepared_only` the child cannot build a program."""
     pid = os.fork()
     if pid == 0:
         code = 99
         try:
             sandbox.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
+            if prepared_only:
+                syscall_filter._fprog = _cannot_build  # type: ignore[assignment]
             syscall_filter.load(program)
             try:
                 sandbox.unshare(sandbox.CLONE_NEWUTS)
@@ -190,6 +198,34 @@ def test_a_prepared_seccomp_program_and_one_not_prepared_both_deny_what_they_lis
     prepared = syscall_filter.compile_program()
     other = syscall_filter.compile_program(unix_sockets=False)
     syscall_filter.prepare(prepared, None)  # as a zygote does, before any fork
-    assert prepared in syscall_filter._prepared and other not in syscall_filter._prepared
-    assert _denied_after_load(prepared) == errno.EPERM
+    assert _denied_after_load(prepared, prepared_only=True) == errno.EPERM  # made ahead
+    assert _denied_after_load(other, prepared_only=True) == 99  # would have to be built
     assert _denied_after_load(other) == errno.EPERM
+
+
+class _Slot:
+    """A stand-in job cgroup that counts its primings (or fails them, like a removed one)."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.fails = fails
+        self.primings = 0
+
+    def prime(self) -> None:
+        if self.fails:
+            raise OSError("the cgroup is gone")
+        self.primings += 1
+
+
+def test_a_spare_s_cgroup_is_primed_once_it_waits_never_when_it_is_retired() -> None:
+    spares = Spares(host=None, workdirs=None)  # type: ignore[arg-type]  # arrived() uses neither
+    slots = [_Slot(), _Slot(), _Slot(fails=True)]
+    for token, slot in enumerate(slots):
+        spares.coming[token] = Spare(0, -1, -1, slot, False, False, Path("/s"), 1)  # type: ignore[arg-type]
+    spares.cap = 1
+    spares.arrived(0, 100)  # a free slot wants it: it waits, its job's counters start now
+    spares.arrived(1, 101)  # over the cap: retired unused, nothing to prime
+    assert [s.primings for s in slots[:2]] == [1, 0]
+    assert list(spares.retired) == [101]
+    spares.cap = 2
+    spares.arrived(2, 102)  # priming fails: it waits all the same (noted at hand-over)
+    assert [s.pid for s in spares.waiting] == [100, 102]
