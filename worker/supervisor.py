@@ -132,6 +132,8 @@ class Supervisor:
         self.spool.sweep_tmp()
         self.spool.sweep_results()
         self.workdirs.open()
+        frozen = memory.freeze_startup()  # before any job: jobs come and go, and are collected
+        log.debug("start-up: %d objects exempt from garbage collection", frozen)
         self._recover()
         self._scan()
         self.remote.open(self.sel, self._deliver, self._on_cancel)

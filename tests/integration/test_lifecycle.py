@@ -184,3 +184,15 @@ def test_no_more_jobs_run_than_max_concurrent_even_when_many_start_in_one_pass(m
     wait_until(states, [w.jobs / ".status"], 20, "two running, three queued")
     assert len(re.findall(r"\[slot-\d\] running: pid", w.log())) == 2
     assert len([k for k in w.children() if k.name() == "gkw-job"]) == 2
+
+
+def test_start_up_objects_are_exempt_from_garbage_collection_before_any_job(make_worker) -> None:
+    """A full collection walking the start-up heap stalled the loop for 19 ms mid-job."""
+    w = make_worker("--log-level", "debug").start()
+    w.drop(job("after-freeze"))
+    assert w.wait_result("after-freeze")["status"] == "completed"
+    log = w.log()
+    found = re.search(r"start-up: (\d+) objects exempt from garbage collection", log)
+    assert found, log
+    assert int(found.group(1)) > 10_000  # modules, settings, registry: tens of thousands
+    assert log.index(found.group(0)) < log.index("[after-freeze]")
