@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+from pathlib import Path
 
 import orjson
 import psutil
+import pytest
 from conftest import Worker, idle_spare, job, no_process_left, wait_until
 
 
@@ -106,3 +108,42 @@ def test_the_forker_stays_lean_jobs_that_validate_a_model_fork_from_the_zygote(m
     # the supervisor has it (pydantic imports secrets), so a built-in _random would show
     assert any("/_random." in m.path for m in psutil.Process(w.proc.pid).memory_maps())
     assert not [p for p in maps if "/_random." in p], maps
+
+
+def _pids_dir() -> Path | None:
+    """A fresh v1 pids cgroup for the test (None on a host without that hierarchy)."""
+    root = Path("/sys/fs/cgroup/pids")
+    if os.geteuid() != 0 or not (root / "cgroup.procs").exists():
+        return None
+    d = root / f"guestkit-fork-fails-{os.getpid()}"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def test_a_job_whose_fork_fails_ends_failed_and_the_worker_goes_on(make_worker) -> None:
+    """The kernel refuses the forker's fork (a pids limit): the job fails as INTERNAL with
+    the reason, nothing waits for it, and the next job runs once forks are possible again."""
+    box = _pids_dir()
+    if box is None:
+        pytest.skip("needs root and a cgroup v1 pids hierarchy to refuse a fork")
+    w = make_worker("--no-spares").start()
+    assert w.proc is not None
+    try:
+        for p in [psutil.Process(w.proc.pid), *psutil.Process(w.proc.pid).children()]:
+            (box / "cgroup.procs").write_text(str(p.pid))  # supervisor and its zygotes
+        (box / "pids.max").write_text((box / "pids.current").read_text())  # no task more
+        w.drop(job("refused"))
+        res = w.wait_result("refused")
+        assert res["status"] == "failed" and res["error"]["code"] == "INTERNAL", res
+        assert "could not be started" in res["error"]["message"], res
+        assert "could not fork" in res["error"]["message"], res
+        (box / "pids.max").write_text("max")
+        w.drop(job("after"))
+        assert w.wait_result("after")["status"] == "completed"
+        assert w.stop() == 0
+    finally:
+        if w.proc.poll() is None:
+            w.kill()
+        wait_until(lambda: not (box / "cgroup.procs").read_text().strip(), [], 20,
+                   "the worker's processes to leave the test cgroup")
+        box.rmdir()
