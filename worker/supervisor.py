@@ -165,6 +165,8 @@ class Supervisor:
 
     def _on_zygote(self, z: Zygote) -> None:
         """Act on what a zygote reports: spares forked (or not), children ended."""
+        if z.sock is None:  # reaped and replaced earlier in this pass: nothing more to read
+            return
         try:
             reports = z.reports()
         except OSError:

@@ -17,6 +17,8 @@ from worker.cgroups import JobCgroup
 from worker.child import Order, job_spec, rehearse
 from worker.registry import Registry
 from worker.spare import Spare, Spares
+from worker.supervisor import Supervisor
+from worker.zygote import Zygote
 
 
 def test_a_pickled_cgroup_keeps_what_its_child_joins_and_nothing_else(tmp_path: Path) -> None:
@@ -229,3 +231,11 @@ def test_a_spare_s_cgroup_is_primed_once_it_waits_never_when_it_is_retired() -> 
     spares.cap = 2
     spares.arrived(2, 102)  # priming fails: it waits all the same (noted at hand-over)
     assert [s.pid for s in spares.waiting] == [100, 102]
+
+
+def test_a_zygote_replaced_earlier_in_the_same_loop_pass_is_not_read_again() -> None:
+    """Its SIGCHLD can be handled before its socket's end of file in one pass: by then it is
+    closed and replaced, and its leftover event must be a no-op, not a crash."""
+    gone = Zygote("gkw-forker", {}, prepare=False)  # never started: no socket, as once closed
+    sup = Supervisor.__new__(Supervisor)  # _on_zygote needs nothing else for a closed zygote
+    assert sup._on_zygote(gone) is None
