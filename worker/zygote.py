@@ -21,6 +21,7 @@ import select
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,6 +44,10 @@ from worker.netns import NetPool
 Report = tuple[Any, ...]
 _INLINE = 1 << 16  # a larger job spec travels in a memfd
 _RECV = 1 << 20
+#: A zygote that has not answered for a job's fork in this long is taken for hung: it is
+#: killed (a new one starts once its exit is reaped) and the job is not started. Well
+#: below the units' WatchdogSec=, which would otherwise restart the whole service.
+FORK_REPLY_TIMEOUT = 10.0
 _BOOT = "from worker.zygote import main; main()"
 
 
@@ -61,6 +66,7 @@ class Zygote:
         self.pid = 0
         self.sock: socket.socket | None = None
         self.pending: list[Report] = []  # reports read while waiting for a job's fork
+        self._poller = select.poll()  # its socket, for a wait with a deadline
         self._token = 0
 
     def start(self) -> None:
@@ -79,6 +85,7 @@ class Zygote:
                 _exec(argv, env, me, theirs.fileno())
         theirs.close()
         self.pid, self.sock = pid, ours
+        self._poller.register(ours, select.POLLIN)
         self._send(("setup", self.name, list(sys.path), self.handlers, self.prepare,
                     self.anchors, self.seccomp), [])
 
@@ -109,8 +116,15 @@ class Zygote:
 
     def await_pid(self, token: int) -> int:
         """Wait for the pid of the child asked for with `token` (OSError if it could not be
-        forked); the other reports read meanwhile wait in `pending`."""
+        forked, or when the zygote did not answer within FORK_REPLY_TIMEOUT: it is killed);
+        the other reports read meanwhile wait in `pending`."""
+        deadline = time.monotonic() + FORK_REPLY_TIMEOUT
         while True:
+            if not self._readable_by(deadline):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                raise OSError(f"the {self.name} did not answer in {FORK_REPLY_TIMEOUT:.0f} s; "
+                              "it was killed and starts again")
             report = self._receive(block=True)
             assert report is not None
             if report[0] in ("spawned", "failed") and report[1] == token:
@@ -154,6 +168,10 @@ class Zygote:
         assert self.sock is not None
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         self.sock.sendmsg([pickle.dumps(msg)], anc)
+
+    def _readable_by(self, deadline: float) -> bool:
+        """Whether a report (or the zygote's end) can be read before `deadline`."""
+        return bool(self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
 
     def _receive(self, block: bool) -> Report | None:
         assert self.sock is not None

@@ -12,6 +12,8 @@ import psutil
 import pytest
 from conftest import Worker, idle_spare, job, no_process_left, wait_until
 
+from worker.zygote import FORK_REPLY_TIMEOUT
+
 
 def _forkers(w: Worker) -> list[int]:
     return [int(p) for p in re.findall(r"forker (\d+) forks jobs", w.log())]
@@ -147,3 +149,20 @@ def test_a_job_whose_fork_fails_ends_failed_and_the_worker_goes_on(make_worker) 
         wait_until(lambda: not (box / "cgroup.procs").read_text().strip(), [], 20,
                    "the worker's processes to leave the test cgroup")
         box.rmdir()
+
+
+@pytest.mark.slow
+def test_a_forker_that_stops_answering_is_killed_and_replaced(make_worker) -> None:
+    """A hung forker (here SIGSTOP) would hold the whole loop in its wait for a pid: after
+    FORK_REPLY_TIMEOUT the job fails as not started, and a new forker serves the next."""
+    w = make_worker("--no-spares").start()
+    [forker] = _forkers(w)
+    os.kill(forker, signal.SIGSTOP)
+    w.drop(job("unanswered"))
+    res = w.wait_result("unanswered", timeout=FORK_REPLY_TIMEOUT + 20)
+    assert res["status"] == "failed" and res["error"]["code"] == "INTERNAL", res
+    assert "did not answer" in res["error"]["message"], res
+    wait_until(lambda: len(_forkers(w)) == 2, [w.base], 20, "a new forker")
+    assert no_process_left([forker])
+    w.drop(job("answered"))
+    assert w.wait_result("answered")["status"] == "completed"
