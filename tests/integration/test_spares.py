@@ -18,7 +18,15 @@ def _spares(w: Worker) -> list[int]:
         kids = psutil.Process(w.proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return sorted(k.pid for k in kids if k.name() == "gkw-spare" and idle_spare(k))
+    return sorted(k.pid for k in kids if _named(k, "gkw-spare") and idle_spare(k))
+
+
+def _named(p: psutil.Process, name: str) -> bool:
+    """Whether `p` is named `name`; False when it ended since it was listed."""
+    try:
+        return p.name() == name
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _waiting(w: Worker, n: int, without: tuple[int, ...] = ()) -> list[int]:
