@@ -69,6 +69,23 @@ def idle_spare(p: psutil.Process) -> bool:
         return True
 
 
+def idle_spares(pid: int, recursive: bool = True) -> list[int]:
+    """Pids of the spares waiting below process `pid`, sorted (none when it has gone). A
+    process that ends between the listing and the look is not one."""
+    try:
+        kids = psutil.Process(pid).children(recursive=recursive)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for k in kids:
+        try:
+            if k.name() == "gkw-spare" and idle_spare(k):
+                found.append(k.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return sorted(found)
+
+
 def wait_until(check: Callable[[], Any], watch: list[Path], timeout: float = 30.0,
                what: str = "condition") -> Any:
     """Return check()'s first truthy value, re-checking on each inotify event in `watch` dirs."""

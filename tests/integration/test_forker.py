@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import psutil
 import pytest
-from conftest import Worker, idle_spare, job, no_process_left, wait_until
+from conftest import Worker, idle_spares, job, no_process_left, wait_until
 
 from worker.zygote import FORK_REPLY_TIMEOUT
 
@@ -56,7 +56,7 @@ def test_spares_are_the_forker_s_and_their_jobs_run_at_normal_priority(make_work
     [forker] = _forkers(w)
 
     def waiting() -> list[int] | None:
-        return [k.pid for k in _kids(forker) if k.name() == "gkw-spare" and idle_spare(k)] or None
+        return idle_spares(forker, recursive=False) or None
 
     [spare] = wait_until(waiting, [w.base, w.work], 20, "a spare under the forker")
     w.drop(job("nice", "test.probe", {"actions": [["nice", None]]}))

@@ -8,25 +8,13 @@ import signal
 import socket
 
 import psutil
-from conftest import Worker, idle_spare, job, no_process_left, wait_until
+from conftest import Worker, idle_spares, job, no_process_left, wait_until
 
 
 def _spares(w: Worker) -> list[int]:
     """Pids of the spares waiting under the supervisor (nothing running in them)."""
     assert w.proc is not None
-    try:
-        kids = psutil.Process(w.proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return sorted(k.pid for k in kids if _named(k, "gkw-spare") and idle_spare(k))
-
-
-def _named(p: psutil.Process, name: str) -> bool:
-    """Whether `p` is named `name`; False when it ended since it was listed."""
-    try:
-        return p.name() == name
-    except psutil.NoSuchProcess:
-        return False
+    return idle_spares(w.proc.pid)
 
 
 def _waiting(w: Worker, n: int, without: tuple[int, ...] = ()) -> list[int]:
