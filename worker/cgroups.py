@@ -165,7 +165,6 @@ class JobCgroup:
     baseline: dict[str, int] = field(default_factory=dict)
     limited: tuple[int, int] | None = None  # (memory_mb, pids) last written
     procs: tuple[str, ...] = ()  # the cgroup.procs file of each dir, for join()
-    primed: bool = False  # `prime` noted the next job's start; `limit` need not again
 
     @classmethod
     def create(cls, h: Hierarchies, name: str) -> JobCgroup:
@@ -187,26 +186,22 @@ class JobCgroup:
         cg.procs = tuple(os.path.join(d, "cgroup.procs") for d in cg.dirs)
         return cg
 
-    def limit(self, memory_mb: int, pids: int, cpu_quota: float | None = None) -> None:
-        """Set the next job's limits, reset the peak and note the counters it starts from,
-        unless `prime` did that last.
+    def limit(self, memory_mb: int, pids: int, cpu_quota: float | None = None,
+              mark_start: bool = True) -> None:
+        """Set the next job's limits and, unless told its start is marked already, mark it.
 
         Limits equal to the last job's are not written again.
         """
         if self.limited != (memory_mb, pids):
             self._write_limits(memory_mb, pids, cpu_quota)
             self.limited = (memory_mb, pids)
-        if not self.primed:
-            self._mark_start()
-        self.primed = False
+        if mark_start:
+            self.mark_start()
 
-    def prime(self) -> None:
-        """Reset the peak and note the counters now, for a job that the process in the
-        cgroup will run without using CPU or memory first (a spare waiting, boxed)."""
-        self._mark_start()
-        self.primed = True
-
-    def _mark_start(self) -> None:
+    def mark_start(self) -> None:
+        """Reset the peak and note the counters the next job's `stats` count from: before it
+        runs, or earlier while the process that will run it uses no CPU or memory (a spare
+        waiting, boxed)."""
         if self.memory_v1 is not None:
             _write(f"{self.memory_v1}/memory.max_usage_in_bytes", "0")
         self.baseline = {k: v for k, v in self._raw_stats().items() if k != "memory_peak"}
@@ -360,9 +355,7 @@ class Pool:
     def take(self, name: str) -> JobCgroup:
         """A cgroup for a job or a spare, its limits not yet set (`limit` does that)."""
         if self.free:
-            cg = self.free.pop()
-            cg.primed = False  # for an earlier spare, which ended unused
-            return cg
+            return self.free.pop()
         if not self.reusable:
             return JobCgroup.create(self.h, f"job-{name}")
         for _ in range(64):  # a stale slot whose processes are still dying is skipped

@@ -53,6 +53,7 @@ class Spare:
     sealed: bool  # what its job used may serve a later one (`Plan.sealed`)
     scratch: Path  # the work dir it made while waiting (renamed to its job's)
     origin: int  # pid of the zygote that forked it
+    started: bool = False  # its cgroup's start was marked once it was ready (`Spares.arrived`)
 
     def hand(self, order: Order) -> bool:
         """Give the spare its job: its work dir becomes the job's, then the order goes down its
@@ -174,9 +175,11 @@ class Spares:
         self.waiting.append(s)
         if s.cgroup is not None:  # boxed and idle until its order: its job starts from here
             try:
-                s.cgroup.prime()
-            except OSError as e:  # noted again when the job is handed over
+                s.cgroup.mark_start()
+            except OSError as e:  # marked when the job is handed over, then
                 log.debug("could not note spare %d's cgroup counters: %s", pid, e)
+            else:
+                s.started = True
 
     def failed(self, token: int, why: str) -> None:
         """The spare asked for with `token` could not be forked, or died boxing itself."""

@@ -496,7 +496,8 @@ class Supervisor:
         if candidate is None:
             return None
         if candidate.cgroup is not None:
-            candidate.cgroup.limit(limits.memory_mb, limits.max_processes)
+            candidate.cgroup.limit(limits.memory_mb, limits.max_processes,
+                                   mark_start=not candidate.started)
         order = Order(job_id=job.job_id, operation=job.operation, attempt=job.attempt, data=data,
                       workdir=str(workdir), limits=limits, env=env,
                       nproc=isolation.nproc(limits, self.settings),

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import psutil
 import pytest
-from conftest import Worker, idle_spare, job, no_process_left, select_sleep, wait_until
+from conftest import Worker, idle_spares, job, no_process_left, select_sleep, wait_until
 
 from worker import cgroups, landlock
 
@@ -189,8 +189,8 @@ def _burn(ms: int) -> None:
 
 
 @pytest.mark.skipif(not _hierarchies().layers, reason="needs a cgroup hierarchy")
-def test_a_primed_cgroup_counts_from_its_priming_and_one_taken_again_is_not_primed() -> None:
-    h = cgroups.probe("guestkit-prime-test")
+def test_a_cgroup_counts_from_the_start_marked_while_its_spare_waited() -> None:
+    h = cgroups.probe("guestkit-mark-start-test")
     cgroups.sweep(h)
     pool = cgroups.Pool(h)
     cg = pool.take("a")
@@ -208,23 +208,21 @@ def test_a_primed_cgroup_counts_from_its_priming_and_one_taken_again_is_not_prim
         os._exit(0)
     try:
         assert os.read(steps_r, 1) == b"1"
-        cg.prime()  # the spare waits, boxed
+        cg.mark_start()  # the spare waits, boxed
         os.write(go_w, b"g")
         assert os.read(steps_r, 1) == b"2"
-        cg.limit(256, 64)  # the hand-over: primed, so the start noted before stands
+        cg.limit(256, 64, mark_start=False)  # the hand-over: the start noted before stands
         if "cpu_usec" not in cg.stats():
             pytest.skip("no cpu.stat in this cgroup hierarchy")
         assert 30_000 <= cg.stats()["cpu_usec"] < 75_000  # the job's 40 ms, not the boxing
         os.write(go_w, b"g")
         os.waitpid(pid, 0)
         pid = 0
-        cg.prime()  # for the next spare, which is then retired unused
         pool.release(cg)
         again = pool.take("b")  # the same cgroup where a pool reuses them, else a new one
         assert again is cg or not pool.reusable
-        assert not again.primed  # its next job's start is noted anew
-        again.limit(256, 64)
-        assert again.stats()["cpu_usec"] < 30_000  # counted from now, not from the prime
+        again.limit(256, 64)  # a fresh fork's job: its start is marked now
+        assert again.stats()["cpu_usec"] < 30_000  # counted from now, not from the last mark
     finally:
         if pid:
             os.kill(pid, 9)
@@ -282,8 +280,7 @@ def test_a_job_without_network_has_no_unix_sockets_one_with_network_does(make_wo
 
 def _idle_spares(w: Worker) -> list[int] | None:
     assert w.proc is not None
-    kids = psutil.Process(w.proc.pid).children(recursive=True)
-    return [k.pid for k in kids if k.name() == "gkw-spare" and idle_spare(k)] or None
+    return idle_spares(w.proc.pid) or None
 
 
 def _probe_on(w: Worker, spares: bool, job_id: str, action: str, **execution: object) -> Any:

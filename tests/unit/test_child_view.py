@@ -206,31 +206,32 @@ def test_a_prepared_seccomp_program_and_one_not_prepared_both_deny_what_they_lis
 
 
 class _Slot:
-    """A stand-in job cgroup that counts its primings (or fails them, like a removed one)."""
+    """A stand-in job cgroup that counts the starts marked (or fails them, like a removed one)."""
 
     def __init__(self, fails: bool = False) -> None:
         self.fails = fails
-        self.primings = 0
+        self.marks = 0
 
-    def prime(self) -> None:
+    def mark_start(self) -> None:
         if self.fails:
             raise OSError("the cgroup is gone")
-        self.primings += 1
+        self.marks += 1
 
 
-def test_a_spare_s_cgroup_is_primed_once_it_waits_never_when_it_is_retired() -> None:
+def test_a_spare_s_job_start_is_marked_once_it_waits_never_when_it_is_retired() -> None:
     spares = Spares(host=None, workdirs=None)  # type: ignore[arg-type]  # arrived() uses neither
     slots = [_Slot(), _Slot(), _Slot(fails=True)]
     for token, slot in enumerate(slots):
         spares.coming[token] = Spare(0, -1, -1, slot, False, False, Path("/s"), 1)  # type: ignore[arg-type]
     spares.cap = 1
     spares.arrived(0, 100)  # a free slot wants it: it waits, its job's counters start now
-    spares.arrived(1, 101)  # over the cap: retired unused, nothing to prime
-    assert [s.primings for s in slots[:2]] == [1, 0]
+    spares.arrived(1, 101)  # over the cap: retired unused, nothing to mark
+    assert [s.marks for s in slots[:2]] == [1, 0]
     assert list(spares.retired) == [101]
     spares.cap = 2
-    spares.arrived(2, 102)  # priming fails: it waits all the same (noted at hand-over)
+    spares.arrived(2, 102)  # marking fails: it waits all the same (marked at hand-over)
     assert [s.pid for s in spares.waiting] == [100, 102]
+    assert [s.started for s in spares.waiting] == [True, False]
 
 
 def test_a_zygote_replaced_earlier_in_the_same_loop_pass_is_not_read_again() -> None:
