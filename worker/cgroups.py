@@ -66,6 +66,8 @@ class Hierarchies:
     memory_v1: Path | None = None
     pids_v1: Path | None = None
     notes: list[str] = field(default_factory=list)
+    #: parents made for this spool (not a delegated cgroup of the unit): removed at a stop
+    owned: list[Path] = field(default_factory=list)
 
     @property
     def layers(self) -> list[str]:
@@ -111,10 +113,12 @@ def _parent(h: Hierarchies, label: str, path: Path, dry: bool) -> Path | None:
     if dry:
         return path if os.access(path.parent, os.W_OK) else None
     try:
-        return _mkparent(path)
+        made = _mkparent(path)
     except OSError as e:
         h.notes.append(f"{label}: {e}")
         return None
+    h.owned.append(made)
+    return made
 
 
 def _mkparent(path: Path) -> Path:
@@ -321,16 +325,33 @@ def sweep_one(path: Path) -> None:
         path.rmdir()
 
 
+def _job_dirs(h: Hierarchies) -> list[Path]:
+    """Every job or slot cgroup below the parents in `h`."""
+    return [child for parent in (h.v2, h.memory_v1, h.pids_v1) if parent is not None
+            for child in (*parent.glob("job-*"), *parent.glob("slot-*"))]
+
+
 def sweep(h: Hierarchies) -> int:
     """Remove every job cgroup a previous run left behind; return how many were found."""
-    n = 0
-    for parent in (h.v2, h.memory_v1, h.pids_v1):
-        if parent is None:
-            continue
-        for child in [*parent.glob("job-*"), *parent.glob("slot-*")]:
-            sweep_one(child)
-            n += 1
-    return n
+    found = _job_dirs(h)
+    for child in found:
+        sweep_one(child)
+    return len(found)
+
+
+def remove_all(h: Hierarchies) -> bool:
+    """Kill what is left in every job cgroup, remove them and the parents made for this spool;
+    False while a process (or zombie) still holds one."""
+    sweep(h)
+    left = _job_dirs(h)
+    for parent in h.owned:
+        try:
+            parent.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            left.append(parent)
+    return not left
 
 
 class Pool:

@@ -8,6 +8,7 @@ import itertools
 import logging
 import math
 import os
+import select
 import selectors
 import signal
 import time
@@ -55,6 +56,7 @@ log = logging.getLogger("guestkit.supervisor")
 COMPACT_AFTER = 1000
 
 HOUSEKEEPING = 1.0  #: longest the loop sleeps: retries, deadlines and waiting jobs are checked
+STOP_REAP = 2.0  #: longest a stop waits for killed spares and zygotes to leave their cgroups
 STATUS_EVERY = 0.25  #: at most this often a running job's progress is written to its status
 
 
@@ -205,12 +207,32 @@ class Supervisor:
                 z.close()
         self.spares.close()
         self._archive_ended()
+        self._remove_cgroups()
         self.remote.close()
         self.service.close()
         with contextlib.suppress(Exception):
             self.watch.close()
         self.signals.close()
         self.sel.close()
+
+    def _remove_cgroups(self) -> None:
+        """Stopping: once the processes just killed are reaped (a zombie holds its cgroup),
+        remove this spool's cgroups; what is still held, the next start sweeps."""
+        h = self.host.cgroups
+        if h is None:
+            return
+        deadline = time.monotonic() + STOP_REAP
+        while True:
+            for _ in sandbox.reaped():
+                pass
+            if cgroups.remove_all(h):
+                return
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([self.signals], [], [], wait)[0]:
+                log.warning("cgroups below %s are still held by dying processes; the next start "
+                            "removes them", ", ".join(str(p) for p in h.owned) or "the unit")
+                return
+            self.signals.drain()
 
     def _tick(self) -> None:
         for key, _ in self.sel.select(self._timeout()):

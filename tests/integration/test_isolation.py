@@ -16,7 +16,8 @@ import psutil
 import pytest
 from conftest import Worker, idle_spares, job, no_process_left, select_sleep, wait_until
 
-from worker import cgroups, landlock
+from worker import cgroups, isolation, landlock
+from worker.config import Settings
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: jobs drop to another user")
 
@@ -245,6 +246,27 @@ def test_a_job_in_a_cgroup_ends_on_its_result_with_the_cgroups_accounting(make_w
     pid = int(re.search(r"\[counted\] running: pid (\d+)", w.log()).group(1))
     wait_until(lambda: f"process {pid} exited after its job had ended on its result" in w.log(),
                [w.base], 20, "the job's process to be reaped after its result")
+
+
+def _spool_cgroups(jobs: Path) -> list[Path]:
+    """The parent cgroups a supervisor of the spool `jobs` makes (where it may make them)."""
+    name = isolation.cgroup_name(Settings(jobs_dir=jobs))
+    h = cgroups.probe(name, dry=True)
+    return [p for p in (h.v2, h.memory_v1, h.pids_v1) if p is not None and p.name == name]
+
+
+@pytest.mark.skipif(not _spool_cgroups(Path("/any/jobs")),
+                    reason="needs a cgroup hierarchy where a supervisor makes its own parent")
+def test_a_stopped_supervisor_leaves_none_of_its_cgroups_behind(make_worker) -> None:
+    w = make_worker().start()
+    parents = _spool_cgroups(w.jobs)
+    # a job whose 256 MiB outlast its result: its process is still dying when the stop comes
+    assert _probe(w, "lingers", [["hold", 256]]) == [f"ok {256 << 20}"]
+    wait_until(lambda: idle_spares(w.proc.pid), [w.base], 20, "a spare to wait in its cgroup")
+    assert all(list(p.glob("slot-*")) for p in parents), "the spare and the job had no cgroup"
+    assert w.stop() == 0
+    assert [p for p in parents if p.exists()] == []
+    assert "still held by dying processes" not in w.log()
 
 
 def test_a_log_planted_by_an_earlier_attempt_is_not_followed(make_worker) -> None:
