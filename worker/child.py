@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from handlers.base import Context, Handler, HandlerResult
-from worker import sandbox, signals
+from worker import forkhooks, sandbox, signals
 from worker.errors import ErrorCode, ExitCode, HandlerError
 from worker.progress import MessageTooLarge, MessageWriter
 
@@ -115,6 +115,7 @@ def run_child(spec: ChildSpec, handler: Handler, pipe_fd: int, net: int = -1) ->
     code = ExitCode.SANDBOX
     try:
         signals.reset_in_child()
+        forkhooks.restore()  # the job's own forks run every at-fork hook
         layers = sandbox.enter_privileged(spec.plan, net)
         code = run_boxed(spec, handler, pipe_fd, layers)
     except BaseException:  # the sandbox failed: nothing of the job ran
@@ -143,6 +144,7 @@ def run_spare(base: sandbox.Plan, handlers: Mapping[str, Handler], orders_fd: in
     code = ExitCode.SANDBOX
     try:
         signals.reset_in_child()
+        forkhooks.restore()  # as in run_child
         sandbox.set_name(SPARE_NAME)
         if renice:
             os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 from typing import Any, NoReturn
 
 from handlers.base import Handler
-from worker import landlock, sandbox, signals, syscall_filter
+from worker import forkhooks, landlock, sandbox, signals, syscall_filter
 from worker.child import (
     READY,
     ChildSpec,
@@ -40,7 +40,8 @@ from worker.child import (
 )
 from worker.netns import NetPool
 
-#: A report: ("spawned", token, pid), ("failed", token, why) or ("exited", pid, status, rusage).
+#: A report: ("spawned", token, pid), ("failed", token, why), ("exited", pid, status, rusage)
+#: or, once set up, ("ready", how many at-fork hooks its children skip).
 Report = tuple[Any, ...]
 _INLINE = 1 << 16  # a larger job spec travels in a memfd
 _RECV = 1 << 20
@@ -48,7 +49,8 @@ _RECV = 1 << 20
 #: killed (a new one starts once its exit is reaped) and the job is not started. Well
 #: below the units' WatchdogSec=, which would otherwise restart the whole service.
 FORK_REPLY_TIMEOUT = 10.0
-_BOOT = "from worker.zygote import main; main()"
+#: Hooks that only reset other threads' locks are held back before anything imports them.
+_BOOT = "from worker import forkhooks; forkhooks.defer(); from worker.zygote import main; main()"
 
 
 class Zygote:
@@ -220,6 +222,7 @@ def main() -> NoReturn:
             landlock.anchor(read_paths, abi)
         syscall_filter.prepare(*seccomp)
         warm_up(read_paths, abi)
+        sock.send(pickle.dumps(("ready", forkhooks.settle())))
         _Server(sock, handlers).loop()
         code = 0
     finally:

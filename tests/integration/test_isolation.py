@@ -318,6 +318,17 @@ def _probe_on(w: Worker, spares: bool, job_id: str, action: str, **execution: ob
 
 
 @pytest.mark.parametrize("spares", [False, True], ids=["fresh-fork", "spare"])
+def test_a_jobs_own_fork_runs_the_at_fork_hooks_that_its_zygote_skips(make_worker,
+                                                                      spares: bool) -> None:
+    w = make_worker("--max-concurrent", "1", "--log-level", "debug",
+                    *([] if spares else ["--no-spares"])).start()
+    skipped = r"gkw-forker \d+ ready: it has one thread, so its children skip 2 at-fork hook"
+    wait_until(lambda: re.search(skipped, w.log()), [w.base], 20, "the forker to be ready")
+    # the child of a job that runs two threads knows it has one: threading's hook ran there
+    assert _probe_on(w, spares, f"forks-{spares}", "threads_after_fork") == 1
+
+
+@pytest.mark.parametrize("spares", [False, True], ids=["fresh-fork", "spare"])
 def test_a_job_sees_only_its_own_environment_in_python_and_in_what_it_runs(
         make_worker, spares: bool) -> None:
     w = make_worker("--max-concurrent", "1", *([] if spares else ["--no-spares"]),

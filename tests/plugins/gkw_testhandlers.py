@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,25 @@ def _run(argv: list[str]) -> str:
 _HELD: list[bytearray] = []
 
 
+def _threads_after_fork(_: Any) -> int:
+    """Fork while a second thread runs; return how many threads the forked child's
+    `threading` believes it has (1 once the at-fork hooks ran in it)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, str(threading.active_count()).encode())
+        os._exit(0)
+    os.close(w)
+    seen = int(os.read(r, 16))
+    os.waitpid(pid, 0)
+    stop.set()
+    thread.join()
+    return seen
+
+
 def _hold(mb: int) -> bytearray:
     """Touch `mb` MiB and keep it until the process exits (its exit then takes a while)."""
     block = bytearray(mb << 20)
@@ -306,6 +326,7 @@ _ACTIONS: dict[str, Any] = {
     "print": lambda text: print(text),  # no flush: the worker must not lose it
     "log": lambda text: logging.getLogger("probe").warning(text),
     "hold": lambda mb: len(_hold(int(mb))),
+    "threads_after_fork": _threads_after_fork,
     "rlimit": lambda name: resource.getrlimit(getattr(resource, name)),
     "nice": lambda _: os.getpriority(os.PRIO_PROCESS, 0),
     "fds": lambda _: _fds(),
