@@ -236,9 +236,11 @@ _env_is_base = False  # True from base_environment() until the environment chang
 
 
 def base_environment() -> None:
-    """Make this process's environment exactly BASE_ENV."""
+    """Make this process's environment exactly BASE_ENV, in Python and in C (code a handler's
+    prepare() runs may have called setenv() behind os.environ's back)."""
     global _env_is_base
     os.environ.clear()
+    _libc.clearenv()
     os.environ.update(BASE_ENV)
     _env_is_base = True
 

@@ -19,6 +19,10 @@ def test_a_warm_handler_runs_prepared_in_the_zygote_not_the_supervisor(worker: W
     assert res["status"] == "completed"
     assert res["data"]["prepared_in"] == [_zygote(worker)]  # prepared once, in the zygote
     assert _zygote(worker) != worker.proc.pid
+    # what prepare() set in the environment, in Python or in C, is not a job's
+    leaked = [k for k in res["data"]["env"] + res["data"]["program_env"] if k.startswith("GKW_")]
+    assert leaked == []
+    assert "PATH" in res["data"]["program_env"]
     worker.drop(job("cold-1"))  # an echo job runs on a spare of the lean forker
     assert worker.wait_result("cold-1")["status"] == "completed"
 

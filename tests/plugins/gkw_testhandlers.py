@@ -385,12 +385,18 @@ class WarmHandler(Handler):
 
     def prepare(self) -> None:
         _PREPARED_IN.append(os.getpid())
+        # variables set while preparing, through Python and behind its back in C
+        os.environ["GKW_PREPARED_PY"] = "set in prepare()"
+        ctypes.CDLL(None).setenv(b"GKW_PREPARED_C", b"set in prepare()", 1)
 
     def execute(self, ctx: Context, payload: Any) -> HandlerResult:
         ctx.report_progress("execution", 10, "warm")
         if isinstance(payload, dict) and payload.get("seconds") and ctx.attempt == 1:
             time.sleep(float(payload["seconds"]))  # only the first attempt is slow
-        return HandlerResult(data={"prepared_in": _PREPARED_IN, "parent": os.getppid()})
+        return HandlerResult(data={"prepared_in": _PREPARED_IN, "parent": os.getppid(),
+                                   "env": sorted(os.environ),
+                                   "program_env": sorted(line.split("=", 1)[0] for line in
+                                                         _run(["/usr/bin/env"]).splitlines())})
 
 
 class NetHandler(Handler):
