@@ -3,18 +3,19 @@
 A queued job held as a Job costs the supervisor about 800 bytes of heap, and a heap that
 once held 100,000 of them stays large after they are gone. The backlog keeps only what
 finds a job again: per priority, one lane of packed records (claimed file name and job id)
-with their ranks in typed arrays, in arrival order, plus a table of 31-bit job-id keys for
-the duplicate check. The job itself is read back from its claimed file when it reaches the
-front. A lane gives back the space of what left its front as it goes, and all of it when
-the backlog empties.
+with their ranks in typed arrays, in arrival order and in chunks of _CHUNK, plus a table of
+31-bit job-id keys for the duplicate check. The job itself is read back from its claimed
+file when it reaches the front. A lane gives back each chunk once all of it has left, and
+everything when the backlog empties.
 """
 
 from __future__ import annotations
 
 from array import array
+from collections import deque
 from dataclasses import dataclass
 
-_RECLAIM = 4096  # entries gone from a lane's front before their space is given back
+_CHUNK = 1024  #: entries per chunk of a lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,46 +48,70 @@ def _unpack(record: bytes) -> tuple[str, str]:
     return name.decode("utf-8", "surrogateescape"), ident.decode()
 
 
-class _Lane:
-    """The jobs of one priority in arrival order, each record packed by `_pack`."""
+class _Chunk:
+    """Up to _CHUNK records of a lane, packed by `_pack`, with their ranks and liveness."""
 
-    __slots__ = ("alive", "head", "offset", "seqs", "sizes", "text")
+    __slots__ = ("alive", "seqs", "sizes", "text")
 
     def __init__(self) -> None:
         self.text = bytearray()
         self.sizes = array("H")
         self.seqs = array("I")
         self.alive = bytearray()
-        self.head = 0  # index of the first entry not yet gone from the front
-        self.offset = 0  # where that entry's record starts in text
-
-    def push(self, record: bytes, seq: int) -> None:
-        self.text += record
-        self.sizes.append(len(record))
-        self.seqs.append(seq)
-        self.alive.append(1)
-
-    def front(self) -> int | None:
-        """Index of the first live entry (dropping dead ones before it); None when empty."""
-        while self.head < len(self.sizes) and not self.alive[self.head]:
-            self.offset += self.sizes[self.head]
-            self.head += 1
-        if self.head >= _RECLAIM and self.head * 2 >= len(self.sizes):
-            del self.text[:self.offset], self.sizes[:self.head], self.seqs[:self.head]
-            del self.alive[:self.head]
-            self.head = self.offset = 0
-        return self.head if self.head < len(self.sizes) else None
 
     def record(self, index: int, offset: int) -> tuple[str, str]:
         return _unpack(bytes(self.text[offset:offset + self.sizes[index]]))
 
-    def find(self, job_id: str) -> tuple[int, int] | None:
-        """(index, offset) of the live entry for `job_id`: a walk of the lane (cancel only)."""
-        index, offset = self.head, self.offset
-        while index < len(self.sizes):
-            if self.alive[index] and self.record(index, offset)[1] == job_id:
-                return index, offset
-            index, offset = index + 1, offset + self.sizes[index]
+
+#: Where an entry is: its chunk, its index there and its record's offset in the chunk's text.
+Pos = tuple[_Chunk, int, int]
+
+
+class _Lane:
+    """The jobs of one priority in arrival order, in chunks: a chunk is freed whole once every
+    entry in it is gone, so a lane never holds more than its live entries and two chunks,
+    and no buffer the size of the lane is ever copied (a copy would be a peak of memory)."""
+
+    __slots__ = ("chunks", "head", "offset")
+
+    def __init__(self) -> None:
+        self.chunks: deque[_Chunk] = deque()
+        self.head = 0  # index in the first chunk of the first entry not yet gone
+        self.offset = 0  # where that entry's record starts in the chunk's text
+
+    def push(self, record: bytes, seq: int) -> None:
+        if not self.chunks or len(self.chunks[-1].sizes) >= _CHUNK:
+            self.chunks.append(_Chunk())
+        chunk = self.chunks[-1]
+        chunk.text += record
+        chunk.sizes.append(len(record))
+        chunk.seqs.append(seq)
+        chunk.alive.append(1)
+
+    def front(self) -> Pos | None:
+        """The first live entry (dropping dead ones and spent chunks before it), or None."""
+        while self.chunks:
+            chunk = self.chunks[0]
+            n = len(chunk.sizes)
+            while self.head < n and not chunk.alive[self.head]:
+                self.offset += chunk.sizes[self.head]
+                self.head += 1
+            if self.head < n:
+                return chunk, self.head, self.offset
+            if n < _CHUNK:  # the last chunk, still filling: new entries come after head
+                return None
+            self.chunks.popleft()
+            self.head = self.offset = 0
+        return None
+
+    def find(self, job_id: str) -> Pos | None:
+        """Where the live entry for `job_id` is: a walk of the lane (cancel only)."""
+        for n, chunk in enumerate(self.chunks):
+            index, offset = (self.head, self.offset) if n == 0 else (0, 0)
+            while index < len(chunk.sizes):
+                if chunk.alive[index] and chunk.record(index, offset)[1] == job_id:
+                    return chunk, index, offset
+                index, offset = index + 1, offset + chunk.sizes[index]
         return None
 
 
@@ -132,20 +157,18 @@ class Backlog:
     def best(self) -> tuple[int, int] | None:
         """The front job's rank as the supervisor's heap orders it: (-priority, seq)."""
         for priority in sorted(self._lanes, reverse=True):
-            lane = self._lanes[priority]
-            index = lane.front()
-            if index is not None:
+            pos = self._lanes[priority].front()
+            if pos is not None:
                 assert self._base is not None
-                return -priority, lane.seqs[index] + self._base
+                return -priority, pos[0].seqs[pos[1]] + self._base
         return None
 
     def pop(self) -> Entry | None:
         """Remove and return the front job (highest priority, then first to arrive)."""
         for priority in sorted(self._lanes, reverse=True):
-            lane = self._lanes[priority]
-            index = lane.front()
-            if index is not None:
-                return self._remove(priority, index, lane.offset)
+            pos = self._lanes[priority].front()
+            if pos is not None:
+                return self._remove(priority, pos)
         return None
 
     def take(self, job_id: str) -> Entry | None:
@@ -155,31 +178,30 @@ class Backlog:
         found = self._locate(job_id)
         return None if found is None else self._remove(*found)
 
-    def _locate(self, job_id: str) -> tuple[int, int, int] | None:
-        """(priority, index, offset) of `job_id`: a walk of the lanes, for the rare match."""
+    def _locate(self, job_id: str) -> tuple[int, Pos] | None:
+        """(priority, where) of `job_id`: a walk of the lanes, for the rare match."""
         for priority, lane in self._lanes.items():
             found = lane.find(job_id)
             if found is not None:
-                return priority, *found
+                return priority, found
         return None
 
     def oldest(self) -> str | None:
         """The claimed name of the job that arrived first (for the queue-age gauge)."""
-        heads = [(lane.seqs[i], lane, i) for lane in self._lanes.values()
-                 if (i := lane.front()) is not None]
+        heads = [pos for lane in self._lanes.values() if (pos := lane.front()) is not None]
         if not heads:
             return None
-        _, lane, index = min(heads, key=lambda h: h[0])
-        return lane.record(index, lane.offset)[0]
+        chunk, index, offset = min(heads, key=lambda pos: pos[0].seqs[pos[1]])
+        return chunk.record(index, offset)[0]
 
-    def _remove(self, priority: int, index: int, offset: int) -> Entry:
-        lane = self._lanes[priority]
-        claimed, job_id = lane.record(index, offset)
-        lane.alive[index] = 0
+    def _remove(self, priority: int, pos: Pos) -> Entry:
+        chunk, index, offset = pos
+        claimed, job_id = chunk.record(index, offset)
+        chunk.alive[index] = 0
         self._ids[self._slot(_key(job_id))] = -1  # one of the entries with this key
         self._count -= 1
         assert self._base is not None
-        seq = lane.seqs[index] + self._base
+        seq = chunk.seqs[index] + self._base
         out = Entry(job_id, claimed, priority, seq, self._attempts.pop(seq, None))
         if not self._count:
             self._clear()  # give every buffer back

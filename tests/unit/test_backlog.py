@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import random
 
-from worker.backlog import Backlog
+from worker.backlog import _CHUNK, Backlog
 
 
 def _fill(b: Backlog, jobs: list[tuple[str, int]]) -> None:
@@ -58,18 +58,37 @@ def test_odd_file_names_and_attempts_come_back_unchanged() -> None:
     assert second is not None and second.attempt is None
 
 
+def _held(b: Backlog, priority: int) -> tuple[int, int]:
+    """(chunks, bytes of records) a lane holds."""
+    chunks = b._lanes[priority].chunks
+    return len(chunks), sum(len(c.text) for c in chunks)
+
+
 def test_space_of_jobs_gone_from_the_front_is_given_back() -> None:
     b = Backlog()
     _fill(b, [(f"j{i}", 5) for i in range(20_000)])
-    lane = b._lanes[5]
-    size = len(lane.text)
+    _, size = _held(b, 5)
     for _ in range(15_000):
         assert b.pop() is not None
     b.best()
-    assert len(lane.text) < size / 2 and len(lane.seqs) <= 5_000 + 4096
+    chunks, left = _held(b, 5)
+    assert chunks <= 5_000 // _CHUNK + 2 and left < size * 0.3
     for _ in range(5_000):
         assert b.pop() is not None
     assert b._lanes == {} and len(b._ids) == 8  # empty: every buffer given back
+
+
+def test_a_steady_deep_backlog_holds_its_live_jobs_and_at_most_two_chunks_more() -> None:
+    b = Backlog()
+    depth = 10 * _CHUNK
+    _fill(b, [(f"j{i}", 5) for i in range(depth)])
+    most = 0
+    for i in range(depth, 4 * depth):  # one in, one out, as a feeder keeps the depth
+        assert b.add(f"j{i}", f"{i:020d}-000000-j{i}.json", 5, i)
+        popped = b.pop()
+        assert popped is not None and popped.job_id == f"j{i - depth}"
+        most = max(most, _held(b, 5)[0])
+    assert most <= depth // _CHUNK + 2
 
 
 def test_a_rank_too_far_from_the_first_is_refused_not_wrapped() -> None:
