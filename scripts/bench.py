@@ -41,7 +41,8 @@ Targets (PASS/MISS): best throughput >= 600 jobs/s and >= 0.8x the bare fork loo
 flight); latency p50 <= 3 ms and p99 <= 10 ms to the durable result (the job archived: its
 result file appears before the directory fsync that makes its name durable); deepest-inbox
 rate >= 0.9x the 100-deep rate;
-peak supervisor RSS <= 50 MiB over every stage, and RSS after the deepest drain <= 1.1x that
+peak supervisor RSS <= 50 MB over every stage (read as 10**6 bytes, 47.7 MiB: the stricter
+reading; RSS figures print in MiB), and RSS after the deepest drain <= 1.1x that
 after the 100-deep one. The exit status is 0 whether targets pass or not.
 """
 
@@ -780,7 +781,9 @@ def judge(rep: Report, peaks: list[float]) -> None:
                ratio >= 0.9)
     peak = max(peaks) / MIB
     f["rss_peak_max_mb"] = peak
-    rep.target("supervisor RSS <= 50 MiB (peak over every stage)", peak, 50, peak <= 50)
+    limit = 50e6 / MIB  # "50 MB" read as 10**6 bytes, the stricter reading
+    rep.target(f"supervisor RSS <= 50 MB = {limit:.1f} MiB (peak over every stage)", peak, limit,
+               peak <= limit)
     flat = f[f"inbox_{deepest}_rss_after_mb_ratio"]
     f["rss_flat_ratio"] = flat
     rep.target(f"RSS flat: after {deepest:,} jobs <= 1.1x after {shallowest}", flat, 1.1, flat <= 1.1)
