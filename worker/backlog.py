@@ -60,17 +60,20 @@ class _Chunk:
         self.alive = bytearray()
 
     def record(self, index: int, offset: int) -> tuple[str, str]:
+        """(claimed name, job id) of entry `index`, whose record starts at `offset`."""
         return _unpack(bytes(self.text[offset:offset + self.sizes[index]]))
 
 
 #: Where an entry is: its chunk, its index there and its record's offset in the chunk's text.
-Pos = tuple[_Chunk, int, int]
+_Pos = tuple[_Chunk, int, int]
 
 
 class _Lane:
-    """The jobs of one priority in arrival order, in chunks: a chunk is freed whole once every
-    entry in it is gone, so a lane never holds more than its live entries and two chunks,
-    and no buffer the size of the lane is ever copied (a copy would be a peak of memory)."""
+    """The jobs of one priority in arrival order, in chunks freed as the front passes them.
+
+    A lane fed as fast as it drains holds its live entries and two chunks more (a taken
+    entry's chunk waits for the front), and no buffer the size of the lane is ever copied.
+    """
 
     __slots__ = ("chunks", "head", "offset")
 
@@ -88,26 +91,26 @@ class _Lane:
         chunk.seqs.append(seq)
         chunk.alive.append(1)
 
-    def front(self) -> Pos | None:
+    def front(self) -> _Pos | None:
         """The first live entry (dropping dead ones and spent chunks before it), or None."""
         while self.chunks:
             chunk = self.chunks[0]
-            n = len(chunk.sizes)
-            while self.head < n and not chunk.alive[self.head]:
+            size = len(chunk.sizes)
+            while self.head < size and not chunk.alive[self.head]:
                 self.offset += chunk.sizes[self.head]
                 self.head += 1
-            if self.head < n:
+            if self.head < size:
                 return chunk, self.head, self.offset
-            if n < _CHUNK:  # the last chunk, still filling: new entries come after head
+            if size < _CHUNK:  # the last chunk, still filling: new entries come after head
                 return None
             self.chunks.popleft()
             self.head = self.offset = 0
         return None
 
-    def find(self, job_id: str) -> Pos | None:
+    def find(self, job_id: str) -> _Pos | None:
         """Where the live entry for `job_id` is: a walk of the lane (cancel only)."""
-        for n, chunk in enumerate(self.chunks):
-            index, offset = (self.head, self.offset) if n == 0 else (0, 0)
+        for i, chunk in enumerate(self.chunks):
+            index, offset = (self.head, self.offset) if i == 0 else (0, 0)
             while index < len(chunk.sizes):
                 if chunk.alive[index] and chunk.record(index, offset)[1] == job_id:
                     return chunk, index, offset
@@ -178,7 +181,7 @@ class Backlog:
         found = self._locate(job_id)
         return None if found is None else self._remove(*found)
 
-    def _locate(self, job_id: str) -> tuple[int, Pos] | None:
+    def _locate(self, job_id: str) -> tuple[int, _Pos] | None:
         """(priority, where) of `job_id`: a walk of the lanes, for the rare match."""
         for priority, lane in self._lanes.items():
             found = lane.find(job_id)
@@ -194,7 +197,7 @@ class Backlog:
         chunk, index, offset = min(heads, key=lambda pos: pos[0].seqs[pos[1]])
         return chunk.record(index, offset)[0]
 
-    def _remove(self, priority: int, pos: Pos) -> Entry:
+    def _remove(self, priority: int, pos: _Pos) -> Entry:
         chunk, index, offset = pos
         claimed, job_id = chunk.record(index, offset)
         chunk.alive[index] = 0

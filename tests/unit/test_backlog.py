@@ -108,3 +108,36 @@ def test_ids_that_share_a_key_are_told_apart(monkeypatch) -> None:
     assert "x" in b and "y" not in b and "z" in b and b.take("w") is None
     assert [b.pop().job_id, b.pop().job_id] == ["x", "z"]  # type: ignore[union-attr]
     assert "x" not in b and len(b) == 0
+
+
+def test_small_chunks_keep_the_order_through_cancels_anywhere(monkeypatch) -> None:
+    monkeypatch.setattr("worker.backlog._CHUNK", 4)  # every lane spans many chunks
+    rng = random.Random(11)
+    jobs = [(f"job-{i}", rng.randint(1, 3)) for i in range(300)]
+    b = Backlog()
+    _fill(b, jobs)
+    taken = set(rng.sample([j for j, _ in jobs], 100))
+    for job_id in sorted(taken):
+        entry = b.take(job_id)
+        assert entry is not None and entry.job_id == job_id
+        assert job_id not in b
+    want = [j for _, _, j in sorted((-p, seq, j) for seq, (j, p) in enumerate(jobs)
+                                    if j not in taken)]
+    got = []
+    while (entry := b.pop()) is not None:
+        got.append(entry.job_id)
+    assert got == want and len(b) == 0
+
+
+def test_a_lane_whose_full_last_chunk_was_taken_takes_new_jobs_in_order(monkeypatch) -> None:
+    monkeypatch.setattr("worker.backlog._CHUNK", 4)
+    b = Backlog()
+    _fill(b, [(f"j{i}", 5) for i in range(8)])  # two full chunks
+    for i in range(4, 8):
+        assert b.take(f"j{i}") is not None  # the whole last chunk is dead
+    for i in range(3):
+        entry = b.pop()
+        assert entry is not None and entry.job_id == f"j{i}"
+    for seq in (8, 9):
+        assert b.add(f"j{seq}", f"{seq:020d}-000001-j{seq}.json", 5, seq)
+    assert [e.job_id for e in iter(b.pop, None)] == ["j3", "j8", "j9"]
