@@ -340,8 +340,8 @@ def sweep(h: Hierarchies) -> int:
 
 
 def remove_all(h: Hierarchies) -> bool:
-    """Kill what is left in every job cgroup, remove them and the parents made for this spool;
-    False while a process (or zombie) still holds one."""
+    """Remove every job cgroup (killing what is in it) and the parents in `h.owned`; False
+    while one is still held (by a dying process)."""
     sweep(h)
     left = _job_dirs(h)
     for parent in h.owned:

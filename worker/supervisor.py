@@ -221,19 +221,20 @@ class Supervisor:
         self.sel.close()
 
     def _remove_cgroups(self) -> None:
-        """Stopping: once the processes just killed are reaped (a zombie holds its cgroup),
-        remove this spool's cgroups; what is still held, the next start sweeps."""
+        """Stopping: remove this spool's cgroups as the processes just killed are reaped."""
         h = self.host.cgroups
         if h is None:
             return
         deadline = time.monotonic() + STOP_REAP
+        woken = select.poll()  # a SIGCHLD wakes it (not select(): fds may be above 1023)
+        woken.register(self.signals, select.POLLIN)
         while True:
             for _ in sandbox.reaped():
                 pass
             if cgroups.remove_all(h):
                 return
             wait = deadline - time.monotonic()
-            if wait <= 0 or not select.select([self.signals], [], [], wait)[0]:
+            if wait <= 0 or not woken.poll(wait * 1000):
                 log.warning("cgroups below %s are still held by dying processes; the next start "
                             "removes them", ", ".join(str(p) for p in h.owned) or "the unit")
                 return
