@@ -33,8 +33,9 @@ Stages, in order:
    The ratio of each depth's rate to the 100-deep rate shows whether the per-job cost depends on
    how much is waiting. In full mode the supervisor then drains everything; its RSS after the
    deepest drain, divided by its RSS after the 100-deep drain, is the RSS flatness figure.
-   With --quick nothing is drained: "after" follows the window. Either is read once the
-   supervisor is idle: when the last result appears it has yet to give the queue's memory back.
+   It is read once the supervisor is idle: when the last result appears, it has yet to give
+   the queue's memory back. With --quick nothing is drained: "after" is read right after the
+   window.
 
 Each figure is printed with its ratio to the baseline where one makes sense: rates as a fraction
 of the bare fork loop's forks/s, times (latency, CPU per job) as multiples of one bare fork.
@@ -603,9 +604,8 @@ def depth_run(plan: Plan, concurrency: int, depth: int) -> dict[str, float]:
                 t_d = watch.wait(total, sup)
                 out["drain_rate"] = (total - c_b) / (t_d - t_b) if total > c_b else out["rate"]
             peak = sup.peak()
-            # a leak is what is still held once the supervisor is idle: when the last result
-            # appears it has yet to give the drained queue's memory back (gc and malloc_trim)
-            sup.settle()
+            if plan.drain:  # a leak is what is still held once idle: at the last result the
+                sup.settle()  # supervisor has yet to give the queue's memory back (gc, trim)
             out.update(rss_peak=peak, rss_after=sup.rss())
     return out
 
@@ -759,7 +759,7 @@ def report_depths(rep: Report, depths: dict[int, dict[str, float]], fork_rate: f
         rep.add(f"inbox_{d}_rss_scanned_mb", f"{d:,} waiting: RSS after the scan", r["rss_scanned"] / MIB,
                 "MiB")
         rep.add(f"inbox_{d}_rss_peak_mb", f"{d:,} waiting: RSS peak", r["rss_peak"] / MIB, "MiB")
-        after = "after the drain, idle" if rep.plan.drain else "after the window, idle"
+        after = "after the drain, idle" if rep.plan.drain else "after the window"
         rep.add(f"inbox_{d}_rss_after_mb", f"{d:,} waiting: RSS {after}", r["rss_after"] / MIB, "MiB",
                 r["rss_after"] / first["rss_after"], f"{min(depths)} waiting")
         if "drain_rate" in r:
