@@ -22,8 +22,7 @@ _held: list[dict[str, Callable[[], object]]] = []
 
 
 def defer() -> None:
-    """From now on, hold back the at-fork hooks that `threading` and `logging` register
-    (call before importing them; other modules' hooks are registered as usual)."""
+    """Hold back the at-fork hooks `threading` and `logging` register from now on (others pass)."""
     os.register_at_fork = _register_or_hold  # type: ignore[assignment]
 
 
@@ -35,8 +34,8 @@ def _register_or_hold(**hooks: Callable[[], object]) -> None:
 
 
 def settle() -> int:
-    """Stop holding hooks back; while this process has a single thread, leave those held
-    unregistered (its children skip them), else register them. Return how many are held."""
+    """Stop holding back; register what was held unless this process has one thread; return
+    how many stay unregistered (its children skip them)."""
     os.register_at_fork = _register
     if threads() > 1:
         restore()

@@ -34,6 +34,7 @@ CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x4000000, 0x8000000, 0
 _libc = ctypes.CDLL(None, use_errno=True)
 # Bound once at import, in the zygote: a child's first `_libc.name` would build the function.
 _prctl, _unshare, _setns = _libc.prctl, _libc.unshare, _libc.setns
+_clearenv = _libc.clearenv
 
 
 def prctl(option: int, arg: int = 0) -> None:
@@ -240,7 +241,7 @@ def base_environment() -> None:
     prepare() runs may have called setenv() behind os.environ's back)."""
     global _env_is_base
     os.environ.clear()
-    _libc.clearenv()
+    _clearenv()
     os.environ.update(BASE_ENV)
     _env_is_base = True
 

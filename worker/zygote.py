@@ -8,7 +8,8 @@ or a payload model get a warm one (`gkw-zygote`) that prepares them once. Reques
 reports are pickled over a SOCK_SEQPACKET pair and a child's pipe ends travel with its
 request as SCM_RIGHTS. A spare's fork is not waited for (its pid comes back as a report); a
 job's pid is read later in the same loop pass (`request`, then `await_pid`). The zygote
-reports every child's end with its wait status and rusage.
+reports every child's end with its wait status and rusage, and once set up that it is ready
+(with how many at-fork hooks its children skip: see `forkhooks`).
 """
 
 from __future__ import annotations
