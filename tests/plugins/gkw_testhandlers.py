@@ -275,7 +275,7 @@ def _run(argv: list[str]) -> str:
 _HELD: list[bytearray] = []
 
 
-def _threads_after_fork(_: Any) -> int:
+def threads_after_fork(_: Any = None) -> int:
     """Fork while a second thread runs; return how many threads the forked child's
     `threading` believes it has (1 once the at-fork hooks ran in it)."""
     stop = threading.Event()
@@ -326,7 +326,7 @@ _ACTIONS: dict[str, Any] = {
     "print": lambda text: print(text),  # no flush: the worker must not lose it
     "log": lambda text: logging.getLogger("probe").warning(text),
     "hold": lambda mb: len(_hold(int(mb))),
-    "threads_after_fork": _threads_after_fork,
+    "threads_after_fork": threads_after_fork,
     "rlimit": lambda name: resource.getrlimit(getattr(resource, name)),
     "nice": lambda _: os.getpriority(os.PRIO_PROCESS, 0),
     "fds": lambda _: _fds(),

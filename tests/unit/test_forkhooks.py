@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+
+from conftest import PLUGINS
 
 # Each case runs in a fresh interpreter: `defer` must come before `threading` is imported.
 PRELUDE = """
@@ -12,28 +15,15 @@ import os
 from worker import forkhooks
 forkhooks.defer()
 import logging, threading
-
-def threads_in_child():
-    stop = threading.Event()
-    t = threading.Thread(target=stop.wait)
-    t.start()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.write(w, str(threading.active_count()).encode())
-        os._exit(0)
-    seen = int(os.read(r, 16))
-    os.waitpid(pid, 0)
-    stop.set()
-    t.join()
-    return seen
+from gkw_testhandlers import threads_after_fork as threads_in_child
 """
 
 
 def _run(body: str) -> str:
     code = PRELUDE + textwrap.dedent(body)
+    path = os.pathsep.join(str(p) for p in (PLUGINS, PLUGINS.parent.parent))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=False)
+                          timeout=60, check=False, env={**os.environ, "PYTHONPATH": path})
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
