@@ -19,6 +19,9 @@ import psutil
 import pytest
 from inotify_simple import INotify, flags
 
+from worker import cgroups, isolation
+from worker.config import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = ROOT / "tests" / "plugins"
 EXAMPLES = ROOT.parent / "shared" / "examples"
@@ -261,7 +264,24 @@ def stop_workers(made: list[Worker], base: Path) -> None:
             except subprocess.TimeoutExpired:
                 w.proc.kill()
                 w.proc.wait()
+    remove_spool_cgroups(base / "jobs")
     shutil.rmtree(base, ignore_errors=True)
+
+
+def spool_cgroups(jobs: Path) -> dict[str, Path]:
+    """The parent cgroups a supervisor of the spool `jobs` makes, by hierarchy (where it may)."""
+    name = isolation.cgroup_name(Settings(jobs_dir=jobs))
+    h = cgroups.probe(name, dry=True)
+    return {k: p for k, p in (("v2", h.v2), ("memory_v1", h.memory_v1), ("pids_v1", h.pids_v1))
+            if p is not None and p.name == name}
+
+
+def remove_spool_cgroups(jobs: Path) -> None:
+    """Remove what a supervisor of `jobs` killed by a test (not stopped) left in its cgroups:
+    test spools are never served again, so no later start would sweep it."""
+    ours = {k: p for k, p in spool_cgroups(jobs).items() if p.exists()}
+    if ours:  # a process still dying keeps its cgroup: it is left, as after a crash
+        cgroups.remove_all(cgroups.Hierarchies(**ours, owned=list(ours.values())))
 
 
 @pytest.fixture

@@ -14,10 +14,17 @@ from typing import Any
 import orjson
 import psutil
 import pytest
-from conftest import Worker, idle_spares, job, no_process_left, select_sleep, wait_until
+from conftest import (
+    Worker,
+    idle_spares,
+    job,
+    no_process_left,
+    select_sleep,
+    spool_cgroups,
+    wait_until,
+)
 
-from worker import cgroups, isolation, landlock
-from worker.config import Settings
+from worker import cgroups, landlock
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: jobs drop to another user")
 
@@ -248,18 +255,11 @@ def test_a_job_in_a_cgroup_ends_on_its_result_with_the_cgroups_accounting(make_w
                [w.base], 20, "the job's process to be reaped after its result")
 
 
-def _spool_cgroups(jobs: Path) -> list[Path]:
-    """The parent cgroups a supervisor of the spool `jobs` makes (where it may make them)."""
-    name = isolation.cgroup_name(Settings(jobs_dir=jobs))
-    h = cgroups.probe(name, dry=True)
-    return [p for p in (h.v2, h.memory_v1, h.pids_v1) if p is not None and p.name == name]
-
-
-@pytest.mark.skipif(not _spool_cgroups(Path("/any/jobs")),
+@pytest.mark.skipif(not spool_cgroups(Path("/any/jobs")),
                     reason="needs a cgroup hierarchy where a supervisor makes its own parent")
 def test_a_stopped_supervisor_leaves_none_of_its_cgroups_behind(make_worker) -> None:
     w = make_worker().start()
-    parents = _spool_cgroups(w.jobs)
+    parents = list(spool_cgroups(w.jobs).values())
     # a job whose 256 MiB outlast its result: its process is still dying when the stop comes
     assert _probe(w, "lingers", [["hold", 256]]) == [f"ok {256 << 20}"]
     wait_until(lambda: idle_spares(w.proc.pid), [w.base], 20, "a spare to wait in its cgroup")
