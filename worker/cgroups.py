@@ -313,16 +313,21 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-def sweep_one(path: Path) -> None:
-    """Kill what is left in a stale job cgroup and remove it."""
+def sweep_one(path: Path) -> bool:
+    """Kill what is left in a stale job cgroup and remove it; False while it is still held."""
     if (path / "cgroup.kill").exists():
         with contextlib.suppress(OSError):
             _write(path / "cgroup.kill", "1")
     for pid in _read(path / "cgroup.procs").split():
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-    with contextlib.suppress(OSError):
+    try:
         path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 def _job_dirs(h: Hierarchies) -> list[Path]:
@@ -342,8 +347,7 @@ def sweep(h: Hierarchies) -> int:
 def remove_all(h: Hierarchies) -> bool:
     """Remove every job cgroup (killing what is in it) and the parents in `h.owned`; False
     while one is still held (by a dying process)."""
-    sweep(h)
-    left = _job_dirs(h)
+    left = [child for child in _job_dirs(h) if not sweep_one(child)]
     for parent in h.owned:
         try:
             parent.rmdir()

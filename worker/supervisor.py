@@ -182,11 +182,9 @@ class Supervisor:
                 self.spares.arrived(rest[0], rest[1])
             elif kind == "failed":
                 self.spares.failed(rest[0], rest[1])
-            elif kind == "ready" and rest[0]:
-                log.debug("%s %d ready: it has one thread, so its children skip %d at-fork "
-                          "hook(s) that reset other threads' locks", z.name, z.pid, rest[0])
             elif kind == "ready":
-                log.debug("%s %d ready: its children run every at-fork hook", z.name, z.pid)
+                log.debug("%s %d ready: its children skip %d at-fork hook(s) that reset other "
+                          "threads' locks", z.name, z.pid, rest[0])
 
     def _zygote_died(self, z: Zygote) -> None:
         """Its children died with it (PDEATHSIG): end their runs as killed, start a new one."""

@@ -322,7 +322,7 @@ def test_a_jobs_own_fork_runs_the_at_fork_hooks_that_its_zygote_skips(make_worke
                                                                       spares: bool) -> None:
     w = make_worker("--max-concurrent", "1", "--log-level", "debug",
                     *([] if spares else ["--no-spares"])).start()
-    skipped = r"gkw-forker \d+ ready: it has one thread, so its children skip 2 at-fork hook"
+    skipped = r"gkw-forker \d+ ready: its children skip 2 at-fork hook"
     wait_until(lambda: re.search(skipped, w.log()), [w.base], 20, "the forker to be ready")
     # the child of a job that runs two threads knows it has one: threading's hook ran there
     assert _probe_on(w, spares, f"forks-{spares}", "threads_after_fork") == 1
