@@ -14,6 +14,9 @@ Stages, in order:
    RSS up to the supervisor's with touched memory, and times a bare os.fork() / os._exit(0) /
    waitpid loop: one child at a time ("bare fork loop", the baseline), and two in flight. The RSS
    of the supervisor's forker is shown too (it, not the supervisor, forks the jobs).
+   Then, on the spools' filesystem, 200 result-sized files are made durable one after another by
+   hand (created, written, fsync'd, linked, their directory fsync'd): the p50 of each step shows
+   what the disk adds to every durable result, and whether file creation is slow right now.
 2. Burst throughput. On a fresh spool, N echo job files are staged in a sibling dir on the same
    filesystem; the supervisor is started (fsync on) and warmed up with 20 jobs; then all N are
    renamed into the inbox. Throughput is N / (first rename -> N-th result file present), counted
@@ -456,6 +459,58 @@ def baseline(plan: Plan) -> dict[str, float]:
     return {"supervisor_rss": rss, "forker_rss": forker_rss, **orjson.loads(out.stdout)}
 
 
+# -- the disk the spools live on --------------------------------------------------------------------
+
+
+RESULT_BYTES = 1400  #: about the size of an echo job's result document
+
+
+def journal(path: Path) -> bool | None:
+    """For ext4: whether the filesystem holding `path` has a journal; None for other filesystems."""
+    dev = os.stat(path).st_dev
+    number = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, fs = line.partition(" - ")
+        if fields.split()[2] == number:
+            if fs.split()[0] != "ext4":
+                return None
+            name = Path(f"/sys/dev/block/{number}").resolve().name  # vda, sda1, dm-0...
+            return Path(f"/proc/fs/jbd2/{name}-8").exists()
+    return None
+
+
+def disk_probe(plan: Plan, n: int = 200) -> dict[str, Any]:
+    """On the spools' filesystem, one after another, the steps that make a result durable
+    without a job around them (p50 of `n`): a file created, written and fsync'd, linked, the
+    directory fsync'd. Their files stay until the end of the run, like every spool's."""
+    with fresh_spool(plan.parent) as spool:
+        where = spool.results
+        dfd = os.open(where, os.O_RDONLY | os.O_DIRECTORY)
+        create, fsync, dir_fsync = [], [], []
+        try:
+            for i in range(n):
+                t0 = time.perf_counter()
+                fd = os.open(where / f".probe-{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                t1 = time.perf_counter()
+                try:
+                    os.write(fd, b"x" * RESULT_BYTES)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                t2 = time.perf_counter()
+                os.link(where / f".probe-{i}", where / f"probe-{i}")
+                t3 = time.perf_counter()
+                os.fsync(dfd)
+                dir_fsync.append(time.perf_counter() - t3)
+                create.append(t1 - t0)
+                fsync.append(t2 - t1)
+        finally:
+            os.close(dfd)
+    us = 1e6
+    return {"create_us": median(create) * us, "fsync_us": median(fsync) * us,
+            "dir_fsync_us": median(dir_fsync) * us, "journal": journal(where)}
+
+
 # -- stage 2: burst throughput ------------------------------------------------------------------------
 
 
@@ -704,6 +759,19 @@ def report_baseline(rep: Report, b: dict[str, float]) -> tuple[float, float]:
     return fork_rate, fork_us
 
 
+def report_disk(rep: Report, d: dict[str, Any]) -> None:
+    """Print what the spools' filesystem takes to make one small file durable."""
+    rep.section("disk: a result-sized file made durable by hand where the spools live (p50 of 200)")
+    if d["journal"] is False:
+        print("  ext4 without a journal: a file creation skips the inodes freed in the last minute or\n"
+              "  more, so the first row rises for a while after many files were deleted", flush=True)
+    rep.add("disk_create_us", "new file created", d["create_us"], "us")
+    rep.add("disk_fsync_us", f"{RESULT_BYTES} bytes written, fsync", d["fsync_us"], "us")
+    rep.add("disk_dir_fsync_us", "linked, directory fsync", d["dir_fsync_us"], "us")
+    rep.add("disk_durable_ms", "both fsyncs: what each durable result waits for",
+            (d["fsync_us"] + d["dir_fsync_us"]) / 1e3, "ms")
+
+
 def report_bursts(rep: Report, bursts: dict[int, dict[str, Any]], nofsync: dict[str, Any], best: int,
                   fork_rate: float, fork_us: float) -> None:
     """Print burst throughput, supervisor CPU per job and RSS."""
@@ -804,6 +872,8 @@ def run(plan: Plan) -> Report:
     code_before = source_state()["code_sha256"]
     b = baseline(plan)
     fork_rate, fork_us = report_baseline(rep, b)
+    disk = disk_probe(plan)
+    report_disk(rep, disk)
     bursts = {k: burst_median(plan, k, fsync=True) for k in plan.concurrency}
     best = max(bursts, key=lambda k: bursts[k]["rate"])
     nofsync = burst_median(plan, best, fsync=False)
@@ -822,7 +892,7 @@ def run(plan: Plan) -> Report:
         NOISY.append("code changed during the run")
     if NOISY:
         print(f"\n  note: {len(NOISY)} stage(s) started on a busy machine: {', '.join(NOISY)}", flush=True)
-    rep.details = {"baseline": b, "bursts": bursts, "nofsync": nofsync, "latency": lat,
+    rep.details = {"baseline": b, "disk": disk, "bursts": bursts, "nofsync": nofsync, "latency": lat,
                    "depths": depths, "noisy_stages": NOISY, "seconds": time.perf_counter() - t0}
     return rep
 

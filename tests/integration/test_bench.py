@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import orjson
 import pytest
@@ -13,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = (
     "supervisor_rss_mb", "probe_rss_mb", "fork_loop_per_s", "fork_loop_2_per_s", "fork_us",
+    "disk_create_us", "disk_fsync_us", "disk_dir_fsync_us", "disk_durable_ms",
     "throughput_k1_per_s", "throughput_k2_per_s", "throughput_k4_per_s", "best_concurrency",
     "throughput_best_per_s", "throughput_best_per_s_ratio", "throughput_nofsync_per_s",
     "cpu_us_per_job", "rss_before_mb", "rss_peak_mb", "rss_after_mb",
@@ -41,6 +45,35 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
            if not isinstance(v, int | float) or not math.isfinite(v) or v <= 0}
     assert not bad
     assert len(report["targets"]) == 7
+    assert report["details"]["disk"]["journal"] in (True, False, None)
     assert all(isinstance(t["pass"], bool) and math.isfinite(t["value"]) for t in report["targets"])
     assert "PASS" in proc.stdout or "MISS" in proc.stdout
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("gkw-bench-")]
+
+
+def _bench_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # its dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loop-mounts two filesystems: needs root (CI is)")
+def test_journal_tells_ext4_with_a_journal_from_one_without(tmp_path: Path) -> None:
+    bench = _bench_module()
+    found = {}
+    for name, features in (("with", "has_journal"), ("without", "^has_journal")):
+        image, mnt = tmp_path / f"{name}.img", tmp_path / name
+        with image.open("wb") as f:
+            f.truncate(16 << 20)
+        subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", features, str(image)], check=True)
+        mnt.mkdir()
+        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+        try:
+            found[name] = bench.journal(mnt)
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    assert found == {"with": True, "without": False}
+    assert bench.journal(Path("/proc")) is None
