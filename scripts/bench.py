@@ -32,7 +32,8 @@ Stages, in order:
    BEFORE the supervisor starts, so they are taken by its start-up scan rather than by an inotify
    burst (a burst that large overflows the kernel's event queue and forces rescans). The scan is
    over when the first result appears. From then on one more job is renamed in for every result,
-   so D jobs stay waiting, and the rate of W results (2,000) is measured after skipping W/10.
+   so D jobs stay waiting, and after skipping W/10 results the rate of W results (2,000) is
+   measured 3 times in a row (once with --quick); the median is the figure.
    The ratio of each depth's rate to the 100-deep rate shows whether the per-job cost depends on
    how much is waiting. In full mode the supervisor then drains everything; its RSS after the
    deepest drain, divided by its RSS after the 100-deep drain, is the RSS flatness figure.
@@ -634,12 +635,13 @@ def prepopulate(spool: Spool, depth: int) -> None:
     note(f"wrote {depth} job files into the inbox in {time.perf_counter() - t0:.1f} s")
 
 
-def depth_run(plan: Plan, concurrency: int, depth: int) -> dict[str, float]:
-    """`depth` jobs waiting from start-up; the rate of plan.window results with the depth kept."""
+def depth_run(plan: Plan, concurrency: int, depth: int) -> dict[str, Any]:
+    """`depth` jobs waiting from start-up; the rate of plan.window results with the depth kept,
+    median of plan.rounds windows in a row."""
     skip = max(10, plan.window // 10)
     with fresh_spool(plan.parent) as spool, ResultWatch(spool.results) as watch:
         prepopulate(spool, depth)
-        feeder = Feeder(spool, spool.stage(ids("more", skip + plan.window)))
+        feeder = Feeder(spool, spool.stage(ids("more", skip + plan.window * plan.rounds)))
         wait_quiet(plan, f"depth {depth}")
         t_start = time.perf_counter()
         with supervising(spool, concurrency) as sup:
@@ -647,13 +649,17 @@ def depth_run(plan: Plan, concurrency: int, depth: int) -> dict[str, float]:
             scan = time.perf_counter() - t_start
             rss_scanned = sup.rss()
             feeder(watch.count)
-            t_a = watch.wait(watch.count + skip, sup, on_new=feeder)
-            c_a, cpu_a = watch.count, sup.cpu()
-            t_b = watch.wait(c_a + plan.window, sup, on_new=feeder)
-            c_b, cpu_b = watch.count, sup.cpu()
+            t_b = watch.wait(watch.count + skip, sup, on_new=feeder)
+            rates, cpus = [], []
+            for _ in range(plan.rounds):
+                t_a, c_a, cpu_a = t_b, watch.count, sup.cpu()
+                t_b = watch.wait(c_a + plan.window, sup, on_new=feeder)
+                c_b = watch.count
+                rates.append((c_b - c_a) / (t_b - t_a))
+                cpus.append((sup.cpu() - cpu_a) / (c_b - c_a) * 1e6)
             feeder.on = False
-            out = {"rate": (c_b - c_a) / (t_b - t_a), "cpu_us": (cpu_b - cpu_a) / (c_b - c_a) * 1e6,
-                   "scan_s": scan, "rss_scanned": rss_scanned}
+            out: dict[str, Any] = {"rate": median(rates), "cpu_us": median(cpus), "rates": rates,
+                                   "scan_s": scan, "rss_scanned": rss_scanned}
             if plan.drain:
                 total = depth + feeder.dropped
                 t_d = watch.wait(total, sup)
@@ -813,9 +819,10 @@ def report_latency(rep: Report, lat: dict[str, float], fork_us: float) -> None:
         rep.add(f"latency_{key}_ms", label, lat[key], "ms", lat[key] / fork_ms, "bare fork")
 
 
-def report_depths(rep: Report, depths: dict[int, dict[str, float]], fork_rate: float) -> None:
+def report_depths(rep: Report, depths: dict[int, dict[str, Any]], fork_rate: float) -> None:
     """Print throughput, CPU and RSS by inbox depth."""
-    rep.section(f"inbox depth: D waiting before start, rate of {rep.plan.window} results with D kept")
+    rep.section(f"inbox depth: D waiting before start, rate of {rep.plan.window} results with D kept "
+                f"(median of {rep.plan.rounds} in a row)")
     first = depths[min(depths)]
     for d, r in depths.items():
         rep.add(f"inbox_{d}_per_s", f"{d:,} waiting: throughput", r["rate"], "jobs/s",
@@ -883,7 +890,7 @@ def run(plan: Plan) -> Report:
     depths = {}
     for d in plan.depths:
         depths[d] = depth_run(plan, best, d)
-        note(f"depth {d}: {depths[d]['rate']:.1f} jobs/s")
+        note(f"depth {d}: " + ", ".join(f"{r:.1f}" for r in depths[d]["rates"]) + " jobs/s")
     report_depths(rep, depths, fork_rate)
     peaks = [r["rss_peak"] for r in (*bursts.values(), nofsync, *depths.values())]
     judge(rep, peaks)
