@@ -1,4 +1,4 @@
-"""Crash-safe file primitives: atomic write, no-replace publish, safe open with a size cap."""
+"""Crash-safe file primitives: atomic write, safe open with a size cap."""
 
 from __future__ import annotations
 
@@ -24,13 +24,18 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def _write_tmp(path: Path, data: bytes, fsync: bool, tmp: Path | None = None) -> Path:
-    tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_tmp(path: Path, data: bytes, fsync: bool) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         if fsync:
             os.fsync(fd)
     except BaseException:
@@ -48,25 +53,6 @@ def write_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
     os.replace(tmp, path)
     if fsync:
         fsync_dir(path.parent)
-
-
-def publish_noreplace(path: Path, data: bytes, *, fsync: bool = True, sync_dir: bool = True,
-                      tmp: Path | None = None) -> bool:
-    """Create `path` with `data` atomically unless it exists; return False when it already did.
-
-    With `sync_dir` False the caller fsyncs the directory itself (to batch it). `tmp` is an
-    empty file made ahead in the same directory to write into (it is used up either way).
-    """
-    tmp = _write_tmp(path, data, fsync, tmp)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
-    if fsync and sync_dir:
-        fsync_dir(path.parent)
-    return True
 
 
 def open_regular(path: str | Path) -> tuple[int, os.stat_result]:

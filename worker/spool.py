@@ -40,8 +40,9 @@ class Spool:
         self.done, self.failed, self.rejected = d / "done", d / "failed", d / "rejected"
         self.status_files = fsutil.FilePool(self.status_dir)
         self._lock_fd: int | None = None
-        self._unsynced_results = False
         self._next_result: Path | None = None  # an empty file for the next result
+        #: results written in this loop pass, not yet under their names: id -> (file, fd, doc)
+        self._staged: dict[str, tuple[Path, int, dict[str, Any]]] = {}
         self._seq = itertools.count()
         # per-job paths as strings (see `path`)
         self._results, self._status, self._cancel, self._done, self._failed = (
@@ -205,26 +206,64 @@ class Spool:
         return f"{self._results}/{job_id}-result.json"
 
     def publish_result(self, job_id: str, doc: dict[str, Any]) -> bool:
-        """Write the result once; False when one already exists (it is never replaced).
+        """Write the result of `job_id` now into a hidden file, which `sync_results` fsyncs and
+        links under its name; False when the job has one already (it is never replaced)."""
+        if self.has_result(job_id):
+            return False
+        fd, tmp = self._result_file_ahead()
+        try:
+            fsutil.write_all(fd, dumps_pretty(doc))
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        self._staged[job_id] = (tmp, fd, doc)
+        return True
 
-        The file is fsync'd; its directory entry becomes durable at the next `sync_results`.
-        """
+    def _result_file_ahead(self) -> tuple[int, Path]:
+        """The file made ahead, opened (a new one when it is not exactly the empty file made)."""
         tmp, self._next_result = self._next_result, None
-        if tmp is not None and not _untouched(tmp):
-            tmp = None  # never write into a file that is not exactly the empty one made
-        made = fsutil.publish_noreplace(self.result_path(job_id), dumps_pretty(doc),
-                                        fsync=self.fsync, sync_dir=False, tmp=tmp)
-        self._unsynced_results |= made
-        return made
+        if tmp is not None and _untouched(tmp):
+            return os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC), tmp
+        return self._make_result_file()
+
+    def _make_result_file(self) -> tuple[int, Path]:
+        path = self.results / f"{_NEXT_RESULT}{os.getpid()}-{time.time_ns()}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(path, flags, 0o644), path
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether results written wait for `sync_results`."""
+        return bool(self._staged)
+
+    def sync_results(self) -> list[str]:
+        """Make every result written since the last call durable under its name (each file
+        fsync'd, then linked; one directory fsync); return the ids whose name was taken."""
+        staged, self._staged = self._staged, {}
+        taken = []
+        for job_id, (tmp, fd, _) in staged.items():
+            try:
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, self._result_file(job_id))
+            except FileExistsError:
+                taken.append(job_id)
+            finally:
+                os.unlink(tmp)
+        if self.fsync and len(taken) < len(staged):
+            fsutil.fsync_dir(self.results)
+        return taken
 
     def premake_result(self) -> None:
         """Have an empty file ready for the next result: a new inode can take milliseconds
         on ext4 without a journal, and now no job is waiting for it."""
         if self._next_result is None:
-            path = self.results / f"{_NEXT_RESULT}{os.getpid()}-{time.time_ns()}.tmp"
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            os.close(os.open(path, flags, 0o644))
-            self._next_result = path
+            fd, self._next_result = self._make_result_file()
+            os.close(fd)
 
     def sweep_results(self) -> int:
         """Remove every file made ahead for a result by an earlier run (one killed between
@@ -237,19 +276,15 @@ class Spool:
                     n += 1
         return n
 
-    def sync_results(self) -> None:
-        """Make every result published since the last call durable (one directory fsync)."""
-        if self._unsynced_results and self.fsync:
-            fsutil.fsync_dir(self.results)
-        self._unsynced_results = False
-
     def read_result(self, job_id: str) -> dict[str, Any] | None:
-        """The result of `job_id`, or None."""
+        """The result of `job_id` (written in this loop pass, or under its name), or None."""
+        if (staged := self._staged.get(job_id)) is not None:
+            return staged[2]
         return _read_json(self.result_path(job_id))
 
     def has_result(self, job_id: str) -> bool:
-        """True once `job_id` has its result."""
-        return os.path.exists(self._result_file(job_id))
+        """True once `job_id` has its result (written in this loop pass, or under its name)."""
+        return job_id in self._staged or os.path.exists(self._result_file(job_id))
 
     # -- cancel requests ----------------------------------------------------------------------
 

@@ -287,6 +287,8 @@ class Supervisor:
         m.oldest_queued_age.set(time.time() - oldest if oldest else 0.0)
 
     def _timeout(self) -> float:
+        if self.to_archive or self.spool.unsynced:
+            return 0.0  # a job ended after this pass made its results durable
         now = time.monotonic()
         nearest = now + HOUSEKEEPING
         for other in (self.service.next_deadline(), self.remote.next_deadline()):
@@ -857,10 +859,13 @@ class Supervisor:
         memory.trim()
 
     def _archive_ended(self) -> None:
-        """Once per pass: one fsync makes this pass's results durable, then archive and ack."""
+        """Once per pass, after its fork requests: make this pass's results durable, then
+        archive and ack their jobs. A result's fsyncs never hold up the next job's fork."""
+        for job_id in self.spool.sync_results():
+            log.warning("job %r: a result already existed; kept the first", job_id,
+                        extra={"job_id": job_id, "worker_id": self.settings.worker_id})
         if not self.to_archive:
             return
-        self.spool.sync_results()
         for job, ok, reason in self.to_archive:
             self.spool.archive(job.where, job.claimed, job.job_id, ok, reason)
             if job.message_id:

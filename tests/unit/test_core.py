@@ -94,14 +94,6 @@ def test_a_missing_field_says_so() -> None:
 # -- files ------------------------------------------------------------------------------------
 
 
-def test_publish_noreplace_keeps_the_first(tmp_path: Path) -> None:
-    target = tmp_path / "r.json"
-    assert fsutil.publish_noreplace(target, b"first")
-    assert not fsutil.publish_noreplace(target, b"second")
-    assert target.read_bytes() == b"first"
-    assert sorted(os.listdir(tmp_path)) == ["r.json"]  # no temporary left behind
-
-
 def test_write_atomic_replaces_whole(tmp_path: Path) -> None:
     target = tmp_path / "s.json"
     fsutil.write_atomic(target, b"old")
