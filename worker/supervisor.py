@@ -351,6 +351,7 @@ class Supervisor:
             return
         acc = self.intake.admit(ACTIVE, claimed, data, f"message {message_id}")
         if acc is None:
+            self._sync_results()  # the queue shares the rejection's result from its file
             self.remote.reject(message_id, self.intake.last_rejection or {})
             return
         acc.job.message_id = message_id
@@ -861,9 +862,7 @@ class Supervisor:
     def _archive_ended(self) -> None:
         """Once per pass, after its fork requests: make this pass's results durable, then
         archive and ack their jobs. A result's fsyncs never hold up the next job's fork."""
-        for job_id in self.spool.sync_results():
-            log.warning("job %r: a result already existed; kept the first", job_id,
-                        extra={"job_id": job_id, "worker_id": self.settings.worker_id})
+        self._sync_results()
         if not self.to_archive:
             return
         for job, ok, reason in self.to_archive:
@@ -871,6 +870,12 @@ class Supervisor:
             if job.message_id:
                 self.remote.acknowledge(job.message_id, job.job_id, ok)
         self.to_archive.clear()
+
+    def _sync_results(self) -> None:
+        """Put every result written so far durably under its name."""
+        for job_id in self.spool.sync_results():
+            log.warning("job %r: a result already existed; kept the first", job_id,
+                        extra={"job_id": job_id, "worker_id": self.settings.worker_id})
 
     def _cancel_queued(self, job: Job) -> None:
         self._conclude(job, self._ending(job, "cancelled", ErrorCode.CANCELLED,
