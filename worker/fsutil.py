@@ -1,4 +1,4 @@
-"""Crash-safe file primitives: atomic write, safe open with a size cap."""
+"""Crash-safe file primitives: atomic write, no-replace publish, safe open with a size cap."""
 
 from __future__ import annotations
 
@@ -53,6 +53,24 @@ def write_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
     os.replace(tmp, path)
     if fsync:
         fsync_dir(path.parent)
+
+
+def publish_noreplace(tmp: Path, path: Path, *, fsync: bool = True) -> bool:
+    """Put the written file `tmp` under `path` (fsync'd first) unless `path` exists; `tmp`'s
+    own name is gone either way. False when `path` existed. The caller fsyncs the directory."""
+    if fsync:
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
 
 
 def open_regular(path: str | Path) -> tuple[int, os.stat_result]:

@@ -41,8 +41,9 @@ class Spool:
         self.status_files = fsutil.FilePool(self.status_dir)
         self._lock_fd: int | None = None
         self._next_result: Path | None = None  # an empty file for the next result
-        #: results written in this loop pass, not yet under their names: id -> (file, fd, doc)
-        self._staged: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+        #: results written in this loop pass, not yet under their names: id -> hidden file
+        self._staged: dict[str, Path] = {}
+        self._unsynced_dir = False  # a result was linked since the results dir's last fsync
         self._seq = itertools.count()
         # per-job paths as strings (see `path`)
         self._results, self._status, self._cancel, self._done, self._failed = (
@@ -214,10 +215,11 @@ class Spool:
         try:
             fsutil.write_all(fd, dumps_pretty(doc))
         except BaseException:
-            os.close(fd)
             os.unlink(tmp)
             raise
-        self._staged[job_id] = (tmp, fd, doc)
+        finally:
+            os.close(fd)
+        self._staged[job_id] = tmp
         return True
 
     def _result_file_ahead(self) -> tuple[int, Path]:
@@ -239,23 +241,19 @@ class Spool:
 
     def sync_results(self) -> list[str]:
         """Make every result written since the last call durable under its name (each file
-        fsync'd, then linked; one directory fsync); return the ids whose name was taken."""
-        staged, self._staged = self._staged, {}
+        fsync'd, then linked; one directory fsync); return the ids whose name was taken.
+        On an error, what is not yet linked stays written, for the next call."""
         taken = []
-        for job_id, (tmp, fd, _) in staged.items():
-            try:
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, self._result_file(job_id))
-            except FileExistsError:
+        while self._staged:
+            job_id, tmp = next(iter(self._staged.items()))
+            if fsutil.publish_noreplace(tmp, self.result_path(job_id), fsync=self.fsync):
+                self._unsynced_dir = True
+            else:
                 taken.append(job_id)
-            finally:
-                os.unlink(tmp)
-        if self.fsync and len(taken) < len(staged):
+            del self._staged[job_id]
+        if self._unsynced_dir and self.fsync:
             fsutil.fsync_dir(self.results)
+        self._unsynced_dir = False
         return taken
 
     def premake_result(self) -> None:
@@ -278,9 +276,7 @@ class Spool:
 
     def read_result(self, job_id: str) -> dict[str, Any] | None:
         """The result of `job_id` (written in this loop pass, or under its name), or None."""
-        if (staged := self._staged.get(job_id)) is not None:
-            return staged[2]
-        return _read_json(self.result_path(job_id))
+        return _read_json(self._staged.get(job_id) or self.result_path(job_id))
 
     def has_result(self, job_id: str) -> bool:
         """True once `job_id` has its result (written in this loop pass, or under its name)."""

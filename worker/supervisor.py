@@ -138,6 +138,7 @@ class Supervisor:
         log.debug("start-up: %d objects exempt from garbage collection", frozen)
         self._recover()
         self._scan()
+        self._sync_results()  # the queue's own recovery reads them from their files
         self.remote.open(self.sel, self._deliver, self._on_cancel)
         self.service.ready(self._status_text())
         log.info("ready: worker %s, pool %s, %d slot(s), spool %s, %d job(s) queued",
@@ -209,7 +210,10 @@ class Supervisor:
             if z is not None:
                 z.close()
         self.spares.close()
-        self._archive_ended()
+        try:
+            self._archive_ended()
+        except OSError as e:  # its jobs stay claimed: recovery decides after the restart
+            log.error("could not make the last results durable: %s", e)
         self._remove_cgroups()
         self.remote.close()
         self.service.close()
@@ -351,8 +355,7 @@ class Supervisor:
             return
         acc = self.intake.admit(ACTIVE, claimed, data, f"message {message_id}")
         if acc is None:
-            self._sync_results()  # the queue shares the rejection's result from its file
-            self.remote.reject(message_id, self.intake.last_rejection or {})
+            self._reject_message(message_id)
             return
         acc.job.message_id = message_id
         self._admit(acc)
@@ -669,8 +672,8 @@ class Supervisor:
 
     def _finish_run(self, job: Job) -> None:
         """The run is over: kill what is left of it (nothing of a job may act once its result
-        is out), publish its result (or queue its retry), then give its cgroup back, which
-        whoever waits for the result need not wait for."""
+        is out), write its result (or queue its retry; made durable later in the pass), then
+        give its cgroup back."""
         run = job.run
         assert run is not None
         for msg in run.take_messages():
@@ -871,6 +874,11 @@ class Supervisor:
                 self.remote.acknowledge(job.message_id, job.job_id, ok)
         self.to_archive.clear()
 
+    def _reject_message(self, message_id: str) -> None:
+        """Tell the shared queue its message was refused; it shares the result from its file."""
+        self._sync_results()
+        self.remote.reject(message_id, self.intake.last_rejection or {})
+
     def _sync_results(self) -> None:
         """Put every result written so far durably under its name."""
         for job_id in self.spool.sync_results():
@@ -928,7 +936,7 @@ class Supervisor:
                                 attempt=(attempt + 1) if was_running and attempt else attempt)
         if acc is None:
             if message_id:
-                self.remote.reject(message_id, self.intake.last_rejection or {})
+                self._reject_message(message_id)
             return
         job = acc.job
         job.message_id = message_id

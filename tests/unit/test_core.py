@@ -94,6 +94,16 @@ def test_a_missing_field_says_so() -> None:
 # -- files ------------------------------------------------------------------------------------
 
 
+def test_publish_noreplace_keeps_the_first(tmp_path: Path) -> None:
+    target = tmp_path / "r.json"
+    for name, data in (("a.tmp", b"first"), ("b.tmp", b"second")):
+        (tmp_path / name).write_bytes(data)
+    assert fsutil.publish_noreplace(tmp_path / "a.tmp", target)
+    assert not fsutil.publish_noreplace(tmp_path / "b.tmp", target)
+    assert target.read_bytes() == b"first"
+    assert sorted(os.listdir(tmp_path)) == ["r.json"]  # neither written name is left
+
+
 def test_write_atomic_replaces_whole(tmp_path: Path) -> None:
     target = tmp_path / "s.json"
     fsutil.write_atomic(target, b"old")

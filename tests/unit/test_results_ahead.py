@@ -4,9 +4,12 @@ made ahead for it; nothing of it is left behind by the dead."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import orjson
+import pytest
 
 from worker.config import Settings
 from worker.spool import Spool
@@ -101,4 +104,32 @@ def test_a_name_taken_before_the_sync_keeps_its_file(tmp_path: Path) -> None:
     spool.result_path("j1").write_bytes(b'{"theirs": true}')  # another writer, meanwhile
     assert spool.sync_results() == ["j1"]
     assert orjson.loads(spool.result_path("j1").read_bytes()) == {"theirs": True}
+    assert _hidden(spool) == []
+
+
+def _immutable(path: Path, on: bool) -> None:
+    subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chattr") is None,
+                    reason="makes the results dir immutable: needs root and chattr (CI has both)")
+def test_a_sync_that_fails_keeps_every_result_not_yet_linked_for_the_next(
+        tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    assert spool.publish_result("a", {"a": 1}) and spool.publish_result("b", {"b": 2})
+    try:
+        _immutable(spool.results, True)
+    except subprocess.CalledProcessError:
+        pytest.skip("this filesystem has no immutable attribute")
+    try:
+        with pytest.raises(PermissionError):
+            spool.sync_results()  # link() is refused
+    finally:
+        _immutable(spool.results, False)
+    assert spool.unsynced and spool.has_result("a") and spool.has_result("b")
+    assert spool.read_result("b") == {"b": 2}
+    assert not spool.result_path("a").exists() and not spool.result_path("b").exists()
+    assert spool.sync_results() == []
+    assert orjson.loads(spool.result_path("a").read_bytes()) == {"a": 1}
+    assert orjson.loads(spool.result_path("b").read_bytes()) == {"b": 2}
     assert _hidden(spool) == []
