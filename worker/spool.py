@@ -244,8 +244,7 @@ class Spool:
         fsync'd, then linked; one directory fsync); return the ids whose name was taken.
         On an error, what is not yet linked stays written, for the next call."""
         taken = []
-        while self._staged:
-            job_id, tmp = next(iter(self._staged.items()))
+        for job_id, tmp in list(self._staged.items()):
             if fsutil.publish_noreplace(tmp, self.result_path(job_id), fsync=self.fsync):
                 self._unsynced_dir = True
             else:
