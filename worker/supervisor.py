@@ -873,6 +873,8 @@ class Supervisor:
             if job.message_id:
                 self.remote.acknowledge(job.message_id, job.job_id, ok)
         self.to_archive.clear()
+        if not self.ready and not self.backlog:
+            os.sched_yield()  # who waits for these results runs before the pass prepares for more
 
     def _reject_message(self, message_id: str) -> None:
         """Tell the shared queue its message was refused; it shares the result from its file."""
