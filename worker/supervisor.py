@@ -864,7 +864,8 @@ class Supervisor:
 
     def _archive_ended(self) -> None:
         """Once per pass, after its fork requests: make this pass's results durable, then
-        archive and ack their jobs. A result's fsyncs never hold up the next job's fork."""
+        archive and ack their jobs, then, when no job waits, give up the CPU once (the
+        client a result woke runs first). A result's fsyncs never hold up the next job's fork."""
         self._sync_results()
         if not self.to_archive:
             return
