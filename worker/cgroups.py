@@ -38,6 +38,17 @@ def _read(path: str | Path) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+def _pread_all(fd: int) -> str:
+    """The whole of an open cgroup file, read from its start: the kernel renders it afresh."""
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 4096, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+        if len(chunk) < 4096:
+            break
+    return b"".join(chunks).decode(errors="replace")
+
+
 def _keyed(text: str) -> dict[str, int]:
     out = {}
     for line in text.splitlines():
@@ -169,6 +180,8 @@ class JobCgroup:
     baseline: dict[str, int] = field(default_factory=dict)
     limited: tuple[int, int] | None = None  # (memory_mb, pids) last written
     procs: tuple[str, ...] = ()  # the cgroup.procs file of each dir, for join()
+    #: counter files kept open while the cgroup lives (fd by path), read again at each job
+    counters: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def create(cls, h: Hierarchies, name: str) -> JobCgroup:
@@ -246,24 +259,25 @@ class JobCgroup:
         out: dict[str, int] = {}
         if self.v2 is not None:
             if "memory" in self.v2_controllers:
-                peak = _read(f"{self.v2}/memory.peak").strip()
+                peak = self._counter(f"{self.v2}/memory.peak").strip()
                 if peak.isdigit():
                     out["memory_peak"] = int(peak)
-                events = _keyed(_read(f"{self.v2}/memory.events"))
+                events = _keyed(self._counter(f"{self.v2}/memory.events"))
                 if "oom_kill" in events:
                     out["oom_kill"] = events["oom_kill"]
-            out["cpu_usec"] = _keyed(_read(f"{self.v2}/cpu.stat")).get("usage_usec", 0)
+            out["cpu_usec"] = _keyed(self._counter(f"{self.v2}/cpu.stat")).get("usage_usec", 0)
             if "pids" in self.v2_controllers:
-                pev = _keyed(_read(f"{self.v2}/pids.events"))
+                pev = _keyed(self._counter(f"{self.v2}/pids.events"))
                 if "max" in pev:
                     out["pids_max_hit"] = pev["max"]
         if self.memory_v1 is not None:
-            peak = _read(f"{self.memory_v1}/memory.max_usage_in_bytes").strip()
+            peak = self._counter(f"{self.memory_v1}/memory.max_usage_in_bytes").strip()
             if peak.isdigit():
                 out["memory_peak"] = int(peak)
-            out["oom_kill"] = _keyed(_read(f"{self.memory_v1}/memory.oom_control")).get("oom_kill", 0)
+            oom = _keyed(self._counter(f"{self.memory_v1}/memory.oom_control"))
+            out["oom_kill"] = oom.get("oom_kill", 0)
         if self.pids_v1 is not None:
-            out["pids_max_hit"] = _keyed(_read(f"{self.pids_v1}/pids.events")).get("max", 0)
+            out["pids_max_hit"] = _keyed(self._counter(f"{self.pids_v1}/pids.events")).get("max", 0)
         return out
 
     def kill(self) -> None:
@@ -284,13 +298,14 @@ class JobCgroup:
         answers for every hierarchy (reading `cgroup.procs` costs far more).
         """
         if self.v2 is not None:
-            events = _keyed(_read(f"{self.v2}/cgroup.events"))
+            events = _keyed(self._counter(f"{self.v2}/cgroup.events"))
             if "populated" in events:
                 return events["populated"] == 0
         return all(not _read(f"{d}/cgroup.procs").strip() for d in self.dirs if d.exists())
 
     def remove(self) -> bool:
         """Remove the directories; False while a process (or zombie) still holds one."""
+        self.close()
         left = []
         for d in self.dirs:
             try:
@@ -301,6 +316,24 @@ class JobCgroup:
                 left.append(d)
         self.dirs = left
         return not left
+
+    def close(self) -> None:
+        """Close the counter files kept open (they open again when next read)."""
+        fds, self.counters = self.counters, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _counter(self, path: str) -> str:
+        """A counter file's text through its fd kept open (an open and a close fewer per read,
+        twice per job); '' when unreadable."""
+        fd = self.counters.get(path)
+        try:
+            if fd is None:
+                fd = self.counters[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            return _pread_all(fd)
+        except OSError:
+            return ""
 
 
 def _fresh(path: Path) -> Path:

@@ -239,6 +239,30 @@ def test_a_cgroup_counts_from_the_start_marked_while_its_spare_waited() -> None:
 
 
 @pytest.mark.skipif(not _hierarchies().layers, reason="needs a cgroup hierarchy")
+def test_a_cgroup_reads_its_counters_through_files_kept_open_until_it_is_removed() -> None:
+    h = cgroups.probe("guestkit-counters-test")
+    cgroups.sweep(h)
+    cg = cgroups.Pool(h).take("a")
+    try:
+        cg.mark_start()
+        kept = dict(cg.counters)
+        assert kept, "no counter file was read"
+        for path, fd in kept.items():
+            assert os.readlink(f"/proc/self/fd/{fd}") == path
+        cg.stats()
+        assert cg.empty()
+        assert {p: fd for p, fd in cg.counters.items() if p in kept} == kept  # read again, not reopened
+        opened = list(cg.counters.values())
+        assert cg.remove()
+        assert cg.counters == {}
+        for fd in opened:
+            with pytest.raises(OSError):
+                os.fstat(fd)  # closed with the cgroup
+    finally:
+        cgroups.sweep(h)
+
+
+@pytest.mark.skipif(not _hierarchies().layers, reason="needs a cgroup hierarchy")
 def test_a_job_in_a_cgroup_ends_on_its_result_with_the_cgroups_accounting(make_worker) -> None:
     w = make_worker("--log-level", "debug").start()
     # 512 MiB still mapped at exit: tearing it down outlasts the result's hand-over
