@@ -325,8 +325,8 @@ class JobCgroup:
                 os.close(fd)
 
     def _counter(self, path: str) -> str:
-        """A counter file's text through its fd kept open (an open and a close fewer per read,
-        twice per job); '' when unreadable."""
+        """A counter file's text, read through its fd kept open (no open and close at each of
+        a job's reads); '' when unreadable."""
         fd = self.counters.get(path)
         try:
             if fd is None:
