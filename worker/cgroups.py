@@ -27,25 +27,22 @@ def _read(path: str | Path) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ""
-    chunks = []
     try:
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
+        return _pread_all(fd)
     except OSError:
         return ""
     finally:
         os.close(fd)
-    return b"".join(chunks).decode(errors="replace")
 
 
 def _pread_all(fd: int) -> str:
-    """The whole of an open cgroup file, read from its start: the kernel renders it afresh."""
+    """The whole of an open file, read from its start (a cgroup file is rendered afresh).
+    Only an empty read ends it: the kernel's rendered files return short reads before
+    their end when the next line does not fit the page it renders into."""
     chunks, offset = [], 0
-    while chunk := os.pread(fd, 4096, offset):
+    while chunk := os.pread(fd, 65536, offset):
         chunks.append(chunk)
         offset += len(chunk)
-        if len(chunk) < 4096:
-            break
     return b"".join(chunks).decode(errors="replace")
 
 
