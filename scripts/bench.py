@@ -743,8 +743,17 @@ def machine(plan: Plan) -> dict[str, Any]:
     mounts = [m for m in psutil.disk_partitions(all=True) if where.startswith(m.mountpoint)]
     mount = max(mounts, key=lambda m: len(m.mountpoint)) if mounts else None
     return {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            "loadavg": os.getloadavg(), "spool_fs": mount.fstype if mount else "",
+            **interpreter(), "loadavg": os.getloadavg(), "spool_fs": mount.fstype if mount else "",
             "spool_mount_opts": mount.opts if mount else "", "spool_parent": where, **source_state()}
+
+
+def interpreter() -> dict[str, str]:
+    """The Python every process of the run executes, and how it holds libpython: "static"
+    (linked into the executable, as Debian's) or the shared library's path."""
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    with open("/proc/self/maps") as maps:
+        shared = {line.split()[-1] for line in maps if "/libpython" in line}
+    return {"python_executable": base, "libpython": ", ".join(sorted(shared)) or "static"}
 
 
 def source_state() -> dict[str, Any]:
@@ -910,6 +919,8 @@ def run(plan: Plan) -> Report:
     rep = Report(plan)
     t0 = time.perf_counter()
     code_before = source_state()["code_sha256"]
+    py = interpreter()
+    note(f"Python {platform.python_version()} at {py['python_executable']}, libpython {py['libpython']}")
     disk = settle_disk(plan)
     b = baseline(plan)
     fork_rate, fork_us = report_baseline(rep, b)

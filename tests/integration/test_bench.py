@@ -46,6 +46,10 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     assert not bad
     assert len(report["targets"]) == 7
     assert report["details"]["disk"]["journal"] in (True, False, None)
+    machine = report["machine"]  # the interpreter every measured process ran on
+    assert machine["python_executable"] == os.path.realpath(sys._base_executable)
+    assert machine["libpython"] == "static" or "libpython" in machine["libpython"]
+    assert f"at {machine['python_executable']}, libpython {machine['libpython']}" in proc.stderr + proc.stdout
     assert all(isinstance(t["pass"], bool) and math.isfinite(t["value"]) for t in report["targets"])
     assert "PASS" in proc.stdout or "MISS" in proc.stdout
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("gkw-bench-")]
