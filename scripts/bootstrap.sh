@@ -29,7 +29,17 @@ if [ ${#want[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
 fi
 
-python=${PYTHON:-python3}
+# The interpreter: $PYTHON when set; else the distribution's /usr/bin/python3 when it is 3.11
+# or newer, else python3 on PATH. Debian builds its python3 with LTO and profile-guided
+# optimisation and links libpython into the executable; the supervisor spends less CPU per
+# job on it than on a self-built --enable-shared interpreter (docs/architecture.md).
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  python=python3
+  if /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    python=/usr/bin/python3
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
