@@ -42,6 +42,12 @@ if [ -z "$python" ]; then
 fi
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
+else  # an existing .venv is kept; say when it runs on another interpreter than chosen now
+  where='import os, sys; print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))'
+  have=$(.venv/bin/python -c "$where") want=$("$python" -c "$where" 2>/dev/null || true)
+  if [ -n "$want" ] && [ "$have" != "$want" ]; then
+    echo "bootstrap: note: .venv runs $have, not $want; remove .venv to rebuild it on the latter" >&2
+  fi
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
