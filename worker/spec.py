@@ -149,10 +149,11 @@ def rfc3339(ts: datetime | None = None) -> str:
 
 
 def safe_job_id(raw: Any) -> str | None:
-    """Return `raw["job_id"]` when it is usable in file names, else None."""
+    """Return `raw["job_id"]` when it is usable in file names, else None (`fullmatch`: the
+    pattern's `$` alone would let a final newline through)."""
     if isinstance(raw, dict):
         jid = raw.get("job_id")
-        if isinstance(jid, str) and JOB_ID_RE.match(jid):
+        if isinstance(jid, str) and JOB_ID_RE.fullmatch(jid):
             return jid
     return None
 

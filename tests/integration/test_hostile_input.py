@@ -51,6 +51,16 @@ def test_a_safe_job_id_gets_a_failed_result_too(worker: Worker) -> None:
     assert "job 'zero-t'" in res["error"]["message"]
 
 
+def test_a_job_id_with_a_final_newline_is_not_used_in_a_file_name(worker: Worker) -> None:
+    """A pattern's `$` matches before a final newline too: such an id gets no result file."""
+    worker.drop(orjson.dumps(job("nl\n")), name="nl.json")
+    reason = _rejected(worker, "nl.json")
+    assert reason["job_id"] is None, reason
+    assert reason["message"].startswith("job file nl.json: field 'job_id': expected"), reason
+    _alive(worker, "nl")
+    assert not [name for name in os.listdir(worker.results) if "\n" in name]
+
+
 def test_unsupported_version_has_its_own_code(worker: Worker) -> None:
     worker.drop({**job("v9"), "version": "9.0"})
     assert worker.wait_result("v9")["error"]["code"] == "UNSUPPORTED_VERSION"
