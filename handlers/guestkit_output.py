@@ -118,6 +118,6 @@ def _yaml_scalar(value: Any) -> str:
     if isinstance(value, dict | list):
         return "{}" if isinstance(value, dict) else "[]"
     text = str(value)
-    if _PLAIN_YAML.match(text) and text.lower() not in _YAML_WORDS:
+    if _PLAIN_YAML.fullmatch(text) and text.lower() not in _YAML_WORDS:  # `$` passes a final \n
         return text
     return json.dumps(text)

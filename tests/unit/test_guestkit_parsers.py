@@ -127,6 +127,8 @@ def test_format_names_and_yaml_output() -> None:
     text = to_yaml(data)
     assert text == ('a:\n  - id: X\n    "n": null\n    s: "yes"\n  - []\nb:\n  c: "x: y"\n'
                     '  d: 1.5\n')
+    # a value read from an image may end in a newline: quoted, or YAML would drop it
+    assert to_yaml({"h": "web01\n"}) == 'h: "web01\\n"\n'
     yaml = pytest.importorskip("yaml", reason="PyYAML absent: emitter checked by text only")
     assert yaml.safe_load(text) == json.loads(json.dumps(data))
 
