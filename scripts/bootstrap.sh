@@ -31,8 +31,8 @@ fi
 
 # The interpreter: $PYTHON when set; else the distribution's /usr/bin/python3 when it is 3.11
 # or newer, else python3 on PATH. Debian builds its python3 with LTO and profile-guided
-# optimisation and links libpython into the executable; the supervisor spends less CPU per
-# job on it than on a self-built --enable-shared interpreter (docs/architecture.md).
+# optimisation and links libpython into the executable: a lone job's latency was 10-15 %
+# lower on it than on a self-built one with a shared libpython (docs/architecture.md).
 python=${PYTHON:-}
 if [ -z "$python" ]; then
   python=python3
