@@ -48,3 +48,17 @@ def test_kill_9_of_the_supervisor_takes_the_zygote_and_its_jobs(make_worker) -> 
     pids = [_zygote(w)] + [c.pid for c in w.children()]
     w.kill()
     wait_until(lambda: no_process_left(pids), [w.base], 10, "the zygote and its job to die")
+
+
+def test_a_job_ended_by_its_exit_is_measured_by_the_rusage_its_zygote_reports(make_worker) -> None:
+    """Without a cgroup, a killed job's CPU and peak memory are its wait4 rusage, which the
+    forker that reaped it sends to the supervisor."""
+    w = make_worker("--isolation", "user").start()
+    w.drop(job("measured", "test.probe", {"actions": [["hold", 64]], "then_sleep": True},
+               timeout_seconds=1))
+    res = w.wait_result("measured")
+    assert res["error"]["code"] == "TIMEOUT", res
+    m = res["metrics"]
+    assert "cgroup" not in m, m
+    assert 64 < m["peak_memory_mb"] < 160, m  # the 64 MiB it touched, and the interpreter
+    assert 0 < m["cpu_seconds"] < 1.5, m  # touching them took CPU; sleeping after, none
