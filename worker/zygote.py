@@ -18,6 +18,7 @@ import array
 import contextlib
 import os
 import pickle
+import resource
 import select
 import signal
 import socket
@@ -25,7 +26,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, NoReturn
 
 from handlers.base import Handler
@@ -43,8 +43,8 @@ from worker.netns import NetPool
 
 #: A report: ("spawned", token, pid), ("failed", token, why), ("exited", pid, status, rusage)
 #: or, once set up, ("ready", how many at-fork hooks its children skip). An exit's rusage
-#: travels as a tuple of the five fields read (a namespace pickled in the zygote wrote 11 more
-#: of its pages per job, each one copied while a child shared it) and is read as a namespace.
+#: travels as a plain tuple (pickling an object in the zygote wrote 11 more of its pages per
+#: job, each one copied while a child shared it) and is read back as wait4's struct_rusage.
 Report = tuple[Any, ...]
 _INLINE = 1 << 16  # a larger job spec travels in a memfd
 _RECV = 1 << 20
@@ -188,9 +188,7 @@ class Zygote:
             raise OSError(f"the {self.name} has gone away")
         report: Report = pickle.loads(data)
         if report[0] == "exited":
-            ut, st, rss, rd, wr = report[3]
-            report = (*report[:3], SimpleNamespace(ru_utime=ut, ru_stime=st, ru_maxrss=rss,
-                                                   ru_inblock=rd, ru_oublock=wr))
+            report = (*report[:3], resource.struct_rusage(report[3]))
         return report
 
 
@@ -360,8 +358,7 @@ class _Server:
     def _report_exits(self) -> None:
         for pid, status, ru in sandbox.reaped():
             self.nets.reaped(pid)
-            self._send(("exited", pid, status, (ru.ru_utime, ru.ru_stime, ru.ru_maxrss,
-                                                 ru.ru_inblock, ru.ru_oublock)))
+            self._send(("exited", pid, status, tuple(ru)))
 
     def _send(self, msg: Report) -> None:
         self.sock.send(pickle.dumps(msg))
