@@ -423,11 +423,12 @@ class Supervisor:
         if acc is not None:
             self._admit(acc, seq=entry.seq)
 
-    def _wait(self, job: Job, why: str) -> None:
+    def _wait(self, job: Job, why: str, level: int = logging.WARNING) -> None:
+        """Hold `job` back until what it waits for changes, or fail it at its deadline."""
         job.waiting_for = why
         self.waiting.add(job.job_id)
         self._write_status(job)
-        self._log(job, "waiting: %s", why, level=logging.WARNING)
+        self._log(job, "waiting: %s", why, level=level)
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -565,10 +566,10 @@ class Supervisor:
         holder = self.remote.take_key(key, job.job_id)
         owner = self.spool.key_owner(key) if holder == job.job_id else holder
         if owner and owner != job.job_id:
-            if owner in self.jobs:
+            if owner in self.jobs:  # woken when it ends; failed at its own deadline before
                 self.key_waiters.setdefault(key, []).append(job.job_id)
-                job.waiting_for = f"idempotency key {key!r} is held by job {owner!r}, not yet finished"
-                self._write_status(job)
+                self._wait(job, f"idempotency key {key!r} is held by job {owner!r}, not yet "
+                                "finished", level=logging.INFO)
                 return False
             first = self.remote.result(owner) or self.spool.read_result(owner)
             if first and first.get("status") == "completed":
@@ -840,6 +841,7 @@ class Supervisor:
                 other = self.jobs.get(waiter)
                 if other is not None and other.state is JobState.QUEUED:
                     other.waiting_for = None
+                    self.waiting.discard(waiter)
                     self._enqueue(other)
 
     def _recycle_workdir(self, job: Job) -> None:

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import psutil
@@ -143,6 +144,20 @@ def test_a_job_waits_for_a_running_job_with_the_same_key(make_worker) -> None:
     res = w.wait_result("follower")
     assert res["idempotent_replay"] == {"job_id": "holder"}
     assert w.runs("follower") == []
+
+
+def test_a_job_waiting_for_a_key_fails_at_its_deadline_while_the_holder_runs(make_worker) -> None:
+    w = make_worker("--shutdown-timeout", "1").start()
+    w.drop(job("long-holder", "test.sleep", {"seconds": 60}, idempotency_key="k-4"))
+    _running(w, 1)
+    due = datetime.now(UTC) + timedelta(seconds=2)
+    w.drop(job("impatient", "test.ledger", {}, idempotency_key="k-4",
+               deadline=due.isoformat().replace("+00:00", "Z")))
+    res = w.wait_result("impatient", timeout=20)
+    assert res["error"]["code"] == "DEADLINE_EXCEEDED", res["error"]
+    assert "k-4" in res["error"]["message"] and "long-holder" in res["error"]["message"]
+    assert w.result("long-holder") is None  # it still runs: nobody waited for its end
+    assert w.runs("impatient") == []
 
 
 def test_a_failed_key_may_run_again(worker: Worker) -> None:
