@@ -73,6 +73,12 @@ def publish_noreplace(tmp: Path, path: Path, *, fsync: bool = True) -> bool:
     return True
 
 
+def printable(name: str) -> str:
+    """A file name as text any JSON or log line can hold: bytes that are not UTF-8 appear
+    as \\xNN escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def open_regular(path: str | Path) -> tuple[int, os.stat_result]:
     """Open `path` for reading without following a symlink; raise UnsafeFile unless it is a regular file."""
     try:
@@ -80,6 +86,9 @@ def open_regular(path: str | Path) -> tuple[int, os.stat_result]:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UnsafeFile("is a symbolic link; job files must be regular files") from e
+        with contextlib.suppress(OSError):  # a socket cannot be opened (ENXIO): say what it is
+            if not stat.S_ISREG(mode := os.lstat(path).st_mode):
+                raise UnsafeFile(f"is a {_kind(mode)}, not a regular file") from e
         raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):

@@ -48,20 +48,27 @@ class Intake:
         self.capabilities = registry.capabilities()
         self.features = registry.features()
         self.last_rejection: dict[str, Any] | None = None
+        #: inbox names left because a writer had them open: looked at again now and then,
+        #: as the writer's close is seen only when it opened the file in the inbox
+        self.still_open: set[str] = set()
 
     def take(self, name: str) -> Accepted | None:
         """Claim and validate inbox file `name`; None when gone, still open, or rejected."""
+        self.still_open.discard(name)
         src = self.spool.inbox_file(name)
+        label = fsutil.printable(name)
         try:
             fd, st = fsutil.open_regular(src)
         except FileNotFoundError:
             return None
         except UnsafeFile as e:
-            self._reject(src, None, ErrorCode.VALIDATION_ERROR, f"job file {name}: {e}")
+            self._reject(src, None, ErrorCode.VALIDATION_ERROR, f"job file {label}: {e}",
+                         name=name)
             return None
         try:
             if fsutil.has_writer(fd):
-                return None  # its close will bring another event
+                self.still_open.add(name)
+                return None
             claimed = self.spool.claim(name)
             if claimed is None:
                 return None
@@ -69,11 +76,11 @@ class Intake:
                 data = fsutil.read_capped(fd, st.st_size, self.settings.max_job_bytes)
             except UnsafeFile as e:
                 self._reject(self.spool.path(ACTIVE, claimed), None, ErrorCode.VALIDATION_ERROR,
-                             f"job file {name}: {e}")
+                             f"job file {label}: {e}")
                 return None
         finally:
             os.close(fd)
-        return self.admit(ACTIVE, claimed, data, label=name)
+        return self.admit(ACTIVE, claimed, data, label=label)
 
     def admit(self, where: str, claimed: str, data: bytes, label: str,
               attempt: int | None = None) -> Accepted | None:
@@ -144,18 +151,19 @@ class Intake:
         )
 
     def _reject(self, src: str | Path, job_id: str | None, code: ErrorCode, message: str,
-                duplicate_of: str | None = None) -> None:
-        """Move a file aside with its reason; write a failed result when a safe, new id is known."""
+                duplicate_of: str | None = None, name: str | None = None) -> None:
+        """Move a file aside with its reason (`name`: its inbox name, when it was not claimed);
+        write a failed result when a safe, new id is known."""
         record: dict[str, Any] = {"job_id": job_id or duplicate_of, "code": code.value,
                                   "message": message}
         if duplicate_of:
             record["duplicate_of"] = duplicate_of
         self.last_rejection = record
         try:
-            dest = self.spool.reject(src, record)
+            dest = self.spool.reject(src, record, name)
         except FileNotFoundError:
             return
-        log.warning("rejected %s: %s", dest.name, message,
+        log.warning("rejected %s: %s", fsutil.printable(dest.name), message,
                     extra={"job_id": job_id or duplicate_of, "state": "failed"})
         if job_id and not self.known(job_id):
             end = Ending(job_id=job_id, status="failed", code=code, message=message,

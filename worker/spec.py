@@ -12,6 +12,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from worker.errors import ErrorCode, JobRejected
 
 PROTOCOL_VERSION = "1.0"
+#: How deep arrays and objects may nest in a job document: serde_json's default limit, so
+#: what the original worker could read. Deeper data could not cross to the job's child
+#: (pickle) nor come back in its result (orjson writes at most 254 levels).
+MAX_NESTING = 128
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OPERATION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9][a-z0-9_-]*)+$")
 PAYLOAD_TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.v[0-9]+$")
@@ -158,6 +162,22 @@ def safe_job_id(raw: Any) -> str | None:
     return None
 
 
+def too_deep(raw_bytes: bytes, doc: Any) -> str | None:
+    """The field (dotted, at most 3 parts) under which `doc` nests arrays and objects more
+    than MAX_NESTING levels deep, or None; `raw_bytes` (its JSON) rules most documents out
+    without a walk."""
+    if raw_bytes.count(b"[") + raw_bytes.count(b"{") <= MAX_NESTING:
+        return None
+    stack: list[tuple[Any, tuple[str, ...]]] = [(doc, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) >= MAX_NESTING:
+            return ".".join(path[:3])
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        stack.extend((v, (*path, str(k))) for k, v in items if isinstance(v, dict | list))
+    return None
+
+
 def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]]:
     """Decode and validate a job document; raise JobRejected naming the job and the field."""
     try:
@@ -174,6 +194,10 @@ def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]
         )
     jid = safe_job_id(raw)
     who = f"job {jid!r}" if jid else f"job file {label}"
+    if (deep := too_deep(raw_bytes, raw)) is not None:
+        raise JobRejected(ErrorCode.VALIDATION_ERROR,
+                          f"{who}: field {deep!r}: expected arrays and objects nested at most "
+                          f"{MAX_NESTING} levels deep, got more", jid)
     if "version" in raw and raw["version"] != PROTOCOL_VERSION:
         raise JobRejected(
             ErrorCode.UNSUPPORTED_VERSION,
@@ -204,8 +228,10 @@ def describe(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
+#: What a valid job id is, in words.
+JOB_ID_TEXT = "1-128 characters of A-Z a-z 0-9 . _ -, the first a letter or digit"
 _PATTERN_TEXT = {
-    JOB_ID_RE.pattern: "1-128 characters of A-Z a-z 0-9 . _ -, the first a letter or digit",
+    JOB_ID_RE.pattern: JOB_ID_TEXT,
     OPERATION_RE.pattern: "a lower-case dotted name such as 'system.echo'",
     PAYLOAD_TYPE_RE.pattern: "'<namespace>.<name>.v<N>', e.g. 'system.echo.v1'",
 }

@@ -15,8 +15,8 @@ from typing import Any
 
 from worker import fsutil
 from worker.config import Settings
-from worker.errors import SpoolLocked
-from worker.spec import dumps, dumps_pretty, loads, rfc3339
+from worker.errors import ConfigError, SpoolLocked
+from worker.spec import JOB_ID_RE, dumps, dumps_pretty, loads, rfc3339
 
 #: Up to this many inbox files, a scan takes them oldest-named first.
 SORTED_SCAN = 10_000
@@ -51,12 +51,17 @@ class Spool:
                                    self.failed))
 
     def setup(self) -> None:
-        """Create every directory of the spool."""
-        fsutil.makedirs(
-            self.inbox, self.inbox / ACTIVE, self.inbox / RETRY, self.tmp, self.status_dir,
-            self.cancel_dir, self.keys, self.done, self.failed, self.rejected, self.results,
-            self.work,
-        )
+        """Create every directory of the spool; ConfigError naming the one that cannot be."""
+        try:
+            fsutil.makedirs(
+                self.inbox, self.inbox / ACTIVE, self.inbox / RETRY, self.tmp, self.status_dir,
+                self.cancel_dir, self.keys, self.done, self.failed, self.rejected, self.results,
+                self.work,
+            )
+        except OSError as e:
+            raise ConfigError(f"the spool's directories (jobs_dir {self.inbox}, results_dir "
+                              f"{self.results}, work_dir {self.work}) cannot be made: "
+                              f"{e.filename}: {e.strerror}") from None
         self.status_files.open()
 
     def lock(self) -> None:
@@ -95,7 +100,7 @@ class Spool:
 
     def claim(self, name: str) -> str | None:
         """Move an inbox file into .active under a unique name; None when it is gone."""
-        claimed = f"{time.time_ns():020d}-{next(self._seq):06d}-{name}"
+        claimed = f"{time.time_ns():020d}-{next(self._seq):06d}-{_short(name)}"  # UTF-8
         try:
             os.rename(self.inbox_file(name), self.path(ACTIVE, claimed))
         except FileNotFoundError:
@@ -133,14 +138,21 @@ class Spool:
         """Every claimed job file as (where, name), for recovery."""
         return [(w, n) for w in (ACTIVE, RETRY) for n in sorted(os.listdir(self.inbox / w))]
 
-    def reject(self, src: str | Path, record: dict[str, Any]) -> Path:
-        """Move an unacceptable file aside into rejected/ with a `<name>.error.json` beside it."""
-        name = original_name(os.path.basename(src))
-        dest = self.rejected / name
-        if dest.exists() or dest.is_symlink():
-            dest = self.rejected / f"{time.time_ns()}-{name}"
-        os.rename(src, dest)
-        record = {**record, "file": dest.name, "rejected_at": rfc3339()}
+    def reject(self, src: str | Path, record: dict[str, Any], name: str | None = None) -> Path:
+        """Move an unacceptable file aside into rejected/ with a `<name>.error.json` beside it,
+        neither replacing anything there; `name` is its inbox name (by default the one its
+        claimed name keeps)."""
+        base = _short(original_name(os.path.basename(src)) if name is None else name)  # UTF-8
+        dest = self.rejected / base
+        while True:
+            if not os.path.lexists(f"{dest}.error.json"):
+                try:
+                    fsutil.rename_noreplace(src, dest)
+                    break
+                except FileExistsError:
+                    pass
+            dest = self.rejected / f"{time.time_ns()}-{base}"
+        record = {**record, "file": fsutil.printable(dest.name), "rejected_at": rfc3339()}
         fsutil.write_atomic(dest.with_name(dest.name + ".error.json"), dumps_pretty(record),
                             fsync=self.fsync)
         return dest
@@ -284,7 +296,9 @@ class Spool:
     # -- cancel requests ----------------------------------------------------------------------
 
     def request_cancel(self, job_id: str) -> None:
-        """Ask the supervisor to cancel `job_id`."""
+        """Ask the supervisor to cancel `job_id` (ValueError unless it is a valid job id)."""
+        if not JOB_ID_RE.fullmatch(job_id):
+            raise ValueError(f"not a valid job id: {job_id!r}")
         fsutil.write_atomic(self.cancel_dir / job_id, rfc3339().encode(), fsync=False)
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -349,6 +363,23 @@ def _untouched(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == 0
+
+
+#: The most of an inbox name (in bytes) that claimed and rejected names keep: room for a
+#: claim's prefix, a collision's prefix and ".error.json" within a name's 255 bytes.
+_NAME_PART = 200
+
+
+def _short(name: str) -> str:
+    """`name` as valid UTF-8 (other bytes as \\xNN escapes, see `fsutil.printable`: the name
+    goes into status and rejection documents), cut to its start and a digest of the whole
+    when longer than _NAME_PART bytes."""
+    raw = os.fsencode(name)
+    text = fsutil.printable(name)
+    if len(text.encode()) <= _NAME_PART:
+        return text
+    cut = text.encode()[:_NAME_PART - 18].decode(errors="ignore")
+    return f"{cut}~{hashlib.sha256(raw).hexdigest()[:12]}.json"
 
 
 def original_name(claimed: str) -> str:

@@ -22,6 +22,7 @@ from worker.backlog import Backlog, Entry
 from worker.child import ChildSpec, Order
 from worker.config import Settings
 from worker.errors import ErrorCode, UnsafeFile
+from worker.fsutil import printable
 from worker.intake import Accepted, Intake
 from worker.job import (
     RETRYABLE,
@@ -95,6 +96,7 @@ class Supervisor:
         #: ended on their result, not yet reaped
         self.lingering: dict[int, tuple[int, str | None]] = {}
         self._premake_failed = False  # said once until it works again
+        self._next_look = 0.0  # when inbox files a writer held open are looked at again
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -342,7 +344,10 @@ class Supervisor:
         try:
             accepted = self.intake.take(name)
         except OSError as e:  # never let one file stop the loop
-            log.error("could not take %s from the inbox: %s", name, e)
+            log.error("could not take %s from the inbox: %s", printable(name), e)
+            return
+        except Exception:  # a fault of ours: the file stays where it is for the next start
+            log.exception("could not take %s from the inbox", printable(name))
             return
         if accepted is not None:
             self._admit(accepted)
@@ -447,7 +452,7 @@ class Supervisor:
                 continue
             try:
                 self._dispatch(job, now)
-            except (OSError, UnsafeFile, ValueError, KeyError, TypeError) as e:
+            except (OSError, UnsafeFile, ValueError, KeyError, TypeError, RecursionError) as e:
                 log.exception("could not start job %s", job_id)
                 self._not_started(job, e)
 
@@ -735,10 +740,15 @@ class Supervisor:
         heapq.heappush(self.retries, (job.not_before, job.job_id))
 
     def _housekeep(self) -> None:
-        """Time-based work outside running jobs: retries due, waiting jobs too late, old cgroups."""
+        """Time-based work outside running jobs: retries due, waiting jobs too late, inbox
+        files a writer held open, old cgroups."""
         now = time.time()
         self._release_retries(now)
         self._expire_waiting(now)
+        if self.intake.still_open and now >= self._next_look and not self.draining:
+            self._next_look = now + HOUSEKEEPING
+            for name in list(self.intake.still_open):
+                self._take(name)
         if self.host.pool is not None and self.host.pool.draining:
             self.host.pool.retry()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import orjson
 import pytest
@@ -176,3 +177,92 @@ def test_startup_scan_takes_jobs_dropped_while_stopped(make_worker) -> None:
     w.start()
     for i in range(5):
         assert w.wait_result(f"offline-{i}")["status"] == "completed"
+
+
+def _nested(depth: int) -> object:
+    value: object = "bottom"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_payload_nested_too_deep_is_rejected_and_the_deepest_allowed_runs(worker: Worker) -> None:
+    """Levels count from the document itself: it and `payload` take 2 of the 128."""
+    worker.drop(job("too-deep", data=_nested(127)))
+    res = worker.wait_result("too-deep")
+    assert res["error"]["code"] == "VALIDATION_ERROR", res["error"]
+    assert res["error"]["message"] == ("job 'too-deep': field 'payload.data.0': expected arrays "
+                                       "and objects nested at most 128 levels deep, got more")
+    worker.drop(job("deep-enough", data=_nested(126)))
+    res = worker.wait_result("deep-enough")
+    assert res["status"] == "completed" and res["data"]["echo"] == _nested(126)
+
+
+def test_a_thousand_levels_deep_payload_does_not_stop_the_daemon(worker: Worker) -> None:
+    deep = b"[" * 1000 + b"]" * 1000  # written by hand: orjson writes at most 254 levels
+    worker.drop(orjson.dumps(job("very-deep", data="@")).replace(b'"@"', deep), "very-deep.json")
+    assert worker.wait_result("very-deep")["error"]["code"] == "VALIDATION_ERROR"
+    _alive(worker, "very-deep")
+
+
+def test_a_file_name_that_is_not_utf8_is_named_with_escapes(worker: Worker) -> None:
+    os.rename(_outside(worker, b"{not json"), os.fsencode(worker.jobs) + b"/bad\xffname.json")
+    reason = _rejected(worker, "bad\\xffname.json")
+    assert reason["file"] == "bad\\xffname.json"
+    assert reason["message"].startswith("job file bad\\xffname.json: not valid JSON"), reason
+    os.rename(_outside(worker, orjson.dumps(job("odd-name"))),
+              os.fsencode(worker.jobs) + b"/odd\xfe.json")
+    res = worker.wait_result("odd-name")
+    assert res["status"] == "completed", res["error"]
+    _alive(worker, "not-utf8")
+
+
+def _outside(w: Worker, data: bytes) -> bytes:
+    """A file written next to the spool, ready to be renamed in."""
+    path = w.base / f".outside-{len(os.listdir(w.base))}"
+    path.write_bytes(data)
+    return os.fsencode(path)
+
+
+def test_rejected_files_never_replace_one_another(worker: Worker) -> None:
+    """A file named like another's record, then that other file; and a name shaped like a
+    claimed one keeps its prefix."""
+    worker.drop(b"first {", name="foo.json.error.json")
+    _rejected(worker, "foo.json.error.json")
+    worker.drop(b"second {", name="foo.json")
+    rejected = worker.jobs / "rejected"
+    second = wait_until(lambda: list(rejected.glob("*-foo.json")), [rejected], 20,
+                        "the second rejection, under another name")[0]
+    assert second.read_bytes() == b"second {"
+    assert (rejected / "foo.json.error.json").read_bytes() == b"first {"
+    record = orjson.loads((rejected / f"{second.name}.error.json").read_bytes())
+    assert record["file"] == second.name and "not valid JSON" in record["message"]
+    os.symlink("/etc/hostname", worker.jobs / "111-222-evil.json")
+    assert _rejected(worker, "111-222-evil.json")["file"] == "111-222-evil.json"
+
+
+def test_a_very_long_name_and_a_socket_each_end_clearly(worker: Worker) -> None:
+    os.rename(_outside(worker, orjson.dumps(job("long-named"))), worker.jobs / ("L" * 240 + ".json"))
+    assert worker.wait_result("long-named")["status"] == "completed"
+    os.rename(_outside(worker, b"{"), worker.jobs / ("M" * 246 + ".json"))
+    rejected = worker.jobs / "rejected"
+    record = wait_until(lambda: [p for p in rejected.glob("MMM*.error.json")], [rejected], 20)
+    assert "not valid JSON" in orjson.loads(record[0].read_bytes())["message"]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(worker.base / "sock"))
+        os.rename(worker.base / "sock", worker.jobs / "sock.json")
+        assert "is a socket, not a regular file" in _rejected(worker, "sock.json")["message"]
+    assert not [n for n in os.listdir(worker.jobs) if n.endswith(".json")]
+
+
+def test_a_file_linked_in_while_its_writer_holds_it_is_taken_once_closed(worker: Worker) -> None:
+    """The writer's close is seen where it opened the file, not in the inbox."""
+    data = orjson.dumps(job("linked-in"))
+    with open(worker.base / "elsewhere.json", "wb") as f:
+        f.write(data[:20])
+        f.flush()
+        os.link(worker.base / "elsewhere.json", worker.jobs / "linked-in.json")
+        _alive(worker, "linked-open")  # a loop pass or more with the writer still there
+        assert (worker.jobs / "linked-in.json").exists()
+        f.write(data[20:])
+    assert worker.wait_result("linked-in")["status"] == "completed"
