@@ -131,7 +131,9 @@ def output_root(settings: Mapping[str, Any]) -> Path | None:
 def resolve_within(raw: str, roots: list[Path], field_name: str, what: str) -> Path:
     """Resolve absolute path `raw` (symlinks followed) and require it inside one of `roots`."""
     if not roots:
-        raise HandlerError(f"{field_name}: no {what} is configured on this worker")
+        raise HandlerError(f"{field_name}: this worker has no {what} configured"
+                           + (" (--image-root, or image_roots in its config)"
+                              if what == "image roots" else ""))
     if not os.path.isabs(raw):
         raise HandlerError(f"{field_name}: {raw!r} must be an absolute path")
     real = Path(os.path.realpath(raw))

@@ -19,7 +19,7 @@ from worker import __version__, config, isolation
 from worker.errors import ConfigError, JobRejected, WorkerError
 from worker.intake import Intake
 from worker.registry import Registry
-from worker.spec import dumps, dumps_pretty, loads, parse_job
+from worker.spec import JOB_ID_RE, JOB_ID_TEXT, dumps, dumps_pretty, loads, parse_job
 from worker.spool import Spool
 from worker.watch import Watch
 
@@ -44,6 +44,13 @@ def _redis_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         "also implied by transport = \"redis\" in the config")(fn)
 
 
+def _job_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """A JOB_ID argument, refused unless it is a valid job id (it names files in the spool)."""
+    if value is not None and not JOB_ID_RE.fullmatch(value):
+        raise click.BadParameter(f"expected {JOB_ID_TEXT}, got {value!r}")
+    return value
+
+
 def _settings(config_file: Path | None, **flags: Any) -> tuple[config.Settings, dict[str, str]]:
     try:
         return config.load(flags, config_file)
@@ -51,7 +58,18 @@ def _settings(config_file: Path | None, **flags: Any) -> tuple[config.Settings, 
         raise click.ClickException(str(e)) from None
 
 
-@click.group()
+class _Commands(click.Group):
+    """The command group: an OSError a client command meets (a spool path that is a file,
+    a directory it may not read) is reported as an error, not as a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="guestkit-worker")
 def main() -> None:
     """Run VM-operation jobs from a spool, each in a fresh sandboxed child process."""
@@ -64,7 +82,8 @@ def main() -> None:
 @click.option("--output-dir", type=click.Path(path_type=Path), help="Where outputs may go")
 @click.option("--image-root", "image_roots", multiple=True, type=click.Path(path_type=Path),
               help="A directory disk images may be read from (repeatable)")
-@click.option("--feature", "features", multiple=True, help="A feature this host offers")
+@click.option("--feature", "features", multiple=True,
+              help="A feature this host offers (repeatable)")
 @click.option("--isolation", multiple=True, type=click.Choice(config.ISOLATION_LAYERS),
               help="An optional isolation layer to apply (repeatable; default: all)")
 @click.option("--user", help="Job user when run as root: auto, a name, or root")
@@ -184,7 +203,14 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
                       pool or routing.get("worker_pool") or settings.pool, wait)
         return
     spool = Spool(settings)
-    spool.setup()
+    if spool.has_result(doc["job_id"]):
+        raise click.ClickException(
+            f"job {doc['job_id']!r} has already run (its result is {spool.result_path(doc['job_id'])}); "
+            "a job id is never reused: give another --job-id")
+    try:
+        spool.setup()
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
     try:
         spool.submit(doc["job_id"], raw)
     except FileExistsError:
@@ -308,7 +334,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
 @main.command()
 @_spool_options
 @_redis_option
-@click.argument("job_id", required=False)
+@click.argument("job_id", required=False, callback=_job_id)
 @click.option("--watch", "-W", is_flag=True,
               help="Refresh every second until the job (or every listed job) has ended")
 def status(config_file: Path | None, job_id: str | None, redis_url: str | None, watch: bool,
@@ -378,7 +404,7 @@ def _status_redis(queue: Any, job_id: str | None) -> bool:
 @main.command()
 @_spool_options
 @_redis_option
-@click.argument("job_id")
+@click.argument("job_id", callback=_job_id)
 def result(config_file: Path | None, job_id: str, redis_url: str | None, **dirs: Any) -> None:
     """Print the result document of JOB_ID."""
     _, queue = _queue(config_file, redis_url, **dirs)
@@ -413,7 +439,7 @@ def list_jobs(config_file: Path | None, state: str | None, redis_url: str | None
 @main.command()
 @_spool_options
 @_redis_option
-@click.argument("job_id")
+@click.argument("job_id", callback=_job_id)
 def cancel(config_file: Path | None, job_id: str, redis_url: str | None, **dirs: Any) -> None:
     """Ask the supervisor to cancel JOB_ID (queued or running, when cancellable)."""
     _, queue = _queue(config_file, redis_url, **dirs)
@@ -422,9 +448,11 @@ def cancel(config_file: Path | None, job_id: str, redis_url: str | None, **dirs:
         click.echo(f"cancel requested for {job_id}")
         return
     spool = _client_spool(config_file, **dirs)
+    if not spool.inbox.is_dir():
+        raise click.ClickException(f"no spool at {spool.inbox} (see --jobs-dir)")
     if spool.has_result(job_id):
         raise click.ClickException(f"job {job_id!r} has already finished")
-    spool.setup()
+    spool.cancel_dir.mkdir(exist_ok=True)
     spool.request_cancel(job_id)
     click.echo(f"cancel requested for {job_id}")
 
@@ -515,7 +543,7 @@ def config_show(config_file: Path | None, **dirs: Any) -> None:
 
 @main.command()
 @_spool_options
-@click.argument("job_id")
+@click.argument("job_id", callback=_job_id)
 @click.option("--stream", type=click.Choice(["stdout", "stderr", "both"]), default="both")
 def logs(config_file: Path | None, job_id: str, stream: str, **dirs: Any) -> None:
     """Print what JOB_ID wrote to its stdout and stderr."""

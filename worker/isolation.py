@@ -103,7 +103,7 @@ def job_user(user: str, group: str) -> tuple[int | None, int | None]:
             continue
         gid = pw.pw_gid if not group else (int(group) if group.isdigit() else grp.getgrnam(group).gr_gid)
         return pw.pw_uid, gid
-    raise ValueError(f"setting 'user': no such user {user!r}")
+    raise ConfigError(f"setting 'user': no such user {user!r}")
 
 
 def unreachable(path: Path, uid: int, gid: int) -> Path | None:
@@ -134,11 +134,22 @@ def check_reachable(host: Host, *dirs: Path) -> None:
 
 
 def open_output_dir(host: Host, output_dir: Path) -> None:
-    """Create the output dir; when jobs run as another user, make it writable by their group."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Create the output dir; when jobs run as another user, make it writable by their group,
+    but only if it is new or empty: a directory in use (`/`, say) is never changed."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output dir {output_dir} cannot be made: {e.filename}: "
+                          f"{e.strerror}") from None
     if host.gid is not None:
         st = output_dir.stat()
         if st.st_gid != host.gid or st.st_mode & 0o070 != 0o070:
+            if any(output_dir.iterdir()):
+                raise ConfigError(
+                    f"output dir {output_dir}: jobs run as uid {host.uid}, gid {host.gid} and "
+                    f"may not write it, and it is left as it is because it is not empty: make it "
+                    f"theirs (chgrp {host.gid} {output_dir}; chmod g+rwx {output_dir}) or name "
+                    "a new or empty directory")
             # no setgid bit: jobs already run with this gid, and RestrictSUIDSGID= forbids it
             os.chown(output_dir, -1, host.gid)
             os.chmod(output_dir, (st.st_mode & 0o7777) | 0o070)

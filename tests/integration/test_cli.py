@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import orjson
+import pytest
 from conftest import Worker, job, wait_until
 
 
@@ -134,3 +140,60 @@ def test_status_watch_follows_a_job_until_it_ends(worker: Worker) -> None:
     out = worker.cli("status", "watched", "--watch").stdout
     assert '"state": "running"' in out  # refreshed while it ran
     assert out.rstrip().endswith("}") and '"status": "completed"' in out.split("\n\n")[-1]
+
+
+def test_commands_refuse_a_job_id_that_could_name_another_file(worker: Worker) -> None:
+    worker.drop(job("target"))
+    before = worker.wait_result("target")
+    for command in ("cancel", "result", "logs", "status"):
+        out = worker.cli(command, "../../results/target-result.json", check=False)
+        assert out.returncode == 2, (command, out.stdout, out.stderr)
+        assert "expected 1-128 characters of A-Z a-z 0-9 . _ -" in out.stderr, out.stderr
+    assert worker.result("target") == before
+    assert sorted(os.listdir(worker.jobs / ".cancel")) == []
+
+
+def test_submit_refuses_an_id_that_has_already_run(worker: Worker) -> None:
+    worker.drop(job("ran-once"))
+    first = worker.wait_result("ran-once")
+    out = worker.cli("submit", "-o", "system.echo", "-d", "{}", "--job-id", "ran-once", "--wait",
+                     check=False)
+    assert out.returncode == 1
+    assert "job 'ran-once' has already run" in out.stderr and "never reused" in out.stderr
+    assert worker.result("ran-once") == first and not list((worker.jobs / "rejected").iterdir())
+
+
+def test_cancel_needs_an_existing_spool(worker: Worker, tmp_path: Path) -> None:
+    typo = tmp_path / "typo" / "jobs"
+    out = subprocess.run([sys.executable, "-m", "worker", "cancel", "--jobs-dir", str(typo), "x"],
+                         capture_output=True, text=True, env=worker.env, timeout=60)
+    assert out.returncode == 1 and f"no spool at {typo}" in out.stderr
+    assert not typo.parent.exists()
+
+
+@pytest.mark.parametrize("mistake", ["user", "jobs-dir-is-a-file", "output-dir-in-use"])
+def test_an_operator_mistake_at_start_is_one_clear_line(make_worker, mistake: str) -> None:
+    w = make_worker()
+    w.base.joinpath("afile").write_text("")
+    busy = w.base / "in-use"  # not empty, not the job user's: never changed
+    busy.mkdir(mode=0o755)
+    (busy / "keep").write_text("")
+    args, expected = {
+        "user": (["--user", "nosuchuser"], "setting 'user': no such user 'nosuchuser'"),
+        "jobs-dir-is-a-file": (["--jobs-dir", str(w.base / "afile")], "cannot be made"),
+        "output-dir-in-use": (["--output-dir", str(busy)], f"output dir {busy}: jobs run as uid"),
+    }[mistake]
+    proc = subprocess.run([sys.executable, "-m", "worker", "supervise", *w.args(), *args],
+                          capture_output=True, text=True, env=w.env, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert oct(busy.stat().st_mode & 0o777) == "0o755"
+
+
+def test_a_client_command_on_a_spool_path_that_is_a_file_says_so(worker: Worker) -> None:
+    afile = worker.base / "afile"
+    afile.write_text("")
+    out = subprocess.run([sys.executable, "-m", "worker", "status", "--jobs-dir", str(afile)],
+                         capture_output=True, text=True, env=worker.env, timeout=60)
+    assert out.returncode == 1 and "Not a directory" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
