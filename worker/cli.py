@@ -218,6 +218,7 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
             f"job {doc['job_id']!r} is already waiting in {spool.inbox}") from None
     click.echo(f"submitted {doc['job_id']}")
     if wait:
+        _unserved(spool)
         sys.exit(_follow(spool, doc["job_id"]))
 
 
@@ -324,7 +325,10 @@ def _table(rows: list[dict[str, Any]]) -> None:
         prog = r.get("progress") or {}
         pct = prog.get("percent")
         attempt = f"{r['attempt']}/{r['max_attempts']}" if r.get("attempt") else "-"
-        detail = r.get("waiting_for") or r.get("detail") or prog.get("phase") or ""
+        retry = r.get("not_before")
+        detail = r.get("waiting_for") or r.get("detail") or (
+            f"retry at {time.strftime('%H:%M:%S', time.localtime(retry))}"
+            if isinstance(retry, int | float) and retry > time.time() else prog.get("phase")) or ""
         if r.get("stalled"):
             detail = f"STALLED {detail}"
         click.echo(f"{r['job_id']:<36} {r.get('state', '?'):<10} {attempt:<8} "
@@ -344,7 +348,9 @@ def status(config_file: Path | None, job_id: str | None, redis_url: str | None, 
     if queue is not None:
         show = functools.partial(_status_redis, queue, job_id)
     else:
-        show = functools.partial(_status_spool, _client_spool(config_file, **dirs), job_id)
+        spool = _client_spool(config_file, **dirs)
+        _unserved(spool)
+        show = functools.partial(_status_spool, spool, job_id)
     while True:
         if watch and sys.stdout.isatty():
             click.clear()
@@ -357,6 +363,13 @@ def status(config_file: Path | None, job_id: str | None, redis_url: str | None, 
 
 def _ended(state: object) -> bool:
     return state in TERMINAL
+
+
+def _unserved(spool: Spool) -> None:
+    """Say on stderr when no supervisor serves the spool: nothing shown will move."""
+    if spool.server() is None:
+        click.echo(f"note: no supervisor serves {spool.inbox} now; its jobs wait for one "
+                   "(running ones were stopped with it)", err=True)
 
 
 def _status_spool(spool: Spool, job_id: str | None) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 import tomllib
@@ -10,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from worker import metrics
 from worker.errors import ConfigError
 from worker.spec import describe
 
@@ -131,6 +133,17 @@ class Settings(BaseModel):
             raise ValueError(f"unknown layer(s) {unknown}; known: {list(ISOLATION_LAYERS)}")
         return value
 
+    @field_validator("metrics_addr")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            try:
+                metrics.parse_address(value)
+            except ConfigError:
+                raise ValueError("expected host:port (e.g. 127.0.0.1:9464, port at most "
+                                 "65535), or '' for no endpoint") from None
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
@@ -161,6 +174,11 @@ class Settings(BaseModel):
 
 
 def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    names = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {ENV_PREFIX + "CONFIG"}
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in names)
+    if unknown:  # a misspelt variable would otherwise be ignored without a word
+        hints = [f"{k}{_did_you_mean(k, names)}" for k in unknown]
+        raise ConfigError(f"environment: no such setting: {', '.join(hints)}")
     out: dict[str, Any] = {}
     for name, field in Settings.model_fields.items():
         raw = environ.get(ENV_PREFIX + name.upper())
@@ -171,6 +189,13 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
         else:
             out[name] = raw
     return out
+
+
+def _did_you_mean(name: str, known: set[str]) -> str:
+    """' (did you mean X?)' for the known variable closest to `name` after the prefix, or ''."""
+    n = len(ENV_PREFIX)
+    close = difflib.get_close_matches(name[n:], sorted(k[n:] for k in known), n=1)
+    return f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
 
 
 def _from_file(path: Path) -> dict[str, Any]:
@@ -214,5 +239,11 @@ def load(
     try:
         return Settings.model_validate(merged), sources
     except ValidationError as e:
-        where = {sources.get(str(err["loc"][0]), "default") for err in e.errors()}
+        where = {_source(sources, str(err["loc"][0])) for err in e.errors()}
         raise ConfigError(f"invalid setting ({', '.join(sorted(where))}): {describe(e)}") from None
+
+
+def _source(sources: dict[str, str], key: str) -> str:
+    """Where setting `key` came from, naming its variable when it is the environment."""
+    source = sources.get(key, "default")
+    return f"environment {ENV_PREFIX}{key.upper()}" if source == "environment" else source

@@ -79,6 +79,22 @@ class Spool:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
+    def server(self) -> int | None:
+        """The pid of the supervisor holding this spool's lock now, or None (read from
+        /proc/locks: trying the lock, even shared, could turn a starting supervisor away)."""
+        try:
+            st = os.stat(self.inbox / ".lock")
+            with open("/proc/locks") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        for line in lines:
+            fields = line.split()
+            if "FLOCK" in fields and dev in fields:
+                return int(fields[fields.index(dev) - 1])
+        return None
+
     # -- inbox --------------------------------------------------------------------------
 
     def inbox_names(self) -> list[str]:

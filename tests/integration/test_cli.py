@@ -197,3 +197,16 @@ def test_a_client_command_on_a_spool_path_that_is_a_file_says_so(worker: Worker)
                          capture_output=True, text=True, env=worker.env, timeout=60)
     assert out.returncode == 1 and "Not a directory" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_status_says_why_a_job_waits_and_when_no_supervisor_serves(make_worker) -> None:
+    w = make_worker(env={"GUESTKIT_WORKER_RETRY_BACKOFF": "60"}).start()
+    w.drop(job("backing-off", "test.retry", {"succeed_on": 2}, max_attempts=2))
+    wait_until(lambda: "retrying in 60.0 s" in w.log(), [w.base], 20, "the first attempt to fail")
+    out = w.cli("status")
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("backing-off"))
+    assert "queued" in line and "2/2" in line and "retry at " in line, line
+    assert "no supervisor serves" not in out.stderr
+    assert w.stop() == 0
+    out = w.cli("status")
+    assert f"note: no supervisor serves {w.jobs} now" in out.stderr, out.stderr

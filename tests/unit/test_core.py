@@ -209,6 +209,7 @@ def test_precedence_flags_over_environment_over_file_over_defaults(tmp_path: Pat
     ("[worker]\nmax_concurent = 2\n", "unknown key(s) max_concurent"),
     ("[worker\n", "not valid TOML"),
     ("[worker]\nlog_format = 'xml'\n", "field 'log_format'"),
+    ("[worker]\nmetrics_addr = ':99999'\n", "field 'metrics_addr': expected host:port"),
 ])
 def test_a_bad_config_file_is_a_clear_error_naming_the_key(tmp_path: Path, text: str,
                                                          message: str) -> None:
@@ -219,9 +220,17 @@ def test_a_bad_config_file_is_a_clear_error_naming_the_key(tmp_path: Path, text:
     assert message in str(info.value)
 
 
-def test_a_bad_environment_value_names_its_source() -> None:
-    with pytest.raises(ConfigError, match=r"\(environment\).*kill_grace"):
+def test_a_bad_environment_value_names_its_variable() -> None:
+    with pytest.raises(ConfigError, match=r"\(environment GUESTKIT_WORKER_KILL_GRACE\).*kill_grace"):
         config.load({}, None, {"GUESTKIT_WORKER_KILL_GRACE": "soon"})
+
+
+def test_a_misspelt_environment_variable_is_an_error_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load({}, None, {"GUESTKIT_WORKER_MAX_CONCURENT": "2", "GUESTKIT_WORKER_ID": "w"})
+    assert str(info.value) == (
+        "environment: no such setting: GUESTKIT_WORKER_ID, GUESTKIT_WORKER_MAX_CONCURENT "
+        "(did you mean GUESTKIT_WORKER_MAX_CONCURRENT?)")
 
 
 def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
