@@ -522,10 +522,13 @@ def capabilities(config_file: Path | None, **dirs: Any) -> None:
 @_spool_options
 @click.option("--metrics-addr", help="host:port of the worker (default: from its config)")
 def health(config_file: Path | None, metrics_addr: str | None, **dirs: Any) -> None:
-    """Ask a running worker whether it is healthy and ready; exit 0 only when both."""
+    """Ask the worker at metrics_addr whether it is healthy and ready; exit 0 only when both.
+    With --jobs-dir, a supervisor must also serve that spool."""
     from worker import metrics
 
     settings, _ = _settings(config_file, metrics_addr=metrics_addr, **dirs)
+    if dirs.get("jobs_dir") is not None and Spool(settings).server() is None:
+        raise click.ClickException(f"no supervisor serves {settings.jobs_dir.absolute()}")
     if not settings.metrics_addr:
         raise click.ClickException("metrics_addr is empty: the worker serves no health endpoint")
     try:

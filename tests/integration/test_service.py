@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,15 @@ def test_sighup_reloads_what_can_change_and_says_what_cannot(make_worker, tmp_pa
     wait_until(lambda: "reload failed, keeping the current settings" in w.log(), [w.base], 10)
     w.drop(job("after-reload"))
     assert w.wait_result("after-reload")["status"] == "completed"
+
+
+def test_health_with_a_jobs_dir_needs_a_supervisor_serving_it(make_worker) -> None:
+    """Another worker answering at the address does not make an unserved spool healthy."""
+    w, host, port = _metrics_worker(make_worker)
+    other = w.base / "other" / "jobs"
+    other.mkdir(parents=True)
+    out = subprocess.run([sys.executable, "-m", "worker", "health", "--jobs-dir", str(other),
+                          "--metrics-addr", f"{host}:{port}"],
+                         capture_output=True, text=True, env=w.env, timeout=60)
+    assert out.returncode == 1 and f"no supervisor serves {other}" in out.stderr, out.stderr
+    assert w.cli("health", "--metrics-addr", f"{host}:{port}").returncode == 0
