@@ -210,3 +210,18 @@ def test_status_says_why_a_job_waits_and_when_no_supervisor_serves(make_worker) 
     assert w.stop() == 0
     out = w.cli("status")
     assert f"note: no supervisor serves {w.jobs} now" in out.stderr, out.stderr
+
+
+def test_the_built_in_sleep_job_reports_progress_and_can_be_cancelled(worker: Worker) -> None:
+    out = worker.cli("submit", "-o", "system.sleep", "-d", '{"seconds": 1.5}', "--job-id",
+                     "nap", "--wait")
+    assert orjson.loads(out.stdout.split("\n", 1)[1])["data"] == {"slept_seconds": 1.5}
+    assert "[nap] execution - slept 1 of 1.5 s (66%)" in worker.log()
+    worker.cli("submit", "-o", "system.sleep", "-d", '{"seconds": 600}', "--job-id", "long-nap")
+    wait_until(lambda: "[long-nap] execution - slept 1 of 600 s" in worker.log(), [worker.base], 20)
+    worker.cli("cancel", "long-nap")
+    assert worker.wait_result("long-nap")["status"] == "cancelled"
+    worker.cli("submit", "-o", "system.sleep", "-d", '{"seconds": -1}', "--job-id", "bad-nap")
+    err = worker.wait_result("bad-nap")["error"]
+    assert err["code"] == "VALIDATION_ERROR" and err["message"] == (
+        "job 'bad-nap': field 'payload.data.seconds': expected a number from 0 to 86400, got -1")
