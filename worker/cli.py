@@ -211,15 +211,16 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
         spool.setup()
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    watch = _outcomes(spool) if wait else None  # before the file exists: it may end at once
     try:
         spool.submit(doc["job_id"], raw)
     except FileExistsError:
         raise click.ClickException(
             f"job {doc['job_id']!r} is already waiting in {spool.inbox}") from None
     click.echo(f"submitted {doc['job_id']}")
-    if wait:
+    if watch is not None:
         _unserved(spool)
-        sys.exit(_follow(spool, doc["job_id"]))
+        sys.exit(_follow(spool, doc["job_id"], watch))
 
 
 def _redis_call(queue: Any, action: Callable[[], Any]) -> Any:
@@ -256,10 +257,17 @@ def _follow_redis(queue: Any, job_id: str) -> int:
     return _finish_follow(job_id, queue.result(job_id) or {})
 
 
-def _follow(spool: Spool, job_id: str) -> int:
-    """Show the job's progress until its result exists; print it; 0 only when completed."""
+def _outcomes(spool: Spool) -> Watch:
+    """A watch on where a job's end shows: results/, and rejected/ (a duplicate gets no result)."""
     watch = Watch()
     watch.add("results", spool.results)
+    watch.add("rejected", spool.rejected)
+    return watch
+
+
+def _follow(spool: Spool, job_id: str, watch: Watch) -> int:
+    """Show the job's progress until its result exists (or its file is rejected); print it;
+    0 only when completed. Closes `watch` (see `_outcomes`)."""
     shown = ""
     try:
         while not spool.has_result(job_id):
@@ -271,10 +279,32 @@ def _follow(spool: Spool, job_id: str) -> int:
                 click.echo(line, err=True)
             shown = line
             select.select([watch.fileno()], [], [], 0.25)
-            watch.read()
+            for change in watch.read():
+                if change.where == "rejected" and (why := _rejection(spool, change.name, job_id)):
+                    click.echo(f"{job_id}: rejected: {why}", err=True)
+                    return 1
     finally:
         watch.close()
     return _finish_follow(job_id, spool.read_result(job_id) or {})
+
+
+def _rejection(spool: Spool, name: str, job_id: str) -> str | None:
+    """The message of rejection record `name` in rejected/ when it turned away a file of
+    `job_id` (named so, or a duplicate of that id), else None."""
+    if not name.endswith(f"{job_id}.json.error.json"):
+        return None
+    record = _read_record(spool.rejected / name)
+    if record.get("job_id") == job_id or record.get("duplicate_of") == job_id:
+        return str(record.get("message"))
+    return None
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        doc = loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _finish_follow(job_id: str, result: dict[str, Any]) -> int:

@@ -225,3 +225,14 @@ def test_the_built_in_sleep_job_reports_progress_and_can_be_cancelled(worker: Wo
     err = worker.wait_result("bad-nap")["error"]
     assert err["code"] == "VALIDATION_ERROR" and err["message"] == (
         "job 'bad-nap': field 'payload.data.seconds': expected a number from 0 to 86400, got -1")
+
+
+def test_submit_wait_reports_a_duplicate_of_a_running_job_as_rejected(worker: Worker) -> None:
+    worker.cli("submit", "-o", "system.sleep", "-d", '{"seconds": 600}', "--job-id", "busy-id")
+    wait_until(lambda: "[busy-id] running" in worker.log(), [worker.base], 20)
+    out = worker.cli("submit", "-o", "system.echo", "--job-id", "busy-id", "--wait", check=False)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1].startswith(
+        "busy-id: rejected: job 'busy-id': field 'job_id': duplicate"), out.stderr
+    worker.cli("cancel", "busy-id")
+    assert worker.wait_result("busy-id")["status"] == "cancelled"
