@@ -293,18 +293,10 @@ def _rejection(spool: Spool, name: str, job_id: str) -> str | None:
     `job_id` (named so, or a duplicate of that id), else None."""
     if not name.endswith(f"{job_id}.json.error.json"):
         return None
-    record = _read_record(spool.rejected / name)
+    record = spool.rejection(name) or {}
     if record.get("job_id") == job_id or record.get("duplicate_of") == job_id:
         return str(record.get("message"))
     return None
-
-
-def _read_record(path: Path) -> dict[str, Any]:
-    try:
-        doc = loads(path.read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def _finish_follow(job_id: str, result: dict[str, Any]) -> int:

@@ -173,6 +173,10 @@ class Spool:
                             fsync=self.fsync)
         return dest
 
+    def rejection(self, record_name: str) -> dict[str, Any] | None:
+        """The rejection record `record_name` in rejected/ (a `<name>.error.json`), or None."""
+        return _read_json(self.rejected / record_name)
+
     def archive(self, where: str, claimed: str, job_id: str, ok: bool, reason: str = "") -> None:
         """Move a finished job's file to done/ or failed/ (with `<id>.reason.txt` on failure)."""
         dest = f"{self._done if ok else self._failed}/{job_id}.json"
