@@ -213,14 +213,14 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
         raise click.ClickException(str(e)) from None
     watch = _outcomes(spool) if wait else None  # before the file exists: it may end at once
     try:
-        spool.submit(doc["job_id"], raw)
+        sent = spool.submit(doc["job_id"], raw)
     except FileExistsError:
         raise click.ClickException(
             f"job {doc['job_id']!r} is already waiting in {spool.inbox}") from None
     click.echo(f"submitted {doc['job_id']}")
     if watch is not None:
         _unserved(spool)
-        sys.exit(_follow(spool, doc["job_id"], watch))
+        sys.exit(_follow(spool, doc["job_id"], watch, sent))
 
 
 def _redis_call(queue: Any, action: Callable[[], Any]) -> Any:
@@ -265,9 +265,10 @@ def _outcomes(spool: Spool) -> Watch:
     return watch
 
 
-def _follow(spool: Spool, job_id: str, watch: Watch) -> int:
-    """Show the job's progress until its result exists (or its file is rejected); print it;
-    0 only when completed. Closes `watch` (see `_outcomes`)."""
+def _follow(spool: Spool, job_id: str, watch: Watch, sent: tuple[int, int]) -> int:
+    """Show the job's progress until its result exists, or until the file `sent` (its
+    st_dev, st_ino) is rejected; print it; 0 only when completed. Closes `watch` (see
+    `_outcomes`)."""
     shown = ""
     try:
         while not spool.has_result(job_id):
@@ -279,8 +280,12 @@ def _follow(spool: Spool, job_id: str, watch: Watch) -> int:
                 click.echo(line, err=True)
             shown = line
             select.select([watch.fileno()], [], [], 0.25)
-            for change in watch.read():
-                if change.where == "rejected" and (why := _rejection(spool, change.name, job_id)):
+            names = [c.name for c in watch.read() if c.where == "rejected"]
+            if watch.overflowed:  # events were lost: look at every record for this name
+                watch.overflowed = False
+                names = [p.name for p in spool.rejected.glob(f"*{job_id}.json.error.json")]
+            for name in names:
+                if (why := _rejection(spool, name, sent)) is not None:
                     click.echo(f"{job_id}: rejected: {why}", err=True)
                     return 1
     finally:
@@ -288,15 +293,18 @@ def _follow(spool: Spool, job_id: str, watch: Watch) -> int:
     return _finish_follow(job_id, spool.read_result(job_id) or {})
 
 
-def _rejection(spool: Spool, name: str, job_id: str) -> str | None:
-    """The message of rejection record `name` in rejected/ when it turned away a file of
-    `job_id` (named so, or a duplicate of that id), else None."""
-    if not name.endswith(f"{job_id}.json.error.json"):
+def _rejection(spool: Spool, name: str, sent: tuple[int, int]) -> str | None:
+    """The message of rejection record `name` in rejected/ when the file it turned away is
+    the one `sent` (another client's file of the same name is not ours), else None."""
+    if not name.endswith(".error.json"):
         return None
-    record = spool.rejection(name) or {}
-    if record.get("job_id") == job_id or record.get("duplicate_of") == job_id:
-        return str(record.get("message"))
-    return None
+    try:
+        st = os.lstat(spool.rejected / name.removesuffix(".error.json"))
+    except OSError:
+        return None
+    if (st.st_dev, st.st_ino) != sent:
+        return None
+    return str((spool.rejection(name) or {}).get("message", "(no reason recorded)"))
 
 
 def _finish_follow(job_id: str, result: dict[str, Any]) -> int:

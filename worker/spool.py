@@ -16,7 +16,7 @@ from typing import Any
 from worker import fsutil
 from worker.config import Settings
 from worker.errors import ConfigError, SpoolLocked
-from worker.spec import JOB_ID_RE, dumps, dumps_pretty, loads, rfc3339
+from worker.spec import JOB_ID_RE, JOB_ID_TEXT, dumps, dumps_pretty, loads, rfc3339
 
 #: Up to this many inbox files, a scan takes them oldest-named first.
 SORTED_SCAN = 10_000
@@ -318,7 +318,7 @@ class Spool:
     def request_cancel(self, job_id: str) -> None:
         """Ask the supervisor to cancel `job_id` (ValueError unless it is a valid job id)."""
         if not JOB_ID_RE.fullmatch(job_id):
-            raise ValueError(f"not a valid job id: {job_id!r}")
+            raise ValueError(f"job id: expected {JOB_ID_TEXT}, got {job_id!r}")
         fsutil.write_atomic(self.cancel_dir / job_id, rfc3339().encode(), fsync=False)
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -348,18 +348,19 @@ class Spool:
 
     # -- submitting --------------------------------------------------------------------------------
 
-    def submit(self, job_id: str, data: bytes) -> Path:
-        """Stage a job file in .tmp (fsync) and rename it into the inbox; refuse to replace one."""
+    def submit(self, job_id: str, data: bytes) -> tuple[int, int]:
+        """Stage a job file in .tmp (fsync) and link it into the inbox; refuse to replace one.
+        Returns the file's (st_dev, st_ino): what it is wherever the supervisor moves it."""
         name = f"{job_id}.json"
         staged = self.tmp / f"{name}.{os.getpid()}"
         fsutil.write_atomic(staged, data, fsync=True)
-        dest = self.inbox / name
+        st = os.stat(staged)
         try:
-            os.link(staged, dest)
+            os.link(staged, self.inbox / name)
         finally:
             os.unlink(staged)
         fsutil.fsync_dir(self.inbox)
-        return dest
+        return st.st_dev, st.st_ino
 
     def sweep_tmp(self, older_than: float = 3600.0) -> int:
         """Remove staging leftovers older than `older_than` seconds; return how many."""

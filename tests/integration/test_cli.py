@@ -171,20 +171,25 @@ def test_cancel_needs_an_existing_spool(worker: Worker, tmp_path: Path) -> None:
     assert not typo.parent.exists()
 
 
-@pytest.mark.parametrize("mistake", ["user", "jobs-dir-is-a-file", "output-dir-in-use"])
+@pytest.mark.parametrize("mistake", ["user", "group", "jobs-dir-is-a-file", "output-dir-in-use"])
 def test_an_operator_mistake_at_start_is_one_clear_line(make_worker, mistake: str) -> None:
+    if mistake != "jobs-dir-is-a-file" and os.geteuid() != 0:
+        pytest.skip("a job user (and its group) is used only when the worker runs as root")
     w = make_worker()
     w.base.joinpath("afile").write_text("")
     busy = w.base / "in-use"  # not empty, not the job user's: never changed
     busy.mkdir(mode=0o755)
     (busy / "keep").write_text("")
-    args, expected = {
-        "user": (["--user", "nosuchuser"], "setting 'user': no such user 'nosuchuser'"),
-        "jobs-dir-is-a-file": (["--jobs-dir", str(w.base / "afile")], "cannot be made"),
-        "output-dir-in-use": (["--output-dir", str(busy)], f"output dir {busy}: jobs run as uid"),
+    args, env, expected = {
+        "user": (["--user", "nosuchuser"], {}, "setting 'user': no such user 'nosuchuser'"),
+        "group": ([], {"GUESTKIT_WORKER_GROUP": "nosuchgroup"},
+                  "setting 'group': no such group 'nosuchgroup'"),
+        "jobs-dir-is-a-file": (["--jobs-dir", str(w.base / "afile")], {}, "cannot be made"),
+        "output-dir-in-use": (["--output-dir", str(busy)], {},
+                              f"output dir {busy}: jobs run as uid"),
     }[mistake]
     proc = subprocess.run([sys.executable, "-m", "worker", "supervise", *w.args(), *args],
-                          capture_output=True, text=True, env=w.env, timeout=60)
+                          capture_output=True, text=True, env={**w.env, **env}, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert oct(busy.stat().st_mode & 0o777) == "0o755"
@@ -219,6 +224,8 @@ def test_the_built_in_sleep_job_reports_progress_and_can_be_cancelled(worker: Wo
     assert "[nap] execution - slept 1 of 1.5 s (66%)" in worker.log()
     worker.cli("submit", "-o", "system.sleep", "-d", '{"seconds": 600}', "--job-id", "long-nap")
     wait_until(lambda: "[long-nap] execution - slept 1 of 600 s" in worker.log(), [worker.base], 20)
+    napping = next(p for p in worker.children() if p.name() == "gkw-job")
+    assert napping.parent().name() == "gkw-forker"  # a plain job: not the warm zygote's
     worker.cli("cancel", "long-nap")
     assert worker.wait_result("long-nap")["status"] == "cancelled"
     worker.cli("submit", "-o", "system.sleep", "-d", '{"seconds": -1}', "--job-id", "bad-nap")
@@ -228,11 +235,31 @@ def test_the_built_in_sleep_job_reports_progress_and_can_be_cancelled(worker: Wo
 
 
 def test_submit_wait_reports_a_duplicate_of_a_running_job_as_rejected(worker: Worker) -> None:
-    worker.cli("submit", "-o", "system.sleep", "-d", '{"seconds": 600}', "--job-id", "busy-id")
+    """Each waiting client learns the fate of its own file: the one whose job runs is not
+    told of the duplicate's rejection."""
+    first = subprocess.Popen(
+        [sys.executable, "-m", "worker", "submit", *_dirs(worker), "-o", "system.sleep", "-d",
+         '{"seconds": 600}', "--job-id", "busy-id", "--wait"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker.env)
     wait_until(lambda: "[busy-id] running" in worker.log(), [worker.base], 20)
     out = worker.cli("submit", "-o", "system.echo", "--job-id", "busy-id", "--wait", check=False)
     assert out.returncode == 1
     assert out.stderr.splitlines()[-1].startswith(
         "busy-id: rejected: job 'busy-id': field 'job_id': duplicate"), out.stderr
     worker.cli("cancel", "busy-id")
-    assert worker.wait_result("busy-id")["status"] == "cancelled"
+    _, err = first.communicate(timeout=30)
+    assert first.returncode == 1 and err.splitlines()[-1] == "busy-id: cancelled", err
+
+
+def test_submit_wait_reports_a_file_rejected_without_a_job_id(worker: Worker, tmp_path: Path) -> None:
+    """Over max_job_bytes the supervisor reads nothing of it, not even its id."""
+    path = tmp_path / "huge.json"
+    path.write_bytes(orjson.dumps(job("huge", data={"pad": "x" * (1 << 20)})))
+    out = worker.cli("submit", str(path), "--wait", check=False)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1].startswith("huge: rejected: job file huge.json: is "), \
+        out.stderr
+
+
+def _dirs(w: Worker) -> list[str]:
+    return ["--jobs-dir", str(w.jobs), "--results-dir", str(w.results), "--work-dir", str(w.work)]
