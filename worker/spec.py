@@ -12,10 +12,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from worker.errors import ErrorCode, JobRejected
 
 PROTOCOL_VERSION = "1.0"
-#: How deep arrays and objects may nest in a job document: serde_json's default limit, so
-#: what the original worker could read. Deeper data could not cross to the job's child
+#: How deep arrays and objects may nest in a job document: what serde_json reads by
+#: default, so the original worker too. Deeper data could not cross to the job's child
 #: (pickle) nor come back in its result (orjson writes at most 254 levels).
-MAX_NESTING = 128
+MAX_NESTING = 127
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OPERATION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9][a-z0-9_-]*)+$")
 PAYLOAD_TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.v[0-9]+$")
@@ -162,20 +162,22 @@ def safe_job_id(raw: Any) -> str | None:
     return None
 
 
-def too_deep(raw_bytes: bytes, doc: Any) -> str | None:
-    """The field (dotted, at most 3 parts) under which `doc` nests arrays and objects more
-    than MAX_NESTING levels deep, or None; `raw_bytes` (its JSON) rules most documents out
-    without a walk."""
+def too_deep(raw_bytes: bytes, doc: Any) -> tuple[str, int] | None:
+    """Where (a dotted field, at most 3 parts) and how deep `doc` nests arrays and objects
+    when more than MAX_NESTING levels, at its deepest; None when within. `raw_bytes` (its
+    JSON) rules most documents out without a walk."""
     if raw_bytes.count(b"[") + raw_bytes.count(b"{") <= MAX_NESTING:
         return None
-    stack: list[tuple[Any, tuple[str, ...]]] = [(doc, ())]
+    deepest: tuple[str, int] | None = None
+    stack: list[tuple[Any, int, tuple[str, ...]]] = [(doc, 1, ())]  # (container, level, head)
     while stack:
-        value, path = stack.pop()
-        if len(path) >= MAX_NESTING:
-            return ".".join(path[:3])
+        value, level, head = stack.pop()
+        if level > MAX_NESTING and (deepest is None or level > deepest[1]):
+            deepest = ".".join(head), level
         items = value.items() if isinstance(value, dict) else enumerate(value)
-        stack.extend((v, (*path, str(k))) for k, v in items if isinstance(v, dict | list))
-    return None
+        stack.extend((v, level + 1, head if len(head) == 3 else (*head, str(k)))
+                     for k, v in items if isinstance(v, dict | list))
+    return deepest
 
 
 def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]]:
@@ -196,8 +198,9 @@ def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]
     who = f"job {jid!r}" if jid else f"job file {label}"
     if (deep := too_deep(raw_bytes, raw)) is not None:
         raise JobRejected(ErrorCode.VALIDATION_ERROR,
-                          f"{who}: field {deep!r}: expected arrays and objects nested at most "
-                          f"{MAX_NESTING} levels deep, got more", jid)
+                          f"{who}: field {deep[0]!r}: expected arrays and objects nested at most "
+                          f"{MAX_NESTING} levels deep (the document counts as 1), got {deep[1]}",
+                          jid)
     if "version" in raw and raw["version"] != PROTOCOL_VERSION:
         raise JobRejected(
             ErrorCode.UNSUPPORTED_VERSION,

@@ -187,15 +187,16 @@ def _nested(depth: int) -> object:
 
 
 def test_a_payload_nested_too_deep_is_rejected_and_the_deepest_allowed_runs(worker: Worker) -> None:
-    """Levels count from the document itself: it and `payload` take 2 of the 128."""
-    worker.drop(job("too-deep", data=_nested(127)))
+    """Levels count from the document itself: it and `payload` take 2 of the 127."""
+    worker.drop(job("too-deep", data=_nested(130)))
     res = worker.wait_result("too-deep")
     assert res["error"]["code"] == "VALIDATION_ERROR", res["error"]
-    assert res["error"]["message"] == ("job 'too-deep': field 'payload.data.0': expected arrays "
-                                       "and objects nested at most 128 levels deep, got more")
-    worker.drop(job("deep-enough", data=_nested(126)))
+    assert res["error"]["message"] == (
+        "job 'too-deep': field 'payload.data.0': expected arrays and objects nested at most "
+        "127 levels deep (the document counts as 1), got 132")
+    worker.drop(job("deep-enough", data=_nested(125)))
     res = worker.wait_result("deep-enough")
-    assert res["status"] == "completed" and res["data"]["echo"] == _nested(126)
+    assert res["status"] == "completed" and res["data"]["echo"] == _nested(125)
 
 
 def test_a_thousand_levels_deep_payload_does_not_stop_the_daemon(worker: Worker) -> None:
