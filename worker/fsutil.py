@@ -165,8 +165,17 @@ def exchange(a: str | Path, b: str | Path) -> None:
 
 
 def rename_noreplace(src: str | Path, dst: str | Path) -> None:
-    """Rename `src` to `dst` unless `dst` exists (FileExistsError then, even for an empty dir)."""
-    _renameat2(src, dst, _RENAME_NOREPLACE)
+    """Rename `src` to `dst` unless `dst` exists (FileExistsError then, even for an empty dir).
+    Where the filesystem lacks RENAME_NOREPLACE (NFS, some FUSE), `dst` is looked for first:
+    only a process creating `dst` in between could then be replaced."""
+    try:
+        _renameat2(src, dst, _RENAME_NOREPLACE)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
 
 
 def _renameat2(a: str | Path, b: str | Path, flags: int) -> None:

@@ -346,7 +346,9 @@ class Supervisor:
         except OSError as e:  # never let one file stop the loop
             log.error("could not take %s from the inbox: %s", printable(name), e)
             return
-        except Exception:  # a fault of ours: the file stays where it is for the next start
+        except Exception:
+            # A fault of ours. The file stays in the inbox, or in .active/ once claimed,
+            # where the next start recovers it.
             log.exception("could not take %s from the inbox", printable(name))
             return
         if accepted is not None:
@@ -925,19 +927,27 @@ class Supervisor:
     # -- recovery -------------------------------------------------------------------------------
 
     def _recover(self) -> None:
-        """Bring back every claimed job after a restart (DESIGN §3)."""
+        """Bring back every claimed job after a restart (DESIGN §3); a file that cannot be
+        is logged and left for the next start, never a reason not to start."""
         for where, claimed in self.spool.claimed():
             try:
-                data = self.spool.read(where, claimed)
-                doc, _ = parse_job(data, claimed)
+                self._recover_file(where, claimed)
             except Exception:
-                self.intake.admit(where, claimed, self.spool.read(where, claimed), claimed)
-                continue  # rejected
-            if self.spool.has_result(doc.job_id):
-                first = self.spool.read_result(doc.job_id) or {}
-                self.spool.archive(where, claimed, doc.job_id, first.get("status") == "completed")
-                continue
-            self._recover_one(where, claimed, data, doc.job_id)
+                log.exception("could not recover the claimed job file %s/%s; it stays there",
+                              where, printable(claimed))
+
+    def _recover_file(self, where: str, claimed: str) -> None:
+        try:
+            data = self.spool.read(where, claimed)
+            doc, _ = parse_job(data, printable(claimed))
+        except Exception:
+            self.intake.admit(where, claimed, self.spool.read(where, claimed), printable(claimed))
+            return  # rejected
+        if self.spool.has_result(doc.job_id):
+            first = self.spool.read_result(doc.job_id) or {}
+            self.spool.archive(where, claimed, doc.job_id, first.get("status") == "completed")
+            return
+        self._recover_one(where, claimed, data, doc.job_id)
 
     def _recover_one(self, where: str, claimed: str, data: bytes, job_id: str | None,
                      running_attempt: int | None = None, message_id: str | None = None) -> None:
