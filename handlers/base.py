@@ -105,6 +105,9 @@ class Handler:
     features: ClassVar[tuple[str, ...]] = ()
     #: Whether the operation needs the network; those that don't get none.
     needs_network: ClassVar[bool] = False
+    #: True when the handler's own `validate` is plain Python that imports nothing: its jobs
+    #: then still fork from the lean forker (see README, "Handlers").
+    plain_validate: ClassVar[bool] = False
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -18,6 +18,7 @@ class SleepHandler(Handler):
     name = "sleep-handler"
     operations = ("system.sleep",)
     payload_types = ("system.sleep.v1",)
+    plain_validate = True  # its jobs fork from the lean forker, as echo's do
 
     def validate(self, data: Any) -> float:
         """The seconds asked for; HandlerError naming the field unless 0 to MAX_SECONDS."""

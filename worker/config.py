@@ -194,7 +194,9 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
 def _did_you_mean(name: str, known: set[str]) -> str:
     """' (did you mean X?)' for the known variable closest to `name` after the prefix, or ''."""
     n = len(ENV_PREFIX)
-    close = difflib.get_close_matches(name[n:], sorted(k[n:] for k in known), n=1)
+    suffixes = sorted(k[n:] for k in known)
+    close = [s for s in suffixes if s.endswith("_" + name[n:])] or \
+        difflib.get_close_matches(name[n:], suffixes, n=1)
     return f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
 
 

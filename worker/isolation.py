@@ -101,9 +101,18 @@ def job_user(user: str, group: str) -> tuple[int | None, int | None]:
             pw = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
         except KeyError:
             continue
-        gid = pw.pw_gid if not group else (int(group) if group.isdigit() else grp.getgrnam(group).gr_gid)
-        return pw.pw_uid, gid
+        return pw.pw_uid, _group(group) if group else pw.pw_gid
     raise ConfigError(f"setting 'user': no such user {user!r}")
+
+
+def _group(group: str) -> int:
+    """The gid of setting `group` (a name or a number); ConfigError when there is none."""
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"setting 'group': no such group {group!r}") from None
 
 
 def unreachable(path: Path, uid: int, gid: int) -> Path | None:

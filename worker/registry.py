@@ -73,8 +73,8 @@ class Registry:
         jobs does not import: it would nearly double the forker, and every fork and exit
         costs in proportion to the forker's memory."""
         kind = type(handler)
-        return (kind.prepare is not Handler.prepare or kind.validate is not Handler.validate
-                or handler.payload_model is not None)
+        own_validate = kind.validate is not Handler.validate and not kind.plain_validate
+        return kind.prepare is not Handler.prepare or own_validate or handler.payload_model is not None
 
     def warm_handlers(self) -> list[Handler]:
         """The handlers (each once) whose jobs start from a pre-imported process."""

@@ -229,8 +229,9 @@ def test_a_misspelt_environment_variable_is_an_error_with_a_suggestion() -> None
     with pytest.raises(ConfigError) as info:
         config.load({}, None, {"GUESTKIT_WORKER_MAX_CONCURENT": "2", "GUESTKIT_WORKER_ID": "w"})
     assert str(info.value) == (
-        "environment: no such setting: GUESTKIT_WORKER_ID, GUESTKIT_WORKER_MAX_CONCURENT "
-        "(did you mean GUESTKIT_WORKER_MAX_CONCURRENT?)")
+        "environment: no such setting: GUESTKIT_WORKER_ID (did you mean "
+        "GUESTKIT_WORKER_WORKER_ID?), GUESTKIT_WORKER_MAX_CONCURENT (did you mean "
+        "GUESTKIT_WORKER_MAX_CONCURRENT?)")
 
 
 def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
