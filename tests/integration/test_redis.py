@@ -185,8 +185,10 @@ def test_malformed_messages_get_a_clear_record_and_are_acked(redis_server, redis
     assert len(letters) == 4
     reasons = sorted(d["message"].split(": ", 1)[1] for d in letters.values()
                      if d["reason"] == "malformed")
-    assert reasons == ["no 'job' field (fields: jobb)", "the 'job' field is not a JSON object",
-                       "the 'job' field is not a JSON object"]
+    assert reasons == [
+        "no 'job' field (fields: jobb)", "the 'job' field is not a JSON object: it is list",
+        "the 'job' field is not a JSON object: unexpected character, expected a string key: "
+        "line 1 column 2 (char 1)"]
     rejected = next(d for d in letters.values() if d["reason"] == "rejected")
     assert rejected["job_id"] == "badkind-job-1" and "kind" in rejected["message"]
     res = shared_results(r)["badkind-job-1"]
@@ -301,3 +303,28 @@ def test_a_drained_worker_gives_back_what_it_never_started_and_drops_it_after_a_
     assert shared_results(r)["needs-feature-1"]["status"] == "completed"
     assert first.result("needs-feature-1") is None and executions([first, second]) == {
         "needs-feature-1": 1}
+
+
+@pytest.mark.timeout(120)
+def test_a_second_message_with_a_job_id_in_use_is_dead_lettered_without_touching_it(
+        redis_server, redis_workers) -> None:
+    """Whether it comes while the first runs, is not even a valid job, or comes after the
+    first finished: the job runs once and keeps its own result."""
+    w = redis_workers("d0").start()
+    r = redis_server.client()
+    first = r.xadd(STREAM, {"job": orjson.dumps(job("dup-id", "test.sleep", {"seconds": 1.5}))})
+    poll_until(lambda: b'"running"' in (r.get("guestkit:status:dup-id") or b""), 30, "it to run")
+    bad = job("dup-id")
+    bad["kind"] = "Nope"
+    r.xadd(STREAM, {"job": orjson.dumps(bad)})
+    r.xadd(STREAM, {"job": orjson.dumps(job("dup-id", "test.ledger"))})
+    poll_until(lambda: "dup-id" in shared_results(r) and settled(r), 30, "the first's result")
+    r.xadd(STREAM, {"job": orjson.dumps(job("dup-id"))})  # after it finished
+    poll_until(lambda: len(_dead_letters(redis_server)) == 3 and settled(r), 30, "the late one")
+    letters = _dead_letters(redis_server)
+    assert {d["reason"] for d in letters} == {"duplicate"}
+    assert {d["duplicate_of"] for d in letters} == {first.decode()}
+    assert letters[0]["message"].startswith("job 'dup-id': field 'job_id': duplicate; message ")
+    res = shared_results(r)["dup-id"]
+    assert res["status"] == "completed" and res["worker_id"] == "d0"
+    assert executions([w])["dup-id"] == 1

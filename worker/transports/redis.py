@@ -83,6 +83,17 @@ redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[3])
 return 1
 """
+#: Return message ARGV[2] to the stream KEYS[1] as a new entry (fields ARGV[3..]) and move
+#: the job id's owner KEYS[2] (when given and ARGV[2] held it) to the new entry.
+_GIVE_BACK = """
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+if KEYS[2] and redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('SET', KEYS[2], id, 'KEEPTTL')
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return id
+"""
 #: Make ARGV[1] the holder of the key unless another job holds it that has not failed.
 _TAKE_KEY = """
 local h = redis.call('GET', KEYS[1])
@@ -95,6 +106,27 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return ARGV[1]
 """
+
+
+#: A message's probe: (its job has a result, a cancel is requested, the job's shared
+#: status, the id of the message that carries the job id, or None)
+Probe = tuple[bool, bool, dict[str, Any] | None, str | None]
+PROBE_OPS = 5  #: the commands `RedisRemote._probe_into` queues for one message
+
+
+def _not_an_object(raw: bytes) -> str:
+    """Why `raw` is no JSON object: orjson's error (bad UTF-8 or JSON, too deep), or its type."""
+    try:
+        value = loads(raw)
+    except ValueError as e:
+        return str(e)
+    return f"it is {type(value).__name__}"
+
+
+def _probe_reply(replies: list[Any]) -> Probe:
+    """A Probe from the PROBE_OPS replies of `RedisRemote._probe_into`."""
+    done, cancelled, status, _, owner = replies
+    return bool(done), bool(cancelled), _json(status), _text(owner) if owner else None
 
 
 @dataclass(frozen=True)
@@ -138,6 +170,10 @@ class Keys:
     def idem(self, key: str) -> str:
         """The key naming the holder of an idempotency key."""
         return f"{self.prefix}:idem:{key}"
+
+    def owner(self, job_id: str) -> str:
+        """The key naming the message that carries job `job_id`: the first one seen with it."""
+        return f"{self.prefix}:owner:{job_id}"
 
 
 def connect(url: str, timeout: float = COMMAND_TIMEOUT) -> redis.Redis:
@@ -435,7 +471,8 @@ class RedisRemote(Remote):
             with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists
                 client.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
             self.scripts = {name: client.register_script(src) for name, src in (
-                ("renew", _RENEW), ("count", _COUNT), ("publish", _PUBLISH), ("take_key", _TAKE_KEY))}
+                ("renew", _RENEW), ("count", _COUNT), ("publish", _PUBLISH), ("take_key", _TAKE_KEY),
+                ("give_back", _GIVE_BACK))}
             self._open_reader(client)
             self._open_sub(client)
         except ERRORS as e:
@@ -593,7 +630,7 @@ class RedisRemote(Remote):
         """A message taken over or recovered: check it, then deliver it or settle it here."""
         job = self._parse(mid, fields)
         if job is not None:
-            self._settle(mid, job, self._probe(job[2]), deliveries, how)
+            self._settle(mid, job, self._probe(job[2], mid), deliveries, how)
 
     def _parse(self, mid: str, fields: dict[bytes, bytes]) -> tuple[bytes, dict[str, Any], str | None] | None:
         """(job bytes, document, safe job id) of a message, or None when it was dead-lettered."""
@@ -605,11 +642,14 @@ class RedisRemote(Remote):
         return raw, doc, safe_job_id(doc)
 
     def _settle(self, mid: str, job: tuple[bytes, dict[str, Any], str | None],
-                probe: tuple[bool, bool, dict[str, Any] | None], deliveries: int,
-                how: str | None) -> None:
-        """Deliver a checked message, or settle it here: done already, poison, or its key held."""
+                probe: Probe, deliveries: int, how: str | None) -> None:
+        """Deliver a checked message, or settle it here: another message's job id, done
+        already, poison, or its key held."""
         raw, doc, job_id = job
-        done, cancelled, status = probe
+        done, cancelled, status, owner = probe
+        if job_id and owner and owner != mid:
+            self._bury_duplicate(mid, job_id, owner, raw)
+            return
         if done:
             log.info("redis: message %s: job %s already has a result; acknowledged", mid, job_id,
                      extra={"job_id": job_id})
@@ -663,13 +703,12 @@ class RedisRemote(Remote):
             self._forget(mid)
 
     def _give_back(self, mid: str, fields: dict[bytes, bytes]) -> None:
-        """Return a message this worker will not run to the stream, as a new entry, at once."""
-        assert self.client is not None
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.keys.stream, fields)  # type: ignore[arg-type]
-        pipe.xack(self.keys.stream, self.group, mid)
-        pipe.xdel(self.keys.stream, mid)
-        pipe.execute()
+        """Return a message this worker will not run to the stream, as a new entry, at once;
+        the new entry carries its job id from then on."""
+        job_id = safe_job_id(_json(fields.get(b"job")) or {})
+        keys = [self.keys.stream, *([self.keys.owner(job_id)] if job_id else [])]
+        self.scripts["give_back"](
+            keys=keys, args=[self.group, mid, *(x for kv in fields.items() for x in kv)])
 
     def _give_back_unstarted(self) -> None:
         """At close: messages delivered but never started here go back for the other workers."""
@@ -789,17 +828,16 @@ class RedisRemote(Remote):
         for mid in self.acks:
             pipe.xack(self.keys.stream, self.group, mid)
             pipe.xdel(self.keys.stream, mid)
-        for _, (_, _, jid) in arrived:
-            self._probe_into(pipe, jid or "")
+        for mid, (_, _, jid) in arrived:
+            self._probe_into(pipe, jid or "", mid)
         replies = pipe.execute()
         self.dirty.clear()
         self.acks.clear()
-        probes = replies[len(replies) - 3 * len(arrived):]
+        probes = replies[len(replies) - PROBE_OPS * len(arrived):]
         for i, (mid, job) in enumerate(arrived):
             if not self.connected:
                 break
-            done, cancelled, status = probes[3 * i:3 * i + 3]
-            self._settle(mid, job, (bool(done), bool(cancelled), _json(status)), 1, None)
+            self._settle(mid, job, _probe_reply(probes[PROBE_OPS * i:PROBE_OPS * (i + 1)]), 1, None)
             self.wake = True
 
     def _take_arrived(self) -> list[tuple[str, dict[bytes, bytes]]]:
@@ -880,7 +918,7 @@ class RedisRemote(Remote):
             why = (f"message {mid}: the job is {len(raw)} bytes, over the limit of "
                    f"{self.settings.max_job_bytes}")
         else:
-            why = f"message {mid}: the 'job' field is not a JSON object"
+            why = f"message {mid}: the 'job' field is not a JSON object: {_not_an_object(raw)}"
         job_id = safe_job_id(doc) if doc is not None else None
         result = self._failed(job_id, ErrorCode.VALIDATION_ERROR, f"job {job_id!r}: {why}",
                               "validation") if job_id else None
@@ -929,6 +967,16 @@ class RedisRemote(Remote):
                          "job_id": job_id or "", "deliveries": deliveries,
                          "last_worker": str(last.get("worker_id", "")),
                          "last_status": dumps(last)}, job_id, result, raw)
+
+    def _bury_duplicate(self, mid: str, job_id: str, owner: str, raw: bytes) -> None:
+        """A second message with a job id another message carries: dead-letter it, touching
+        neither that job's result nor its status (the submitter finds why here)."""
+        why = (f"job {job_id!r}: field 'job_id': duplicate; message {owner} carries a job "
+               "with this id (a job id is never reused)")
+        log.warning("redis: message %s: %s; moved to %s", mid, why, self.keys.dead,
+                    extra={"job_id": job_id})
+        self._bury(mid, {"reason": "duplicate", "code": ErrorCode.VALIDATION_ERROR.value,
+                         "message": why, "job_id": job_id, "duplicate_of": owner}, None, None, raw)
 
     def _local_rejection(self, job_id: str, record: dict[str, Any]) -> dict[str, Any] | None:
         """The failed result the intake wrote for this rejection, if it wrote one (not a duplicate)."""
@@ -1008,21 +1056,28 @@ class RedisRemote(Remote):
         assert self.client is not None
         return bool(self.client.exists(self.keys.result(job_id)))
 
-    def _probe(self, job_id: str | None) -> tuple[bool, bool, dict[str, Any] | None]:
-        """(has a result, cancel requested, shared status) of a job, in one round trip."""
+    def _probe(self, job_id: str | None, mid: str) -> Probe:
+        """A job's probe (see `_probe_into`) for message `mid`, in one round trip."""
         if not job_id:
-            return False, False, None
+            return False, False, None, None
         assert self.client is not None
         pipe = self.client.pipeline(transaction=False)
-        self._probe_into(pipe, job_id)
-        done, cancelled, status = pipe.execute()
-        return bool(done), bool(cancelled), _json(status)
+        self._probe_into(pipe, job_id, mid)
+        return _probe_reply(pipe.execute())
 
-    def _probe_into(self, pipe: Any, job_id: str) -> None:
-        """Queue the three reads of a probe on `pipe` (an empty id reads nothing that exists)."""
+    def _probe_into(self, pipe: Any, job_id: str, mid: str) -> None:
+        """Queue PROBE_OPS commands on `pipe`: whether the job has a result, whether a cancel
+        is requested, its shared status, and which message carries it (made `mid` when none
+        did: SET NX, then GET). An empty id reads and makes nothing that exists."""
         pipe.exists(self.keys.result(job_id or "-"))
         pipe.exists(self.keys.cancel(job_id or "-"))
         pipe.get(self.keys.status(job_id or "-"))
+        if job_id:
+            pipe.set(self.keys.owner(job_id), mid, nx=True,
+                     ex=self.settings.redis_result_ttl_seconds)
+        else:
+            pipe.exists(self.keys.owner("-"))
+        pipe.get(self.keys.owner(job_id or "-"))
 
     def _job_bytes(self, mid: str) -> bytes | None:
         """The `job` field of a message still in the stream."""
