@@ -328,3 +328,27 @@ def test_a_second_message_with_a_job_id_in_use_is_dead_lettered_without_touching
     res = shared_results(r)["dup-id"]
     assert res["status"] == "completed" and res["worker_id"] == "d0"
     assert executions([w])["dup-id"] == 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("wipe", ["xtrim", "flushall"])
+def test_jobs_whose_messages_are_trimmed_away_while_they_run_still_finish(
+        redis_server, redis_workers, wipe: str) -> None:
+    """A producer's XADD MAXLEN (or an XTRIM, or a FLUSHALL) deletes pending entries too:
+    nobody else can run those jobs, so the worker running them finishes them and stores
+    their results."""
+    w = redis_workers("t0", "--max-concurrent", "3", env=lease_env(4, 1)).start()
+    r = redis_server.client()
+    ids = [f"trimmed-{i}" for i in range(3)]
+    xadd_jobs(r, [job(i, "test.sleep", {"seconds": 3}) for i in ids])
+    poll_until(lambda: all(b'"running"' in (r.get(f"guestkit:status:{i}") or b"") for i in ids),
+               30, "all three to run")
+    if wipe == "xtrim":
+        r.xtrim(STREAM, maxlen=0)
+    else:
+        r.flushall()
+    poll_until(lambda: all(i in shared_results(r) for i in ids), 60, "their results")
+    assert {shared_results(r)[i]["status"] for i in ids} == {"completed"}
+    assert executions([w]) == dict.fromkeys(ids, 1)
+    assert "left the stream while it ran here" in w.log()
+    assert "taken for dead" not in w.log()

@@ -57,16 +57,18 @@ _QUEUE_FILE = re.compile(r"-queue-(\d+-\d+)\.json$")
 
 #: Renew the leases of ARGV[3..] for consumer ARGV[2]; return those it no longer holds.
 _RENEW = """
-local lost = {}
+local lost, gone = {}, {}
 for i = 3, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if #p == 0 or p[1][2] ~= ARGV[2] then
+  if #p == 0 then
+    gone[#gone + 1] = ARGV[i]
+  elseif p[1][2] ~= ARGV[2] then
     lost[#lost + 1] = ARGV[i]
   else
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
   end
 end
-return lost
+return {lost, gone}
 """
 #: Count one more delivery of ARGV[3] held by ARGV[2]; return the new count, or -1 when not held.
 _COUNT = """
@@ -244,6 +246,7 @@ class Held:
     fresh: bool = True  # read as a new entry (not taken over from a stopped worker)
     lost: bool = False  # another worker holds it now: our outcome is not the job's
     dead: bool = False  # moved to the dead-letter stream (and acked) while held here
+    gone: bool = False  # left the stream while held here (trimmed, deleted): ours to finish
 
 
 class RedisRemote(Remote):
@@ -729,13 +732,32 @@ class RedisRemote(Remote):
         """Reset the idle time of every message held here; stop what another worker took."""
         assert self.client is not None
         self.next_renew = now + self.settings.redis_renew_seconds
-        ids = [m for m, h in self.held.items() if not (h.lost or h.dead)] + list(self.adopted.values())
+        ids = [m for m, h in self.held.items() if not (h.lost or h.dead or h.gone)] + \
+            list(self.adopted.values())
         if not ids:
             return
-        lost = {_text(m) for m in self.scripts["renew"](keys=[self.keys.stream],
-                                                         args=[self.group, self.me, *ids])}
-        for mid in lost:
+        lost, gone = self.scripts["renew"](keys=[self.keys.stream], args=[self.group, self.me, *ids])
+        for mid in map(_text, lost):
             self._lose(mid)
+        for mid in map(_text, gone):
+            self._gone(mid)
+
+    def _gone(self, mid: str) -> None:
+        """A message held here is in no worker's hands any more: acknowledged by the worker
+        that finished its job (which then has a result), or deleted from the stream (XTRIM,
+        XADD MAXLEN, XDEL, FLUSHALL), after which nobody else can run it: finish it here."""
+        held = self.held.get(mid)
+        job_id = held.job_id if held else next((j for j, m in self.adopted.items() if m == mid), "")
+        if job_id and self._has_result(job_id):
+            self._lose(mid)
+            return
+        if held is not None:
+            held.gone = True
+        elif job_id:
+            del self.adopted[job_id]
+        log.warning("redis: job %s: its message %s left the stream while it ran here (trimmed or "
+                    "deleted); it finishes here and its result is stored", job_id, mid,
+                    extra={"job_id": job_id})
 
     def _lose(self, mid: str) -> None:
         if mid in self.parked:  # never delivered here: nothing to stop
@@ -756,7 +778,7 @@ class RedisRemote(Remote):
     def _count_attempt(self, mid: str, held: Held, doc: dict[str, Any]) -> None:
         """Count each execution start as a delivery; dead-letter before one too many starts."""
         state, attempt = doc.get("state"), doc.get("attempt")
-        if not isinstance(attempt, int) or held.lost:
+        if not isinstance(attempt, int) or held.lost or held.gone:  # gone: nothing to count on
             return
         if state == "assigned":
             if held.started is not None and attempt > held.started and self.connected:
