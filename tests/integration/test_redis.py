@@ -352,3 +352,20 @@ def test_jobs_whose_messages_are_trimmed_away_while_they_run_still_finish(
     assert executions([w]) == dict.fromkeys(ids, 1)
     assert "left the stream while it ran here" in w.log()
     assert "taken for dead" not in w.log()
+
+
+@pytest.mark.timeout(120)
+def test_a_job_waiting_for_an_idempotency_key_can_be_cancelled(redis_server, redis_workers) -> None:
+    redis_workers("k0", "--max-concurrent", "2").start()
+    r = redis_server.client()
+    xadd_jobs(r, [job("key-holder", "test.sleep", {"seconds": 30}, idempotency_key="k-c")])
+    poll_until(lambda: b'"running"' in (r.get("guestkit:status:key-holder") or b""), 30,
+               "the holder to run")
+    xadd_jobs(r, [job("key-waiter", "test.ledger", idempotency_key="k-c")])
+    poll_until(lambda: r.xpending(STREAM, GROUP)["pending"] == 2, 30, "the waiter to be read")
+    _cli(redis_server, "cancel", "key-waiter")
+    poll_until(lambda: "key-waiter" in shared_results(r), 20, "the waiter's result")
+    assert shared_results(r)["key-waiter"]["status"] == "cancelled"
+    assert "key-holder" not in shared_results(r)  # cancelled while the holder still ran
+    _cli(redis_server, "cancel", "key-holder")
+    poll_until(lambda: len(shared_results(r)) == 2 and settled(r), 30, "the holder's end")

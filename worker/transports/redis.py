@@ -689,6 +689,20 @@ class RedisRemote(Remote):
             if self._key_free(key, held.job_id):
                 del self.parked[mid]
                 self._hand_over(mid, held.job_id, raw, held, running_attempt)
+                self._check_cancels([held.job_id])  # one asked for while it was parked
+
+    def _parked_mid(self, job_id: str) -> str | None:
+        """The message of `job_id` parked here (waiting for its idempotency key), or None."""
+        return next((mid for mid in self.parked
+                     if (h := self.held.get(mid)) is not None and h.job_id == job_id), None)
+
+    def _unpark_cancelled(self, mid: str) -> None:
+        """A parked job was cancelled: hand it over now, with its cancel (it will not run)."""
+        raw, running_attempt, _ = self.parked.pop(mid)
+        held = self.held[mid]
+        self._hand_over(mid, held.job_id, raw, held, running_attempt)
+        if mid in self.held:
+            self.cancels.append(held.job_id)
 
     def _hand_over(self, mid: str, job_id: str | None, raw: bytes, held: Held,
                    running_attempt: int | None) -> None:
@@ -813,6 +827,8 @@ class RedisRemote(Remote):
                     job_id = _text(msg["data"])
                     if job_id in self.by_job or job_id in self.adopted:
                         self.cancels.append(job_id)
+                    elif (mid := self._parked_mid(job_id)) is not None:
+                        self._unpark_cancelled(mid)
         except ERRORS as e:
             self._down(e, time.monotonic())
         self._run_cancels()
