@@ -968,10 +968,12 @@ class Supervisor:
         if was_running and attempt and attempt >= job.max_attempts:
             job.attempt = attempt
             self.jobs[job.job_id] = job
-            self._conclude(job, self._ending(
-                job, "failed", ErrorCode.WORKER_LOST,
-                f"job {job.job_id!r}: the worker stopped while attempt {attempt} of "
-                f"{job.max_attempts} ran; no attempts left"))
+            what = (f"the worker running attempt {attempt} of {job.max_attempts} stopped, or "
+                    "stopped renewing its lease (what that copy does from then on does not "
+                    "count)" if running_attempt is not None else
+                    f"the worker stopped while attempt {attempt} of {job.max_attempts} ran")
+            self._conclude(job, self._ending(job, "failed", ErrorCode.WORKER_LOST,
+                                             f"job {job.job_id!r}: {what}; no attempts left"))
             return
         if was_running:
             self._log(job, "recovered after a worker stopped; attempt %d/%d next", job.attempt,

@@ -369,3 +369,25 @@ def test_a_job_waiting_for_an_idempotency_key_can_be_cancelled(redis_server, red
     assert "key-holder" not in shared_results(r)  # cancelled while the holder still ran
     _cli(redis_server, "cancel", "key-holder")
     poll_until(lambda: len(shared_results(r)) == 2 and settled(r), 30, "the holder's end")
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_paused_past_its_lease_loses_its_job_and_the_record_says_so(
+        redis_server, redis_workers) -> None:
+    """The other worker takes the message over; with no attempts left the job fails as
+    WORKER_LOST, and the paused copy's later outcome is not the job's."""
+    env = lease_env(3, 1)
+    workers = [redis_workers(f"p{i}", env=env).start() for i in range(2)]
+    r = redis_server.client()
+    xadd_jobs(r, [job("paused-job", "test.sleep", {"seconds": 4}, max_attempts=1)])
+    holder = poll_until(lambda: next((w for w in workers if executions([w])["paused-job"]), None),
+                        30, "the job to start")
+    holder.signal(signal.SIGSTOP)
+    try:
+        res = poll_until(lambda: shared_results(r).get("paused-job"), 30, "the takeover's end")
+    finally:
+        holder.signal(signal.SIGCONT)
+    assert res["error"]["code"] == "WORKER_LOST" and res["worker_id"] != holder.base.name
+    assert "stopped renewing its lease" in res["error"]["message"], res["error"]
+    poll_until(lambda: "stopping this copy" in holder.log(), 30, "the paused copy to stop")
+    assert shared_results(r)["paused-job"] == res
