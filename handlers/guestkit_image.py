@@ -128,12 +128,16 @@ def output_root(settings: Mapping[str, Any]) -> Path | None:
     return Path(os.path.realpath(out)) if out else None
 
 
-def resolve_within(raw: str, roots: list[Path], field_name: str, what: str) -> Path:
-    """Resolve absolute path `raw` (symlinks followed) and require it inside one of `roots`."""
+#: Where a worker's image roots are set, for a message saying it has none.
+IMAGE_ROOTS_SETTING = "--image-root, or image_roots in its config"
+
+
+def resolve_within(raw: str, roots: list[Path], field_name: str, what: str,
+                   setting: str = IMAGE_ROOTS_SETTING) -> Path:
+    """Resolve absolute path `raw` (symlinks followed) and require it inside one of `roots`
+    (`what` they are, set with `setting`)."""
     if not roots:
-        raise HandlerError(f"{field_name}: this worker has no {what} configured"
-                           + (" (--image-root, or image_roots in its config)"
-                              if what == "image roots" else ""))
+        raise HandlerError(f"{field_name}: this worker has no {what} configured ({setting})")
     if not os.path.isabs(raw):
         raise HandlerError(f"{field_name}: {raw!r} must be an absolute path")
     real = Path(os.path.realpath(raw))

@@ -52,20 +52,17 @@ def _job_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
 
 
 def _settings(config_file: Path | None, **flags: Any) -> tuple[config.Settings, dict[str, str]]:
-    try:
-        return config.load(flags, config_file)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+    return config.load(flags, config_file)  # a ConfigError is one line (see _Commands)
 
 
 class _Commands(click.Group):
-    """The command group: an OSError a client command meets (a spool path that is a file,
-    a directory it may not read) is reported as an error, not as a traceback."""
+    """The command group: a bad setting, or an OSError a command meets (a spool path that is
+    a file, a directory it may not read), is reported as one error line, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except OSError as e:
+        except (OSError, ConfigError) as e:
             raise click.ClickException(str(e)) from None
 
 
@@ -207,10 +204,7 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
         raise click.ClickException(
             f"job {doc['job_id']!r} has already run (its result is {spool.result_path(doc['job_id'])}); "
             "a job id is never reused: give another --job-id")
-    try:
-        spool.setup()
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+    spool.setup()
     watch = _outcomes(spool) if wait else None  # before the file exists: it may end at once
     try:
         sent = spool.submit(doc["job_id"], raw)
@@ -349,16 +343,21 @@ def _rows(spool: Spool) -> list[dict[str, Any]]:
     return rows
 
 
+def _retry_at(status: dict[str, Any]) -> str | None:
+    """'retry at HH:MM:SS' for a job backing off before its next attempt, else None."""
+    when = status.get("not_before")
+    if not isinstance(when, int | float) or when <= time.time():
+        return None
+    return f"retry at {time.strftime('%H:%M:%S', time.localtime(when))}"
+
+
 def _table(rows: list[dict[str, Any]]) -> None:
     click.echo(f"{'JOB_ID':<36} {'STATE':<10} {'ATTEMPT':<8} {'PROGRESS':<9} DETAIL")
     for r in rows:
         prog = r.get("progress") or {}
         pct = prog.get("percent")
         attempt = f"{r['attempt']}/{r['max_attempts']}" if r.get("attempt") else "-"
-        retry = r.get("not_before")
-        detail = r.get("waiting_for") or r.get("detail") or (
-            f"retry at {time.strftime('%H:%M:%S', time.localtime(retry))}"
-            if isinstance(retry, int | float) and retry > time.time() else prog.get("phase")) or ""
+        detail = r.get("waiting_for") or r.get("detail") or _retry_at(r) or prog.get("phase") or ""
         if r.get("stalled"):
             detail = f"STALLED {detail}"
         click.echo(f"{r['job_id']:<36} {r.get('state', '?'):<10} {attempt:<8} "

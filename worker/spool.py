@@ -395,12 +395,11 @@ def _short(name: str) -> str:
     """`name` as valid UTF-8 (other bytes as \\xNN escapes, see `fsutil.printable`: the name
     goes into status and rejection documents), cut to its start and a digest of the whole
     when longer than _NAME_PART bytes."""
-    raw = os.fsencode(name)
     text = fsutil.printable(name)
     if len(text.encode()) <= _NAME_PART:
         return text
     cut = text.encode()[:_NAME_PART - 18].decode(errors="ignore")
-    return f"{cut}~{hashlib.sha256(raw).hexdigest()[:12]}.json"
+    return f"{cut}~{hashlib.sha256(os.fsencode(name)).hexdigest()[:12]}.json"
 
 
 def original_name(claimed: str) -> str:

@@ -174,3 +174,13 @@ def test_masked_units_are_not_enabled_and_selinux_zero_on_the_cmdline_disables(
     facts = GuestFacts(files)
     assert facts.services["systemd"] == []
     assert facts.selinux is not None and facts.selinux["mode"] == "disabled"
+
+
+def test_a_worker_without_image_roots_says_which_setting_gives_them() -> None:
+    from handlers.guestkit_image import resolve_within
+    from worker.errors import HandlerError
+
+    with pytest.raises(HandlerError) as info:
+        resolve_within("/images/a.qcow2", [], "payload.data.image.path", "image roots")
+    assert str(info.value) == ("payload.data.image.path: this worker has no image roots "
+                               "configured (--image-root, or image_roots in its config)")
