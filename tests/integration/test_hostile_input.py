@@ -232,11 +232,13 @@ def test_rejected_files_never_replace_one_another(worker: Worker) -> None:
     _rejected(worker, "foo.json.error.json")
     worker.drop(b"second {", name="foo.json")
     rejected = worker.jobs / "rejected"
-    second = wait_until(lambda: list(rejected.glob("*-foo.json")), [rejected], 20,
-                        "the second rejection, under another name")[0]
+    # the record is written after the file is moved: wait for the record
+    second_record = wait_until(lambda: list(rejected.glob("*-foo.json.error.json")), [rejected],
+                               20, "the second rejection, under another name")[0]
+    second = second_record.with_name(second_record.name.removesuffix(".error.json"))
     assert second.read_bytes() == b"second {"
     assert (rejected / "foo.json.error.json").read_bytes() == b"first {"
-    record = orjson.loads((rejected / f"{second.name}.error.json").read_bytes())
+    record = orjson.loads(second_record.read_bytes())
     assert record["file"] == second.name and "not valid JSON" in record["message"]
     os.symlink("/etc/hostname", worker.jobs / "111-222-evil.json")
     assert _rejected(worker, "111-222-evil.json")["file"] == "111-222-evil.json"
