@@ -15,8 +15,11 @@ Stages, in order:
 1. Baseline. A supervisor is started, runs 100 echo jobs, and its RSS is read (psutil). A separate
    probe process then imports what the supervisor imports, loads the handler registry, tops its
    RSS up to the supervisor's with touched memory, and times a bare os.fork() / os._exit(0) /
-   waitpid loop: one child at a time ("bare fork loop", the baseline), and two in flight. The RSS
-   of the supervisor's forker is shown too (it, not the supervisor, forks the jobs).
+   waitpid loop: one child at a time ("bare fork loop"), and two in flight. The same probe
+   times the loop again just before every burst round of stage 2: the baseline is the median of
+   all these timings (the loop's own rate moves by 15-20 % between minutes on a VM), and each
+   burst round's ratio to the timing just before it is shown beside it. The RSS of the
+   supervisor's forker is shown too (it, not the supervisor, forks the jobs).
    Before it, on the spools' filesystem, 200 result-sized files are made durable one after
    another by hand (created, written, fsync'd, linked, their directory fsync'd): the p50 of each
    step shows what the disk adds to every durable result. On ext4 without a journal, while a
@@ -461,6 +464,13 @@ def fork_probe(target_rss: int, forks: int) -> dict[str, float]:
     return {"probe_imported_rss": imported, "probe_rss": rss, "fork_loop": one, "fork_loop_2": two}
 
 
+def run_fork_probe(plan: Plan, rss: int) -> dict[str, float]:
+    """The fork probe, in a fresh process padded to `rss` bytes."""
+    out = subprocess.run([sys.executable, __file__, "--fork-probe", str(rss), "--forks",
+                          str(plan.forks)], capture_output=True, check=True, cwd=ROOT, env=worker_env())
+    return dict(orjson.loads(out.stdout))
+
+
 def baseline(plan: Plan) -> dict[str, float]:
     """The supervisor's RSS after 100 jobs, and the bare fork loop from a process that size."""
     with fresh_spool(plan.parent) as spool, ResultWatch(spool.results) as watch, \
@@ -470,9 +480,7 @@ def baseline(plan: Plan) -> dict[str, float]:
         forker_rss = int(sup.forker().memory_info().rss)
     note(f"supervisor RSS {rss / MIB:.1f} MiB; timing {plan.forks} forks from a probe that size")
     wait_quiet(plan, "baseline")
-    out = subprocess.run([sys.executable, __file__, "--fork-probe", str(rss), "--forks",
-                          str(plan.forks)], capture_output=True, check=True, cwd=ROOT, env=worker_env())
-    return {"supervisor_rss": rss, "forker_rss": forker_rss, **orjson.loads(out.stdout)}
+    return {"supervisor_rss": rss, "forker_rss": forker_rss, **run_fork_probe(plan, rss)}
 
 
 # -- the disk the spools live on --------------------------------------------------------------------
@@ -530,11 +538,13 @@ def disk_probe(plan: Plan, n: int = 200) -> dict[str, Any]:
 # -- stage 2: burst throughput ------------------------------------------------------------------------
 
 
-def burst(plan: Plan, concurrency: int, fsync: bool) -> dict[str, float]:
-    """One burst of plan.jobs echo jobs at `concurrency`: rate, supervisor CPU per job, RSS."""
+def burst(plan: Plan, concurrency: int, fsync: bool, rss: int) -> dict[str, float]:
+    """One burst of plan.jobs echo jobs at `concurrency`: rate, supervisor CPU per job, RSS; and
+    the bare fork loop (from a probe of `rss` bytes) timed just before it."""
     with fresh_spool(plan.parent) as spool, ResultWatch(spool.results) as watch:
         names = spool.stage(ids("job", plan.jobs))
         wait_quiet(plan, f"burst k={concurrency} fsync={fsync}")
+        fork_loop = run_fork_probe(plan, rss)["fork_loop"]
         with supervising(spool, concurrency, fsync) as sup:
             warm_up(spool, sup, watch)
             rss_before, cpu0, fcpu0 = sup.rss(), sup.cpu(), sup.forker_cpu()
@@ -545,23 +555,26 @@ def burst(plan: Plan, concurrency: int, fsync: bool) -> dict[str, float]:
             t1 = watch.wait(watch.count + len(names), sup)
             cpu, fcpu = sup.cpu() - cpu0, sup.forker_cpu() - fcpu0
             peak, rss_after = sup.peak(), sup.rss()
-    return {"rate": len(names) / (t1 - t0), "cpu_us": cpu / len(names) * 1e6,
+    return {"rate": len(names) / (t1 - t0), "fork_loop": fork_loop, "cpu_us": cpu / len(names) * 1e6,
             "forker_cpu_us": fcpu / len(names) * 1e6,
             "rss_before": rss_before, "rss_peak": peak, "rss_after": rss_after}
 
 
-def burst_median(plan: Plan, concurrency: int, fsync: bool) -> dict[str, Any]:
-    """plan.rounds bursts; the round with the median rate, plus every round's rate."""
+def burst_median(plan: Plan, concurrency: int, fsync: bool, rss: int) -> dict[str, Any]:
+    """plan.rounds bursts; the round with the median rate, plus every round's rate, the fork
+    loop timed before it and their ratio."""
     rounds = []
     for i in range(plan.rounds):
-        r = burst(plan, concurrency, fsync)
+        r = burst(plan, concurrency, fsync, rss)
         note(f"burst k={concurrency} fsync={fsync} round {i + 1}: {r['rate']:.1f} jobs/s, "
-             f"{r['cpu_us']:.0f} us CPU/job")
+             f"{r['cpu_us']:.0f} us CPU/job; bare fork loop just before: {r['fork_loop']:.1f}/s")
         rounds.append(r)
     rounds.sort(key=lambda r: r["rate"])
     mid = rounds[len(rounds) // 2]
     return {**mid, "rate": median([r["rate"] for r in rounds]),
-            "rss_peak": max(r["rss_peak"] for r in rounds), "rounds": [r["rate"] for r in rounds]}
+            "rss_peak": max(r["rss_peak"] for r in rounds), "rounds": [r["rate"] for r in rounds],
+            "fork_loops": [r["fork_loop"] for r in rounds],
+            "paired": median([r["rate"] / r["fork_loop"] for r in rounds])}
 
 
 # -- stage 3: latency ------------------------------------------------------------------------------------
@@ -772,7 +785,8 @@ def source_state() -> dict[str, Any]:
 def report_baseline(rep: Report, b: dict[str, float]) -> tuple[float, float]:
     """Print the baseline; return (forks/s, microseconds per fork)."""
     rep.section("baseline: bare os.fork/os._exit/waitpid loop from a process of the supervisor's RSS")
-    fork_rate = b["fork_loop"]
+    loops = b["fork_loops"]
+    fork_rate = median(loops)
     fork_us = 1e6 / fork_rate
     rep.add("supervisor_rss_mb", "supervisor RSS after 100 jobs", b["supervisor_rss"] / MIB, "MiB")
     rep.add("forker_rss_mb", "its forker's RSS (the process that forks the jobs)",
@@ -781,11 +795,17 @@ def report_baseline(rep: Report, b: dict[str, float]) -> tuple[float, float]:
             "MiB")
     rep.add("probe_rss_mb", "probe RSS, padded", b["probe_rss"] / MIB, "MiB",
             b["probe_rss"] / b["supervisor_rss"], "supervisor RSS")
-    rep.add("fork_loop_per_s", "bare fork loop, 1 in flight (the baseline)", fork_rate, "forks/s", 1.0,
-            "baseline")
+    rep.add("fork_loop_first_per_s", "bare fork loop, 1 in flight, timed first", b["fork_loop"],
+            "forks/s", b["fork_loop"] / fork_rate, "baseline")
+    rep.add("fork_loop_min_per_s", f"  slowest of the {len(loops)} timings", min(loops), "forks/s",
+            min(loops) / fork_rate, "baseline")
+    rep.add("fork_loop_max_per_s", f"  fastest of the {len(loops)} timings", max(loops), "forks/s",
+            max(loops) / fork_rate, "baseline")
+    rep.add("fork_loop_per_s", f"bare fork loop, 1 in flight, median of {len(loops)} (the baseline)",
+            fork_rate, "forks/s", 1.0, "baseline")
     rep.add("fork_us", "one bare fork+exit+wait", fork_us, "us")
-    rep.add("fork_loop_2_per_s", "bare fork loop, 2 in flight", b["fork_loop_2"], "forks/s",
-            b["fork_loop_2"] / fork_rate, "baseline")
+    rep.add("fork_loop_2_per_s", "bare fork loop, 2 in flight (timed first)", b["fork_loop_2"],
+            "forks/s", b["fork_loop_2"] / b["fork_loop"], "timed first")
     return fork_rate, fork_us
 
 
@@ -832,6 +852,8 @@ def report_bursts(rep: Report, bursts: dict[int, dict[str, Any]], nofsync: dict[
     rep.add("best_concurrency", "best max_concurrent", best, "")
     rep.add("throughput_best_per_s", "best throughput, fsync on", top["rate"], "jobs/s",
             top["rate"] / fork_rate, "bare fork loop")
+    rep.add("throughput_best_paired_ratio", "  each round / the fork loop timed before it (median)",
+            top["paired"], "x")
     rep.figures["throughput_best_vs_fork_loop_2"] = top["rate"] / rep.figures["fork_loop_2_per_s"]
     rep.add("throughput_nofsync_per_s", f"max_concurrent {best}, --no-fsync (extra row)", nofsync["rate"],
             "jobs/s", nofsync["rate"] / fork_rate, "bare fork loop")
@@ -890,8 +912,8 @@ def judge(rep: Report, peaks: list[float]) -> None:
     deepest, shallowest = max(rep.plan.depths), min(rep.plan.depths)
     rep.target("throughput >= 600 jobs/s at the best concurrency (fsync on)", f["throughput_best_per_s"],
                600, f["throughput_best_per_s"] >= 600)
-    rep.target("throughput >= 0.8x the bare fork loop (1 in flight)", f["throughput_best_per_s_ratio"], 0.8,
-               f["throughput_best_per_s_ratio"] >= 0.8)
+    ratio = f["throughput_best_per_s_ratio"]
+    rep.target("throughput >= 0.8x the bare fork loop (1 in flight, median)", ratio, 0.8, ratio >= 0.8)
     # durable: a result's name is on disk only after the directory's fsync, which the
     # archiving of its job file follows; the file appears a little earlier
     rep.target("latency p50 <= 3 ms, drop -> durable result", f["latency_done_p50_ms"], 3,
@@ -923,11 +945,13 @@ def run(plan: Plan) -> Report:
     note(f"Python {platform.python_version()} at {py['python_executable']}, libpython {py['libpython']}")
     disk = settle_disk(plan)
     b = baseline(plan)
-    fork_rate, fork_us = report_baseline(rep, b)
     report_disk(rep, disk)
-    bursts = {k: burst_median(plan, k, fsync=True) for k in plan.concurrency}
+    rss = int(b["supervisor_rss"])
+    bursts = {k: burst_median(plan, k, fsync=True, rss=rss) for k in plan.concurrency}
     best = max(bursts, key=lambda k: bursts[k]["rate"])
-    nofsync = burst_median(plan, best, fsync=False)
+    nofsync = burst_median(plan, best, fsync=False, rss=rss)
+    b["fork_loops"] = [b["fork_loop"], *(f for r in (*bursts.values(), nofsync) for f in r["fork_loops"])]
+    fork_rate, fork_us = report_baseline(rep, b)
     report_bursts(rep, bursts, nofsync, best, fork_rate, fork_us)
     lat = latency(plan, best)
     report_latency(rep, lat, fork_us)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = (
-    "supervisor_rss_mb", "probe_rss_mb", "fork_loop_per_s", "fork_loop_2_per_s", "fork_us",
+    "supervisor_rss_mb", "probe_rss_mb", "fork_loop_per_s", "fork_loop_first_per_s",
+    "fork_loop_min_per_s", "fork_loop_max_per_s", "fork_loop_2_per_s", "fork_us",
     "disk_create_us", "disk_fsync_us", "disk_dir_fsync_us", "disk_durable_ms",
     "throughput_k1_per_s", "throughput_k2_per_s", "throughput_k4_per_s", "best_concurrency",
-    "throughput_best_per_s", "throughput_best_per_s_ratio", "throughput_nofsync_per_s",
+    "throughput_best_per_s", "throughput_best_per_s_ratio", "throughput_best_paired_ratio",
+    "throughput_nofsync_per_s",
     "cpu_us_per_job", "rss_before_mb", "rss_peak_mb", "rss_after_mb",
     "latency_p50_ms", "latency_p99_ms", "latency_done_p50_ms", "latency_done_p99_ms",
     "inbox_100_per_s", "inbox_10000_per_s", "inbox_10000_per_s_ratio", "inbox_10000_cpu_us_per_job",
@@ -45,6 +48,11 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
            if not isinstance(v, int | float) or not math.isfinite(v) or v <= 0}
     assert not bad
     assert len(report["targets"]) == 7
+    loops = report["details"]["baseline"]["fork_loops"]  # timed first, then before each burst round
+    assert len(loops) == 1 + 3 + 1  # quick: one round at k = 1, 2, 4 and one without fsync
+    assert figures["fork_loop_per_s"] == statistics.median(loops)
+    best = report["details"]["bursts"][str(figures["best_concurrency"])]
+    assert figures["throughput_best_paired_ratio"] == best["rate"] / best["fork_loop"]
     assert report["details"]["disk"]["journal"] in (True, False, None)
     machine = report["machine"]  # the interpreter every measured process ran on
     assert machine["python_executable"] == os.path.realpath(sys._base_executable)
