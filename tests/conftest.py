@@ -290,6 +290,21 @@ def worker(make_worker: Callable[..., Worker]) -> Worker:
     return make_worker("--kill-grace", "1").start()
 
 
+def wait_gone(pids: list[int], timeout: float = 10.0, what: str = "processes to die") -> None:
+    """Return once none of `pids` runs (zombies count as gone), woken by each one's pidfd."""
+    end = time.monotonic() + timeout
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if not select.select([fd], [], [], max(0.0, end - time.monotonic()))[0]:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what} (pid {pid} runs)")
+        finally:
+            os.close(fd)
+
+
 def no_process_left(pids: list[int]) -> bool:
     """True when none of `pids` is alive (zombies count as gone)."""
     for pid in pids:

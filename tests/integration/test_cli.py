@@ -33,6 +33,8 @@ def test_submit_from_a_file_and_fetch_result_status_list(worker: Worker, tmp_pat
     path.write_bytes(orjson.dumps(job("from-file")))
     assert worker.cli("submit", str(path)).stdout == "submitted from-file\n"
     worker.wait_result("from-file")
+    done = worker.jobs / "done" / "from-file.json"  # its live status goes after that
+    wait_until(done.exists, [done.parent], 10, "the job file to be archived")
     assert orjson.loads(worker.cli("result", "from-file").stdout)["status"] == "completed"
     assert '"status": "completed"' in worker.cli("status", "from-file").stdout
     table = worker.cli("list", "--state", "completed").stdout
@@ -59,10 +61,12 @@ def test_submit_wait_exits_1_for_a_failed_job(worker: Worker) -> None:
 
 def test_status_table_shows_running_jobs_with_progress(worker: Worker) -> None:
     worker.drop(job("slowpoke", "test.sleep", {"seconds": 30}))
-    wait_until(lambda: "running" in worker.cli("status").stdout, [worker.jobs / ".status"], 20)
-    table = worker.cli("status").stdout
-    line = next(ln for ln in table.splitlines() if ln.startswith("slowpoke"))
-    assert "running" in line and "1/1" in line and "10%" in line
+    def row() -> str | None:  # "running" may be shown before the job's first progress
+        lines = [ln for ln in worker.cli("status").stdout.splitlines() if ln.startswith("slowpoke")]
+        return lines[0] if lines and "10%" in lines[0] else None
+
+    line = wait_until(row, [worker.jobs / ".status"], 20, "the job's progress")
+    assert "running" in line and "1/1" in line
 
 
 def test_cancel_a_queued_and_a_running_job(make_worker) -> None:
@@ -208,6 +212,9 @@ def test_status_says_why_a_job_waits_and_when_no_supervisor_serves(make_worker) 
     w = make_worker(env={"GUESTKIT_WORKER_RETRY_BACKOFF": "60"}).start()
     w.drop(job("backing-off", "test.retry", {"succeed_on": 2}, max_attempts=2))
     wait_until(lambda: "retrying in 60.0 s" in w.log(), [w.base], 20, "the first attempt to fail")
+    # its status says so just after that line
+    wait_until(lambda: '"attempt": 2' in w.cli("status", "backing-off").stdout, [w.jobs / ".status"],
+               20, "the second attempt to be queued")
     out = w.cli("status")
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("backing-off"))
     assert "queued" in line and "2/2" in line and "retry at " in line, line

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import Worker, job, no_process_left, wait_until
+from conftest import Worker, job, wait_gone
 
 
 def _still_serving(w: Worker, tag: str) -> None:
@@ -54,8 +54,8 @@ def test_a_grandchild_ignoring_sigterm_leaves_no_process_behind(worker: Worker, 
     res = worker.wait_result("parent", timeout=20)
     assert res["status"] == ("timeout" if wait else "completed")
     pid = int((worker.work / "parent" / "grandchild.pid").read_text())
-    wait_until(lambda: no_process_left([pid]), [worker.base], 5, "the grandchild to die")
-    assert no_process_left([c.pid for c in worker.children()])
+    wait_gone([pid], 5, "the grandchild to die")
+    wait_gone([c.pid for c in worker.children()], 5, "the job process to die")
     _still_serving(worker, f"grandchild-{wait}")
 
 

@@ -18,9 +18,9 @@ from conftest import (
     Worker,
     idle_spares,
     job,
-    no_process_left,
     select_sleep,
     spool_cgroups,
+    wait_gone,
     wait_until,
 )
 
@@ -137,15 +137,14 @@ def test_kill_9_of_the_supervisor_takes_every_job_process_with_it(make_worker) -
     job_pids = [c.pid for c in w.children()] + [escaper]
     assert all(os.stat(f"/proc/{p}").st_uid == 65534 for p in job_pids[1:])  # after the drop
     w.kill()
-    wait_until(lambda: no_process_left(job_pids), [w.base], 10, "every job process to die")
+    wait_gone(job_pids, 10, "every job process to die")
 
 
 def test_a_daemonised_grandchild_dies_when_its_job_ends(worker: Worker) -> None:
     pidfile = worker.outputs / "left.pid"
     out = _probe(worker, "leaver", [["daemon", str(pidfile)]])
     escaper = int(out[0].split()[1])
-    wait_until(lambda: no_process_left([int(pidfile.read_text())]), [worker.base], 10,
-               "the daemonised grandchild to die")
+    wait_gone([int(pidfile.read_text())], 10, "the daemonised grandchild to die")
     assert escaper > 0
 
 
@@ -373,8 +372,11 @@ def test_a_job_holds_only_stdio_and_its_pipe_though_its_zygote_holds_more(
         make_worker, spares: bool) -> None:
     """The forker keeps fds open for every job (the Landlock read paths it anchored);
     none reaches the job."""
-    w = make_worker("--max-concurrent", "1", *([] if spares else ["--no-spares"])).start()
+    w = make_worker("--max-concurrent", "1", "--log-level", "debug",
+                    *([] if spares else ["--no-spares"])).start()
     assert w.proc is not None
+    wait_until(lambda: re.search(r"gkw-forker \d+ ready:", w.log()), [w.base], 20,
+               "the forker to be ready")  # ready: named, read paths anchored
     [forker] = [k for k in psutil.Process(w.proc.pid).children() if k.name() == "gkw-forker"]
     held = {os.readlink(f"/proc/{forker.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{forker.pid}/fd")}
     assert "/usr" in held or not landlock.abi(), held

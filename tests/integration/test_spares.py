@@ -8,7 +8,7 @@ import signal
 import socket
 
 import psutil
-from conftest import Worker, idle_spares, job, no_process_left, wait_until
+from conftest import Worker, idle_spares, job, wait_gone, wait_until
 
 
 def _spares(w: Worker) -> list[int]:
@@ -49,7 +49,7 @@ def test_each_free_slot_has_a_spare_and_a_job_starts_on_one(make_worker) -> None
     for layer in ("session", "pdeathsig", "pid-namespace", "rlimits", "no-new-privs"):
         assert layer in res["isolation"], res["isolation"]
     after = _waiting(w, 2, without=(used,))  # never reused: a fresh spare took its place
-    assert no_process_left([used])
+    wait_gone([used], 10, "the used spare to end")  # killed with its job, dying on its own time
     assert set(before) - {used} <= set(after)
     # the work dir it made while waiting became the job's, logs included
     assert sorted(p.name for p in (w.work / "on-spare").iterdir()) == ["stderr.log", "stdout.log"]
@@ -131,8 +131,7 @@ def test_drain_lets_every_spare_go(make_worker) -> None:
     spares = _waiting(w, 3)
     grandchildren = [c.pid for p in spares for c in psutil.Process(p).children(recursive=True)]
     assert w.stop() == 0
-    wait_until(lambda: no_process_left(spares + grandchildren), [w.base], 10,
-               "the spares to exit")
+    wait_gone(spares + grandchildren, 10, "the spares to exit")
     assert "ended while waiting" not in w.log()  # retired, not lost
     (w.work / ".spare-999").mkdir()  # as a crash would leave one
     w.start("--no-spares", wait_ready=False)

@@ -6,7 +6,7 @@ import os
 import re
 import signal
 
-from conftest import Worker, job, no_process_left, wait_until
+from conftest import Worker, job, wait_gone, wait_until
 
 
 def _zygote(w: Worker) -> int:
@@ -47,7 +47,7 @@ def test_kill_9_of_the_supervisor_takes_the_zygote_and_its_jobs(make_worker) -> 
     wait_until(lambda: "[warm-orphan] execution - warm" in w.log(), [w.jobs / ".status"], 20)
     pids = [_zygote(w)] + [c.pid for c in w.children()]
     w.kill()
-    wait_until(lambda: no_process_left(pids), [w.base], 10, "the zygote and its job to die")
+    wait_gone(pids, 10, "the zygote and its job to die")
 
 
 def test_a_job_ended_by_its_exit_is_measured_by_the_rusage_its_zygote_reports(make_worker) -> None:
