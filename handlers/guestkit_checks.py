@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handlers.guestkit_facts import GuestFacts, unit_stem
+from handlers.guestkit_parsers import guest_int
 
 __all__ = ["CHECKS", "SEVERITIES", "FileScan", "run_profile", "scan_files"]
 
@@ -166,7 +167,8 @@ def _firewall(f: GuestFacts, _: FileScan | None) -> list[dict[str, Any]]:
 def _login_defs_int(f: GuestFacts, key: str) -> int | None:
     """An integer setting of /etc/login.defs, or None when unset or not a number."""
     value = f.login_defs.get(key, "")
-    return int(value) if value.lstrip("-").isdigit() else None
+    number = guest_int(value.removeprefix("-"))
+    return None if number is None else -number if value.startswith("-") else number
 
 
 def _password_max_age(f: GuestFacts, _: FileScan | None) -> list[dict[str, Any]]:

@@ -27,6 +27,11 @@ _ARCH_NAMES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch
                "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 _RPMDB_PATHS = ("/var/lib/rpm/rpmdb.sqlite", "/usr/lib/sysimage/rpm/rpmdb.sqlite")
 _UNIT_SUFFIXES = (".service", ".socket", ".timer", ".path")
+#: Text read from configuration files per guest: a hostile guest can point many names at
+#: one large (sparse) file; no real guest's configuration comes near it.
+TEXT_BUDGET = 64 * 1024 * 1024
+SSHD_INCLUDES = 256  #: files an sshd_config may include in all (each is read once)
+MAX_ACCOUNTS = 100_000  #: /etc/passwd entries listed
 _VM_TOOLS = {
     "qemu-guest-agent": ("/usr/bin/qemu-ga", "/usr/sbin/qemu-ga"),
     "open-vm-tools": ("/usr/bin/vmtoolsd",),
@@ -62,10 +67,21 @@ class GuestFacts:
         self.hostname_hint = hostname_hint
         self.arch_hint = arch_hint
         self.warnings: list[str] = []
+        self.text_left = TEXT_BUDGET
+        self.text_spent = False
+        self._sshd_included: set[str] = set()
 
     def text(self, path: str) -> str:
-        """A guest file's text, '' when missing."""
-        return self.files.read_text(path) or ""
+        """A guest file's text, '' when missing or once TEXT_BUDGET bytes were read."""
+        if self.text_left <= 0:
+            if not self.text_spent:
+                self.text_spent = True
+                self.warnings.append(f"{path} and later files not read: the guest's configuration "
+                                     f"files already came to over {TEXT_BUDGET} bytes")
+            return ""
+        text = self.files.read_text(path) or ""
+        self.text_left -= len(text)
+        return text
 
     def glob(self, directory: str, pattern: str) -> list[str]:
         """Guest paths in `directory` whose names match `pattern`."""
@@ -112,8 +128,8 @@ class GuestFacts:
             "distribution": osr.get("ID", "").lower() or None,
             "product_name": osr.get("PRETTY_NAME") or osr.get("NAME") or None,
             "version": version or None,
-            "major_version": int(major) if major.isdigit() else None,
-            "minor_version": int(minor.split(".")[0]) if minor.split(".")[0].isdigit() else None,
+            "major_version": p.guest_int(major),
+            "minor_version": p.guest_int(minor.split(".")[0]),
             "hostname": self.hostname,
             "arch": self.architecture,
             "package_format": self.packages["manager"],
@@ -185,7 +201,7 @@ class GuestFacts:
                  if n.startswith(("vmlinuz-", "vmlinux-")) and "rescue" not in n}
         for base in ("/lib/modules", "/usr/lib/modules"):
             found.update(self.files.listdir(base))
-        return sorted(found)
+        return sorted({p.guest_name(n) for n in found})
 
     # ---------------------------------------------------------------- accounts
 
@@ -197,12 +213,16 @@ class GuestFacts:
     @cached_property
     def accounts(self) -> list[dict[str, Any]]:
         """/etc/passwd accounts with login/system/admin flags and password state."""
-        uid_min = int(self.login_defs.get("UID_MIN", "1000")) \
-            if self.login_defs.get("UID_MIN", "1000").isdigit() else 1000
+        uid_min = p.guest_int(self.login_defs.get("UID_MIN", "")) or 1000
         groups = p.parse_group(self.text("/etc/group"))
         admins = {m for g in ("sudo", "wheel", "admin") for m in groups.get(g, [])}
         out = []
-        for acct in p.parse_passwd(self.text("/etc/passwd")):
+        accounts = p.parse_passwd(self.text("/etc/passwd"), MAX_ACCOUNTS + 1)
+        if len(accounts) > MAX_ACCOUNTS:
+            self.warnings.append(f"/etc/passwd lists more than {MAX_ACCOUNTS} accounts; "
+                                 f"the first {MAX_ACCOUNTS} are reported")
+            del accounts[MAX_ACCOUNTS:]
+        for acct in accounts:
             shell = acct["shell"]
             acct["login"] = bool(shell) and not shell.rsplit("/", 1)[-1].startswith(_NOLOGIN_SHELLS)
             acct["system"] = acct["uid"] < uid_min or acct["uid"] == 65534
@@ -231,9 +251,9 @@ class GuestFacts:
                 for n in self.files.listdir(f"/etc/rc{lvl}.d") if re.match(r"S\d+", n)}
         xinetd = [name for f in [*self.glob("/etc/xinetd.d", "*"), "/etc/xinetd.conf"]
                   for name, on in p.parse_xinetd(self.text(f)) if on]
-        return {"systemd": sorted(units - self.masked_units), "sysv": sorted(sysv),
-                "inetd": sorted(set(p.parse_inetd(self.text("/etc/inetd.conf")))),
-                "xinetd": sorted(set(xinetd))}
+        found = {"systemd": units - self.masked_units, "sysv": sysv,
+                 "inetd": set(p.parse_inetd(self.text("/etc/inetd.conf"))), "xinetd": set(xinetd)}
+        return {kind: sorted({p.guest_name(n) for n in names}) for kind, names in found.items()}
 
     @cached_property
     def enabled_services(self) -> list[str]:
@@ -252,13 +272,25 @@ class GuestFacts:
         main = self.files.read_text("/etc/ssh/sshd_config")
         if main is None:
             return None
+        self._sshd_included.add("/etc/ssh/sshd_config")
         return p.parse_sshd_config(main, self._sshd_include)
 
     def _sshd_include(self, pattern: str) -> list[str]:
-        """Texts of the files an sshd `Include` pattern names (relative to /etc/ssh)."""
+        """Texts of the files an sshd `Include` pattern names (relative to /etc/ssh), each file
+        once (a file included again sets nothing new: the first value wins), SSHD_INCLUDES in all."""
         pattern = pattern if pattern.startswith("/") else f"/etc/ssh/{pattern}"
         directory, name = os.path.split(pattern)
-        return [self.text(path) for path in self.glob(directory, name)]
+        texts = []
+        for path in self.glob(directory, name):
+            if path in self._sshd_included:
+                continue
+            if len(self._sshd_included) >= SSHD_INCLUDES:
+                self.warnings.append(f"sshd_config includes more than {SSHD_INCLUDES} files; "
+                                     f"{path} and later ones not read")
+                break
+            self._sshd_included.add(path)
+            texts.append(self.text(path))
+        return texts
 
     @cached_property
     def selinux(self) -> dict[str, Any] | None:

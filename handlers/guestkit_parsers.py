@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
-    "parse_apk_installed", "parse_dpkg_status", "parse_env", "parse_fstab", "parse_group",
+    "guest_int", "guest_name", "parse_apk_installed", "parse_dpkg_status", "parse_env",
+    "parse_fstab", "parse_group",
     "parse_ifcfg", "parse_inetd", "parse_interfaces", "parse_login_defs", "parse_netplan",
     "parse_networkd", "parse_nm_keyfile", "parse_passwd", "parse_resolv_conf", "parse_shadow",
     "parse_sshd_config", "parse_xinetd",
@@ -31,6 +32,28 @@ def _lines(text: str) -> list[str]:
     return out
 
 
+_SHELL_VALUE_MAX = 4096  #: longer values are unquoted by hand: shlex takes quadratic time
+
+
+def guest_int(text: str) -> int | None:
+    """A guest's decimal number (ASCII digits, at most 18 of them), None for anything else."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+def guest_name(name: str) -> str:
+    """A guest file name as valid text: bytes that are not UTF-8 become U+FFFD."""
+    try:
+        name.encode()
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
 def parse_env(text: str) -> dict[str, str]:
     """KEY=value files (os-release, ifcfg, selinux/config, ufw.conf), quotes removed."""
     out: dict[str, str] = {}
@@ -40,6 +63,8 @@ def parse_env(text: str) -> dict[str, str]:
             continue
         key, value = line.split("=", 1)
         try:
+            if len(value) > _SHELL_VALUE_MAX:
+                raise ValueError(value)
             words = shlex.split(value, comments=True)
         except ValueError:
             words = [value.strip().strip("\"'")]
@@ -57,10 +82,13 @@ def parse_login_defs(text: str) -> dict[str, str]:
     return out
 
 
-def parse_passwd(text: str) -> list[dict[str, Any]]:
-    """Accounts of /etc/passwd: name, uid, gid, gecos, home, shell (NIS `+` lines skipped)."""
-    out = []
+def parse_passwd(text: str, limit: int = 1 << 62) -> list[dict[str, Any]]:
+    """Accounts of /etc/passwd: name, uid, gid, gecos, home, shell (NIS `+` lines skipped);
+    the first `limit` of them."""
+    out: list[dict[str, Any]] = []
     for line in text.splitlines():
+        if len(out) >= limit:
+            break
         f = line.split(":")
         if len(f) < 7 or not f[0] or f[0][0] in "+-#":
             continue
@@ -134,6 +162,9 @@ def parse_apk_installed(text: str) -> list[dict[str, str]]:
     return sorted(out, key=lambda p: p["name"])
 
 
+_SSHD_KEYWORD = re.compile(r"([^\s=]+)\s*[=\s]\s*(\S.*)")
+
+
 def parse_sshd_config(text: str, include: Callable[[str], list[str]], depth: int = 0,
                       into: dict[str, str] | None = None) -> dict[str, str]:
     """Effective global sshd options, lower-case keys, first value wins (as sshd reads them).
@@ -143,10 +174,10 @@ def parse_sshd_config(text: str, include: Callable[[str], list[str]], depth: int
     """
     opts = {} if into is None else into
     for line in _lines(text):
-        parts = line.split(None, 1)
-        if len(parts) != 2:
+        parts = _SSHD_KEYWORD.match(line)  # `Keyword value` or `Keyword=value`, as sshd reads
+        if parts is None:
             continue
-        key, value = parts[0].lower(), parts[1].strip().strip('"')
+        key, value = parts[1].lower(), parts[2].strip().strip('"')
         if key == "match":
             break
         if key == "include" and depth < 8:
@@ -179,8 +210,8 @@ def parse_fstab(text: str) -> list[dict[str, Any]]:
             continue
         out.append({"device": f[0], "mountpoint": f[1], "fstype": f[2],
                     "options": f[3] if len(f) > 3 else "defaults",
-                    "dump": int(f[4]) if len(f) > 4 and f[4].isdigit() else 0,
-                    "pass": int(f[5]) if len(f) > 5 and f[5].isdigit() else 0})
+                    "dump": (guest_int(f[4]) if len(f) > 4 else None) or 0,
+                    "pass": (guest_int(f[5]) if len(f) > 5 else None) or 0})
     return out
 
 
@@ -328,7 +359,15 @@ def parse_inetd(text: str) -> list[str]:
 def parse_xinetd(text: str) -> list[tuple[str, bool]]:
     """(service name, enabled) for each `service` block of an xinetd file."""
     out: list[tuple[str, bool]] = []
-    for m in re.finditer(r"service\s+(\S+)\s*\{([^}]*)\}", text):
-        disabled = re.search(r"^\s*disable\s*=\s*yes\b", m.group(2), re.M | re.I)
+    pos = 0
+    while m := _XINETD_SERVICE.search(text, pos):  # a block runs to the next "}": none, no more
+        end = text.find("}", m.end())
+        if end < 0:
+            break
+        disabled = re.search(r"^\s*disable\s*=\s*yes\b", text[m.end():end], re.M | re.I)
         out.append((m.group(1), not disabled))
+        pos = end + 1
     return out
+
+
+_XINETD_SERVICE = re.compile(r"service\s+(\S+)\s*\{")

@@ -18,6 +18,8 @@ _INT32, _STRING, _I18NSTRING = 4, 6, 9
 _MAX_INDEX = 0xFFFF
 _MAX_DATA = 256 * 1024 * 1024
 _SQLITE_MAGIC = b"SQLite format 3\0"
+_MAX_SQL_STEPS = 1_000_000_000  #: sqlite VM instructions the package query may take
+_STEP_CHECK = 100_000  #: instructions between two checks of that budget
 
 
 class RpmdbError(ValueError):
@@ -36,7 +38,7 @@ def parse_header(blob: bytes) -> dict[str, Any]:
     for i in range(count):
         tag, typ, off, cnt = struct.unpack_from(">iiii", blob, 8 + 16 * i)
         key = _TAGS.get(tag)
-        if key is None or not 0 <= off < dlen:
+        if key is None or key in out or not 0 <= off < dlen:  # a tag read again costs a scan
             continue
         if typ in (_STRING, _I18NSTRING):
             end = blob.find(b"\0", store + off, store + dlen)
@@ -60,8 +62,19 @@ def read_packages(db: bytes) -> list[dict[str, Any]]:
         con.deserialize(db)
         con.execute("PRAGMA trusted_schema = OFF")
         con.execute("PRAGMA query_only = ON")
+        kind = con.execute("SELECT type, sql FROM sqlite_master WHERE name = 'Packages'").fetchone()
+        if kind is None or kind[0] != "table" or "VIRTUAL" in str(kind[1]).upper():
+            # a view or a virtual table runs the guest's own query: it may never end
+            raise RpmdbError("it has no Packages table" if kind is None else
+                             f"its Packages is a {'virtual table' if kind[0] == 'table' else kind[0]}, "
+                             "not a table")
+        steps = iter(range(_MAX_SQL_STEPS // _STEP_CHECK))
+        con.set_progress_handler(lambda: next(steps, None) is None, _STEP_CHECK)
         rows = con.execute("SELECT blob FROM Packages").fetchall()
     except sqlite3.Error as exc:
+        if str(exc) == "interrupted":
+            raise RpmdbError(f"reading its Packages table took over {_MAX_SQL_STEPS} sqlite "
+                             "steps") from None
         raise RpmdbError(f"sqlite: {exc}") from None
     finally:
         con.close()

@@ -184,3 +184,131 @@ def test_a_worker_without_image_roots_says_which_setting_gives_them() -> None:
         resolve_within("/images/a.qcow2", [], "payload.data.image.path", "image roots")
     assert str(info.value) == ("payload.data.image.path: this worker has no image roots "
                                "configured (--image-root, or image_roots in its config)")
+
+
+# ---------------------------------------------------------------- a hostile guest's files
+
+
+class CountingFiles(DirFiles):
+    """DirFiles that counts the reads of each guest path and the bytes read in all."""
+
+    def __init__(self, root: Path) -> None:
+        """Serve guest paths from under `root`, counting."""
+        super().__init__(root)
+        self.reads: dict[str, int] = {}
+        self.bytes = 0
+
+    def read_text(self, guest_path: str) -> str | None:
+        """A file's text (bad bytes replaced), None when missing; counted."""
+        self.reads[guest_path] = self.reads.get(guest_path, 0) + 1
+        data = self.read_bytes(guest_path)
+        self.bytes += len(data or b"")
+        return None if data is None else data.decode("utf-8", "replace")
+
+
+@pytest.mark.timeout(60, method="thread")  # unbounded, it ran for hours
+def test_sshd_includes_of_itself_and_of_a_glob_read_each_file_once(tmp_path: Path) -> None:
+    """Each of these files named every other: sshd would read each once; so do we (it read
+    them k**8 times, a job's whole timeout for a 200-byte file)."""
+    conf = {f"/etc/ssh/sshd_config.d/{i}.conf": "Include /etc/ssh/sshd_config.d/*\n"
+            for i in range(6)}
+    tree(tmp_path, {"/etc/ssh/sshd_config": "Include /etc/ssh/sshd_config " * 10 + "\n"
+                    "Include sshd_config.d/*.conf\nPermitRootLogin=yes\n", **conf})
+    files = CountingFiles(tmp_path)
+    facts = GuestFacts(files)
+    assert facts.sshd is not None and facts.sshd["permitrootlogin"] == "yes"  # Keyword=value
+    assert set(files.reads.values()) == {1}, files.reads
+    assert "CIS-SSH-001" in {f["id"] for f in run_profile("security", facts, None)}
+
+
+def test_many_names_for_one_large_file_stop_at_the_reading_budget(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    import handlers.guestkit_facts as facts_module
+
+    monkeypatch.setattr(facts_module, "TEXT_BUDGET", 4 << 20)  # 64 MiB in a job
+    big = tmp_path / "big"
+    big.write_bytes(b"\0" * (1 << 20))
+    (tmp_path / "etc/modules-load.d").mkdir(parents=True)
+    for i in range(40):
+        (tmp_path / f"etc/modules-load.d/{i:02d}.conf").symlink_to(big)
+    files = CountingFiles(tmp_path)
+    facts = GuestFacts(files)
+    assert len(facts.kernel_modules) <= 5
+    assert files.bytes <= 5 << 20
+    assert [w for w in facts.warnings if "and later files not read" in w], facts.warnings
+    assert len(facts.warnings) == 1
+
+
+def test_too_many_accounts_are_cut_with_a_warning(tmp_path: Path, monkeypatch) -> None:
+    import handlers.guestkit_facts as facts_module
+
+    monkeypatch.setattr(facts_module, "MAX_ACCOUNTS", 3)
+    tree(tmp_path, {"/etc/passwd": "".join(f"u{i}:x:{i}:0::/:/bin/sh\n" for i in range(10))})
+    facts = GuestFacts(DirFiles(tmp_path))
+    assert [a["name"] for a in facts.accounts] == ["u0", "u1", "u2"]
+    assert facts.warnings == ["/etc/passwd lists more than 3 accounts; the first 3 are reported"]
+
+
+@pytest.mark.timeout(60, method="thread")  # the unbounded forms took hours, in C (a regex)
+def test_unclosed_xinetd_blocks_and_a_huge_shell_value_are_read_in_linear_time() -> None:
+    assert p.parse_xinetd("service a {\n" * 200_000) == []
+    assert p.parse_xinetd("service a {\nservice b {\n disable = yes\n}\nservice c {\n}\n") == [
+        ("a", False), ("c", True)]  # a block runs to the next "}", as before
+    value = "a" * 2_000_000
+    assert p.parse_env(f'X="{value}"\nY=1\n') == {"X": value, "Y": "1"}
+
+
+def test_numbers_a_guest_writes_oddly_are_unknown_not_errors(tmp_path: Path) -> None:
+    tree(tmp_path, {
+        "/etc/os-release": 'ID=debian\nVERSION_ID="\u00b2.\u00b3"\n',
+        "/etc/login.defs": "PASS_MAX_DAYS \u00b2\nUID_MIN \u00b9\nPASS_MIN_DAYS " + "9" * 5000 + "\n",
+        "/etc/fstab": "/dev/vda1 / ext4 defaults \u00b9 \u00b2\n",
+        "/etc/passwd": "root:x:0:0::/root:/bin/bash\n",
+    })
+    facts = GuestFacts(DirFiles(tmp_path))
+    osys = facts.operating_system("linux")
+    assert (osys["major_version"], osys["minor_version"]) == (None, None)
+    assert facts.accounts[0]["name"] == "root"
+    assert p.parse_fstab(facts.text("/etc/fstab"))[0]["dump"] == 0
+    ids = {f["id"] for prof in ("security", "compliance", "hardening")
+           for f in run_profile(prof, facts, None)}
+    assert "CIS-PWD-001" in ids  # PASS_MAX_DAYS is not a number: as if unset
+    assert p.guest_int("-1") is None and p.guest_int("42") == 42
+
+
+def test_names_that_are_not_utf8_are_reported_as_valid_text(tmp_path: Path) -> None:
+    root = os.fsencode(tmp_path)
+    os.makedirs(root + b"/usr/lib/modules/6.1.0-\xff")
+    os.makedirs(root + b"/etc/systemd/system/multi-user.target.wants")
+    os.symlink(b"/dev/null", root + b"/etc/systemd/system/multi-user.target.wants/telnet\xff.service")
+    facts = GuestFacts(SurrogateFiles(tmp_path))
+    assert facts.kernels == ["6.1.0-\ufffd"]
+    assert facts.services["systemd"] == ["telnet\ufffd.service"]
+    json.dumps(facts.kernels + facts.services["systemd"]).encode()  # valid UTF-8 text
+
+
+class SurrogateFiles(DirFiles):
+    """DirFiles listing names as the image library does: undecodable bytes as surrogates."""
+
+    def listdir(self, guest_path: str) -> list[str]:
+        """Sorted names, bytes that are not UTF-8 as lone surrogates."""
+        try:
+            return sorted(os.fsdecode(n) for n in os.listdir(os.fsencode(self._host(guest_path))))
+        except OSError:
+            return []
+
+
+@pytest.mark.timeout(60, method="thread")  # unrefused, the query never ends, in C (sqlite)
+def test_an_rpmdb_whose_packages_is_a_view_is_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    from handlers.guestkit_rpmdb import read_packages
+
+    db = tmp_path / "rpmdb.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("CREATE VIEW Packages AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL "
+                "SELECT x + 1 FROM c) SELECT x AS blob FROM c WHERE x < 0")  # never ends
+    con.commit()
+    con.close()
+    with pytest.raises(RpmdbError, match="its Packages is a view, not a table"):
+        read_packages(db.read_bytes())
