@@ -10,6 +10,7 @@ module itself is safe to import in the supervisor.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from handlers.base import Context
 from handlers.guestkit_facts import GuestFacts
 from handlers.guestkit_formats import ImageProbe, normalize_format, probe_image, qcow2_backing_name
+from handlers.guestkit_parsers import guest_name
 from worker.errors import HandlerError
 
 __all__ = [
@@ -44,6 +46,7 @@ _READ_LIMIT = 64 * 1024 * 1024
 #: Filesystems whose mode bits mean what POSIX says (FAT/NTFS report 0777 for everything).
 _POSIX_FS = frozenset({"ext", "xfs", "btrfs", "ffs", "jffs", "squashfs", "cramfs", "overlay"})
 _SKIP_TREES = ("/proc", "/sys", "/dev", "/run")
+_MAX_WALK_DEPTH = 256  #: directory levels the file walk descends below a filesystem's root
 
 
 class _Lenient(BaseModel):
@@ -420,7 +423,8 @@ class GuestImage:
         for mnt, fs in sorted(mounts.items()):
             if mnt.startswith("/$fs$") or getattr(fs, "__type__", "") not in _POSIX_FS:
                 continue
-            for path, mode in _scan_tree(mnt.rstrip("/"), fs.get("/"), mounts):
+            for path, mode in _scan_tree(mnt.rstrip("/"), fs.get("/"), mounts,
+                                         _dir_key(getattr(fs, "__type__", ""))):
                 visit(path, mode)
                 count += 1
                 if count >= limit:
@@ -429,27 +433,48 @@ class GuestImage:
         return count
 
 
-def _scan_tree(base: str, root: Any, mounts: Mapping[str, Any]) -> Iterator[tuple[str, int]]:
-    """Yield (guest path, st_mode) below one filesystem, not crossing into other mounts."""
-    stack = [(base, root)]
+def _scan_tree(base: str, root: Any, mounts: Mapping[str, Any],
+               same_dir: Callable[[Any], Any]) -> Iterator[tuple[str, int]]:
+    """Yield (guest path, st_mode) below one filesystem, not crossing into other mounts. A
+    crafted filesystem can link a directory into itself: each directory is entered once, by
+    `same_dir(stat)` (None: not known), and at most _MAX_WALK_DEPTH levels down."""
+    stack = [(base, root, 0)]
+    entered: set[Any] = set()
+    with contextlib.suppress(Exception):
+        entered.add(same_dir(root.stat()))
     while stack:
-        prefix, entry = stack.pop()
+        prefix, entry, depth = stack.pop()
         try:
             children = list(entry.scandir())
         except Exception:
             continue
         for child in children:
-            path = f"{prefix}/{child.name}"
+            path = f"{prefix}/{guest_name(child.name)}"
             try:
-                mode = child.stat(follow_symlinks=False).st_mode
+                st = child.stat(follow_symlinks=False)
             except Exception:
                 continue
-            yield path, mode
-            if stat.S_ISDIR(mode) and path not in mounts and not path.startswith(_SKIP_TREES):
-                try:
-                    stack.append((path, child.get()))
-                except Exception:
+            yield path, st.st_mode
+            if not stat.S_ISDIR(st.st_mode) or path in mounts or path.startswith(_SKIP_TREES) \
+                    or depth >= _MAX_WALK_DEPTH:
+                continue
+            key = same_dir(st)
+            if key is not None:
+                if key in entered:
                     continue
+                entered.add(key)
+            try:
+                stack.append((path, child.get(), depth + 1))
+            except Exception:
+                continue
+
+
+def _dir_key(fs_type: str) -> Callable[[Any], Any]:
+    """How to tell one directory of a filesystem of `fs_type` from another by its stat: its
+    inode number, except on btrfs, where every subvolume numbers its inodes from 256."""
+    if fs_type == "btrfs":
+        return lambda st: None
+    return lambda st: st.st_ino or None
 
 
 def _load_target(path: Path, chain: list[_ImageFile]) -> Any:
@@ -465,13 +490,19 @@ def _load_target(path: Path, chain: list[_ImageFile]) -> Any:
             disk = QCow2Container(item.fh, backing_file=disk)
         target = Target(path)
         target.disks.add(disk)
-        target.apply()
     except HandlerError:
         raise
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise HandlerError(f"{label} cannot be read as a {chain[0].probe.format} disk image: "
                            f"{type(cause).__name__}: {cause}") from None
+    try:
+        target.apply()  # finds the volumes and filesystems, then reads the guest's own files
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise HandlerError(f"{label}: its volumes or the guest's files could not be read "
+                           f"(a corrupt or crafted filesystem?): {type(cause).__name__}: "
+                           f"{cause}") from None
     return target
 
 

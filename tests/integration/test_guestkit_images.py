@@ -734,3 +734,47 @@ def test_prepare_leaves_nothing_to_import_when_jobs_run(images: Path, dissect_re
     seconds, new_modules = proc.stdout.splitlines()
     assert new_modules == "[]"
     assert float(seconds) < 0.5  # cold, the first job costs about a second of imports
+
+
+@pytest.mark.timeout(120, method="thread")  # without the check, the walk never ends
+def test_the_file_walk_enters_a_directory_linked_into_itself_once(tmp_path: Path) -> None:
+    """A crafted ext4: /srv/a holds a hard link to itself (mkfs and fsck never make one), and
+    a file whose name is not UTF-8."""
+    from dissect.target.filesystems.extfs import ExtFilesystem
+
+    from handlers.guestkit_image import _dir_key, _scan_tree
+
+    src = os.fsencode(tmp_path / "tree")
+    os.makedirs(src + b"/srv/a")
+    with open(src + b"/srv/ww-\xfe", "wb"):
+        pass
+    image = tmp_path / "crafted.ext4"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", os.fsdecode(src), str(image), "8M"],
+                   check=True)
+    subprocess.run(["debugfs", "-w", "-R", "link /srv/a /srv/a/loop", str(image)], check=True,
+                   capture_output=True)
+    with image.open("rb") as fh:
+        fs = ExtFilesystem(fh)
+        walked = [path for path, _ in _scan_tree("", fs.get("/"), {}, _dir_key("ext"))]
+    assert sorted(walked) == ["/lost+found", "/srv", "/srv/a", "/srv/a/loop", "/srv/ww-\ufffd"]
+
+
+def test_a_symlink_loop_the_library_trips_on_is_blamed_on_the_guest_not_the_format(
+        tmp_path: Path, dissect_ready: None) -> None:
+    src = tmp_path / "tree"
+    for d in ("etc", "usr/bin", "usr/sbin", "usr/lib", "var/lib/dpkg", "var/log", "tmp", "root"):
+        (src / d).mkdir(parents=True)
+    (src / "etc/os-release").write_text('ID=debian\nVERSION_ID="12"\n')
+    (src / "etc/fstab").write_text("/dev/vda1 / ext4 defaults 0 1\n")
+    (src / "etc/passwd").write_text("root:x:0:0::/root:/bin/bash\n")
+    (src / "etc/hostname").symlink_to("/etc/hostname")  # found while the OS is detected
+    image = tmp_path / "images" / "loop.img"
+    image.parent.mkdir()
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(src), str(image), "8M"], check=True)
+    settings = {"image_roots": [str(image.parent)], "output_dir": str(tmp_path / "out")}
+    (tmp_path / "out").mkdir()
+    with pytest.raises(HandlerError) as err:
+        run(InspectHandler(settings), {"image": {"path": str(image)}}, tmp_path, tmp_path / "out")
+    assert str(err.value).startswith(f"image '{image}': its volumes or the guest's files could "
+                                      "not be read (a corrupt or crafted filesystem?): "), err.value
+    assert "Symlink" in str(err.value)
