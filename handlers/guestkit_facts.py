@@ -285,8 +285,9 @@ class GuestFacts:
             if path in self._sshd_included:
                 continue
             if len(self._sshd_included) >= SSHD_INCLUDES:
-                self.warnings.append(f"sshd_config includes more than {SSHD_INCLUDES} files; "
-                                     f"{path} and later ones not read")
+                warning = f"sshd_config includes more than {SSHD_INCLUDES} files; the rest were not read"
+                if warning not in self.warnings:
+                    self.warnings.append(warning)
                 break
             self._sshd_included.add(path)
             texts.append(self.text(path))

@@ -221,6 +221,21 @@ def test_sshd_includes_of_itself_and_of_a_glob_read_each_file_once(tmp_path: Pat
     assert "CIS-SSH-001" in {f["id"] for f in run_profile("security", facts, None)}
 
 
+def test_more_sshd_includes_than_allowed_are_one_warning(tmp_path: Path, monkeypatch) -> None:
+    import handlers.guestkit_facts as facts_module
+
+    monkeypatch.setattr(facts_module, "SSHD_INCLUDES", 3)
+    conf = {f"/etc/ssh/sshd_config.d/{i}.conf": "Include /etc/ssh/sshd_config.d/*\n"
+            for i in range(6)}
+    tree(tmp_path, {"/etc/ssh/sshd_config": "Include sshd_config.d/*\n", **conf})
+    files = CountingFiles(tmp_path)
+    facts = GuestFacts(files)
+    assert facts.sshd == {}
+    assert sorted(files.reads) == ["/etc/ssh/sshd_config", "/etc/ssh/sshd_config.d/0.conf",
+                                   "/etc/ssh/sshd_config.d/1.conf"]
+    assert facts.warnings == ["sshd_config includes more than 3 files; the rest were not read"]
+
+
 def test_many_names_for_one_large_file_stop_at_the_reading_budget(tmp_path: Path,
                                                                   monkeypatch) -> None:
     import handlers.guestkit_facts as facts_module
