@@ -125,12 +125,15 @@ def _ssh_empty_passwords(f: GuestFacts, _: FileScan | None) -> list[dict[str, An
 
 
 def _empty_passwords(f: GuestFacts, _: FileScan | None) -> list[dict[str, Any]]:
-    """CIS-AUTH-001 for accounts whose /etc/shadow password field is empty."""
-    names = [n for n, h in f.shadow.items() if h == ""]
+    """CIS-AUTH-001 for accounts whose /etc/shadow password field is empty, or whose
+    /etc/passwd one is (then the shadow entry is not used)."""
+    names = sorted({n for n, h in f.shadow.items() if h == ""}
+                   | {a["name"] for a in f.accounts if a["password"] == "empty"})
     if not names:
         return []
     return [_finding("CIS-AUTH-001", "critical", "Accounts with an empty password",
-                     f"/etc/shadow has an empty password field for: {', '.join(sorted(names))}. "
+                     f"/etc/shadow or /etc/passwd has an empty password field for: "
+                     f"{', '.join(names)}. "
                      "Anyone can log in as these accounts without a password.",
                      "Lock the accounts (passwd -l NAME) or set a strong password.",
                      [f"{_CIS}: Ensure password fields are not empty"], names)]

@@ -227,7 +227,8 @@ class GuestFacts:
             acct["login"] = bool(shell) and not shell.rsplit("/", 1)[-1].startswith(_NOLOGIN_SHELLS)
             acct["system"] = acct["uid"] < uid_min or acct["uid"] == 65534
             acct["admin"] = acct["uid"] == 0 or acct["name"] in admins
-            acct["password"] = _password_state(self.shadow.get(acct["name"]))
+            acct["password"] = "empty" if acct.pop("no_password") else \
+                _password_state(self.shadow.get(acct["name"]))
             out.append(acct)
         return out
 

@@ -83,8 +83,8 @@ def parse_login_defs(text: str) -> dict[str, str]:
 
 
 def parse_passwd(text: str, limit: int = 1 << 62) -> list[dict[str, Any]]:
-    """Accounts of /etc/passwd: name, uid, gid, gecos, home, shell (NIS `+` lines skipped);
-    the first `limit` of them."""
+    """Accounts of /etc/passwd: name, uid, gid, gecos, home, shell, and whether the password
+    field is empty (no password, shadow unused); NIS `+` lines skipped; the first `limit`."""
     out: list[dict[str, Any]] = []
     for line in text.splitlines():
         if len(out) >= limit:
@@ -97,7 +97,7 @@ def parse_passwd(text: str, limit: int = 1 << 62) -> list[dict[str, Any]]:
         except ValueError:
             continue
         out.append({"name": f[0], "uid": uid, "gid": gid, "gecos": f[4], "home": f[5],
-                    "shell": f[6].strip()})
+                    "shell": f[6].strip(), "no_password": f[1] == ""})
     return out
 
 

@@ -327,3 +327,15 @@ def test_an_rpmdb_whose_packages_is_a_view_is_refused(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(RpmdbError, match="its Packages is a view, not a table"):
         read_packages(db.read_bytes())
+
+
+def test_an_empty_password_field_in_passwd_itself_is_critical(tmp_path: Path) -> None:
+    """With nothing in its password field, /etc/passwd's account needs no password whatever
+    /etc/shadow says."""
+    tree(tmp_path, {"/etc/passwd": "root:x:0:0::/root:/bin/bash\nopen::1000:1000::/home/o:/bin/sh\n",
+                    "/etc/shadow": "root:$6$x:1::::::\nopen:$6$y:1::::::\n"})
+    facts = GuestFacts(DirFiles(tmp_path))
+    assert [(a["name"], a["password"]) for a in facts.accounts] == [("root", "set"), ("open", "empty")]
+    assert "no_password" not in facts.accounts[1]  # the report keeps its fields
+    found = {f["id"]: f for f in run_profile("security", facts, None)}
+    assert found["CIS-AUTH-001"]["affected"] == ["open"]
