@@ -295,6 +295,16 @@ class GuestFacts:
         return texts
 
     @cached_property
+    def kernel_cmdline(self) -> str:
+        """What the boot configuration passes the kernel: grub's defaults, /etc/kernel/cmdline,
+        the boot loader entries' `options` and grubenv's `kernelopts` (one text; lines kept)."""
+        parts = [self.text("/etc/default/grub"), self.text("/etc/kernel/cmdline")]
+        for path in [*self.glob("/boot/loader/entries", "*.conf"), "/boot/grub2/grubenv"]:
+            parts += [ln for ln in self.text(path).splitlines()
+                      if ln.lstrip().startswith(("options", "kernelopts="))]
+        return "\n".join(parts)
+
+    @cached_property
     def selinux(self) -> dict[str, Any] | None:
         """SELinux mode and policy where the distribution uses SELinux, else None."""
         config = self.files.read_text("/etc/selinux/config")
@@ -302,9 +312,10 @@ class GuestFacts:
             return None
         env = p.parse_env(config or "")
         mode = env.get("SELINUX", "disabled").lower() if config is not None else "disabled"
-        cmdline = self.text("/etc/default/grub") + self.text("/etc/kernel/cmdline")
-        if re.search(r"\bselinux=0\b", cmdline):
+        if re.search(r"\bselinux=0\b", self.kernel_cmdline):
             mode = "disabled"
+        elif mode == "enforcing" and re.search(r"\benforcing=0\b", self.kernel_cmdline):
+            mode = "permissive"
         return {"mode": mode, "policy": env.get("SELINUXTYPE"), "enabled": mode != "disabled",
                 "configured": config is not None}
 

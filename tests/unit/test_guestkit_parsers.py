@@ -339,3 +339,20 @@ def test_an_empty_password_field_in_passwd_itself_is_critical(tmp_path: Path) ->
     assert "no_password" not in facts.accounts[1]  # the report keeps its fields
     found = {f["id"]: f for f in run_profile("security", facts, None)}
     assert found["CIS-AUTH-001"]["affected"] == ["open"]
+
+
+@pytest.mark.parametrize(("where", "option", "mode"), [
+    ("/boot/loader/entries/abc-5.14.conf", "options root=/dev/vda2 ro enforcing=0", "permissive"),
+    ("/boot/loader/entries/abc-5.14.conf", "options root=/dev/vda2 ro selinux=0", "disabled"),
+    ("/boot/grub2/grubenv", "kernelopts=root=/dev/vda2 enforcing=0", "permissive"),
+    ("/etc/default/grub", 'GRUB_CMDLINE_LINUX="quiet enforcing=0"', "permissive"),
+])
+def test_selinux_turned_down_on_the_kernel_command_line_counts(
+        tmp_path: Path, where: str, option: str, mode: str) -> None:
+    tree(tmp_path, {"/etc/selinux/config": "SELINUX=enforcing\nSELINUXTYPE=targeted\n",
+                    where: f"title x\n{option}\n"})
+    facts = GuestFacts(DirFiles(tmp_path))
+    assert facts.selinux is not None and facts.selinux["mode"] == mode
+    ids = {f["id"] for prof in ("security", "compliance", "hardening")
+           for f in run_profile(prof, facts, None)}
+    assert ("CIS-MAC-002" if mode == "permissive" else "CIS-MAC-001") in ids
