@@ -9,7 +9,6 @@ the image is ever run: everything is parsed as data.
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 from functools import cached_property
 from typing import Any, Protocol
@@ -82,6 +81,18 @@ class GuestFacts:
         text = self.files.read_text(path) or ""
         self.text_left -= len(text)
         return text
+
+    def glob_path(self, pattern: str, limit: int = 1024) -> list[str]:
+        """Guest paths matching an absolute `pattern` whose every component may hold wildcards,
+        sorted; at most `limit` candidates at each level."""
+        found = [""]
+        for part in (c for c in pattern.split("/") if c):
+            if not any(ch in part for ch in "*?["):
+                found = [f"{base}/{part}" for base in found]
+                continue
+            found = [f"{base}/{n}" for base in found for n in self.files.listdir(base or "/")
+                     if fnmatch.fnmatch(n, part)][:limit]
+        return sorted(found)
 
     def glob(self, directory: str, pattern: str) -> list[str]:
         """Guest paths in `directory` whose names match `pattern`."""
@@ -280,9 +291,8 @@ class GuestFacts:
         """Texts of the files an sshd `Include` pattern names (relative to /etc/ssh), each file
         once (a file included again sets nothing new: the first value wins), SSHD_INCLUDES in all."""
         pattern = pattern if pattern.startswith("/") else f"/etc/ssh/{pattern}"
-        directory, name = os.path.split(pattern)
         texts = []
-        for path in self.glob(directory, name):
+        for path in self.glob_path(pattern):
             if path in self._sshd_included:
                 continue
             if len(self._sshd_included) >= SSHD_INCLUDES:

@@ -221,6 +221,16 @@ def test_sshd_includes_of_itself_and_of_a_glob_read_each_file_once(tmp_path: Pat
     assert "CIS-SSH-001" in {f["id"] for f in run_profile("security", facts, None)}
 
 
+def test_an_sshd_include_with_wildcards_in_its_directories_is_followed(tmp_path: Path) -> None:
+    tree(tmp_path, {"/etc/ssh/sshd_config": "Include /etc/ssh/conf*.d/*.conf\n",
+                    "/etc/ssh/conf-b.d/10.conf": "PermitRootLogin yes\n",
+                    "/etc/ssh/conf-a.d/20.conf": "PasswordAuthentication yes\n",
+                    "/etc/ssh/conf-a.d/ignored.txt": "PermitRootLogin no\n"})
+    facts = GuestFacts(DirFiles(tmp_path))
+    assert facts.sshd == {"passwordauthentication": "yes", "permitrootlogin": "yes"}
+    assert "CIS-SSH-001" in {f["id"] for f in run_profile("security", facts, None)}
+
+
 def test_more_sshd_includes_than_allowed_are_one_warning(tmp_path: Path, monkeypatch) -> None:
     import handlers.guestkit_facts as facts_module
 
