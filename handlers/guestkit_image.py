@@ -389,8 +389,8 @@ class GuestImage:
                 data = fh.read(limit + 1)
         except Exception as exc:  # a missing file or a corrupt structure in an untrusted image
             if not isinstance(exc, FileNotFoundError | NotADirectoryError) and \
-                    self.exists(guest_path):
-                self.warnings.append(f"cannot read {guest_path}: {exc}")
+                    not self._missing(guest_path):
+                self.warnings.append(f"cannot read {guest_path}: {type(exc).__name__}: {exc}")
             return None
         if len(data) > limit:
             self.warnings.append(f"{guest_path} is larger than {limit} bytes; not read")
@@ -401,6 +401,13 @@ class GuestImage:
         """A guest text file decoded as UTF-8 (bad bytes replaced), or None."""
         data = self.read_bytes(guest_path, 16 * 1024 * 1024)
         return None if data is None else data.decode("utf-8", "replace")
+
+    def _missing(self, guest_path: str) -> bool:
+        """Whether the guest path surely does not exist (a symlink loop, say, is not missing)."""
+        try:
+            return not self._path(guest_path).exists()
+        except Exception:
+            return False
 
     def exists(self, guest_path: str) -> bool:
         """Whether the guest path exists (symlinks followed)."""

@@ -759,22 +759,39 @@ def test_the_file_walk_enters_a_directory_linked_into_itself_once(tmp_path: Path
     assert sorted(walked) == ["/lost+found", "/srv", "/srv/a", "/srv/a/loop", "/srv/ww-\ufffd"]
 
 
-def test_a_symlink_loop_the_library_trips_on_is_blamed_on_the_guest_not_the_format(
-        tmp_path: Path, dissect_ready: None) -> None:
+def _looping_guest(tmp_path: Path, looped: str) -> tuple[Path, dict[str, Any]]:
+    """A small Debian-like ext4 guest whose `looped` file is a symlink to itself; its settings."""
     src = tmp_path / "tree"
     for d in ("etc", "usr/bin", "usr/sbin", "usr/lib", "var/lib/dpkg", "var/log", "tmp", "root"):
         (src / d).mkdir(parents=True)
     (src / "etc/os-release").write_text('ID=debian\nVERSION_ID="12"\n')
     (src / "etc/fstab").write_text("/dev/vda1 / ext4 defaults 0 1\n")
-    (src / "etc/passwd").write_text("root:x:0:0::/root:/bin/bash\n")
-    (src / "etc/hostname").symlink_to("/etc/hostname")  # found while the OS is detected
+    for name, text in (("passwd", "root:x:0:0::/root:/bin/bash\n"), ("hostname", "loopy\n")):
+        if f"/etc/{name}" != looped:
+            (src / "etc" / name).write_text(text)
+    (src / looped.lstrip("/")).symlink_to(looped)
     image = tmp_path / "images" / "loop.img"
     image.parent.mkdir()
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(src), str(image), "8M"], check=True)
-    settings = {"image_roots": [str(image.parent)], "output_dir": str(tmp_path / "out")}
     (tmp_path / "out").mkdir()
+    return image, {"image_roots": [str(image.parent)], "output_dir": str(tmp_path / "out")}
+
+
+def test_a_symlink_loop_the_library_trips_on_is_blamed_on_the_guest_not_the_format(
+        tmp_path: Path, dissect_ready: None) -> None:
+    image, settings = _looping_guest(tmp_path, "/etc/hostname")  # read while the OS is detected
     with pytest.raises(HandlerError) as err:
         run(InspectHandler(settings), {"image": {"path": str(image)}}, tmp_path, tmp_path / "out")
     assert str(err.value).startswith(f"image '{image}': its volumes or the guest's files could "
                                       "not be read (a corrupt or crafted filesystem?): "), err.value
     assert "Symlink" in str(err.value)
+
+
+def test_a_symlink_loop_where_a_file_is_read_is_a_warning_that_says_so(
+        tmp_path: Path, dissect_ready: None) -> None:
+    image, settings = _looping_guest(tmp_path, "/etc/passwd")
+    result, _ = run(InspectHandler(settings), {"image": {"path": str(image)}}, tmp_path,
+                    tmp_path / "out")
+    report = json.loads(Path(result.output_file).read_text())
+    assert [w for w in report["warnings"]
+            if w.startswith("cannot read /etc/passwd: SymlinkRecursionError")], report["warnings"]
