@@ -539,12 +539,11 @@ def disk_probe(plan: Plan, n: int = 200) -> dict[str, Any]:
 
 
 def burst(plan: Plan, concurrency: int, fsync: bool, rss: int) -> dict[str, float]:
-    """One burst of plan.jobs echo jobs at `concurrency`: rate, supervisor CPU per job, RSS; and
-    the bare fork loop (from a probe of `rss` bytes) timed just before it."""
+    """One burst of plan.jobs echo jobs at `concurrency`: rate, CPU, RSS, and the fork loop before it."""
     with fresh_spool(plan.parent) as spool, ResultWatch(spool.results) as watch:
         names = spool.stage(ids("job", plan.jobs))
-        wait_quiet(plan, f"burst k={concurrency} fsync={fsync}")
         fork_loop = run_fork_probe(plan, rss)["fork_loop"]
+        wait_quiet(plan, f"burst k={concurrency} fsync={fsync}")  # the burst starts from quiet
         with supervising(spool, concurrency, fsync) as sup:
             warm_up(spool, sup, watch)
             rss_before, cpu0, fcpu0 = sup.rss(), sup.cpu(), sup.forker_cpu()
@@ -561,8 +560,7 @@ def burst(plan: Plan, concurrency: int, fsync: bool, rss: int) -> dict[str, floa
 
 
 def burst_median(plan: Plan, concurrency: int, fsync: bool, rss: int) -> dict[str, Any]:
-    """plan.rounds bursts; the round with the median rate, plus every round's rate, the fork
-    loop timed before it and their ratio."""
+    """plan.rounds bursts: the median round, with every round's rate, fork loop and their ratio."""
     rounds = []
     for i in range(plan.rounds):
         r = burst(plan, concurrency, fsync, rss)
