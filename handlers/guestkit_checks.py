@@ -125,8 +125,7 @@ def _ssh_empty_passwords(f: GuestFacts, _: FileScan | None) -> list[dict[str, An
 
 
 def _empty_passwords(f: GuestFacts, _: FileScan | None) -> list[dict[str, Any]]:
-    """CIS-AUTH-001 for accounts whose /etc/shadow password field is empty, or whose
-    /etc/passwd one is (then the shadow entry is not used)."""
+    """CIS-AUTH-001 for accounts with an empty password field in /etc/shadow or /etc/passwd."""
     names = sorted({n for n, h in f.shadow.items() if h == ""}
                    | {a["name"] for a in f.accounts if a["password"] == "empty"})
     if not names:
@@ -221,12 +220,13 @@ def _selinux(f: GuestFacts, _: FileScan | None) -> list[dict[str, Any]]:
     if se["mode"] == "permissive":
         return [_finding("CIS-MAC-002", "medium", "SELinux is permissive",
                          "SELinux logs policy violations but does not block them.",
-                         "Set SELINUX=enforcing in /etc/selinux/config.", refs,
-                         ["/etc/selinux/config"])]
+                         "Set SELINUX=enforcing in /etc/selinux/config and remove enforcing=0 "
+                         "from the kernel command line.", refs, ["/etc/selinux/config"])]
     why = "" if se["configured"] else " (/etc/selinux/config is missing)"
     return [_finding("CIS-MAC-001", "high", "SELinux is disabled",
                      f"This distribution relies on SELinux, but it is disabled{why}.",
-                     "Set SELINUX=enforcing in /etc/selinux/config and relabel (touch /.autorelabel).",
+                     "Set SELINUX=enforcing in /etc/selinux/config, remove selinux=0 from the "
+                     "kernel command line, and relabel (touch /.autorelabel).",
                      refs, ["/etc/selinux/config"])]
 
 

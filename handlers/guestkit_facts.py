@@ -9,6 +9,7 @@ the image is ever run: everything is parsed as data.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import re
 from functools import cached_property
 from typing import Any, Protocol
@@ -67,31 +68,34 @@ class GuestFacts:
         self.arch_hint = arch_hint
         self.warnings: list[str] = []
         self.text_left = TEXT_BUDGET
-        self.text_spent = False
         self._sshd_included: set[str] = set()
+        self._sshd_patterns = 0
 
     def text(self, path: str) -> str:
         """A guest file's text, '' when missing or once TEXT_BUDGET bytes were read."""
         if self.text_left <= 0:
-            if not self.text_spent:
-                self.text_spent = True
-                self.warnings.append(f"{path} and later files not read: the guest's configuration "
-                                     f"files already came to over {TEXT_BUDGET} bytes")
+            self.warn_once(f"configuration files past the first {TEXT_BUDGET} bytes were not read")
             return ""
         text = self.files.read_text(path) or ""
-        self.text_left -= len(text)
+        self.text_left -= len(text.encode())
         return text
 
-    def glob_path(self, pattern: str, limit: int = 1024) -> list[str]:
-        """Guest paths matching an absolute `pattern` whose every component may hold wildcards,
-        sorted; at most `limit` candidates at each level."""
+    def warn_once(self, warning: str) -> None:
+        """Add `warning` to the report's warnings unless it is there already."""
+        if warning not in self.warnings:
+            self.warnings.append(warning)
+
+    def glob_path(self, pattern: str, limit: int = 256) -> list[str]:
+        """Sorted guest paths matching absolute `pattern` as glob(3) does; `limit` per level."""
         found = [""]
         for part in (c for c in pattern.split("/") if c):
             if not any(ch in part for ch in "*?["):
                 found = [f"{base}/{part}" for base in found]
                 continue
-            found = [f"{base}/{n}" for base in found for n in self.files.listdir(base or "/")
-                     if fnmatch.fnmatch(n, part)][:limit]
+            hidden = part.startswith(".")  # like glob(3): only a pattern's "." matches one
+            found = list(itertools.islice(
+                (f"{base}/{n}" for base in found[:limit] for n in self.files.listdir(base or "/")
+                 if (hidden or not n.startswith(".")) and fnmatch.fnmatch(n, part)), limit))
         return sorted(found)
 
     def glob(self, directory: str, pattern: str) -> list[str]:
@@ -224,7 +228,8 @@ class GuestFacts:
     @cached_property
     def accounts(self) -> list[dict[str, Any]]:
         """/etc/passwd accounts with login/system/admin flags and password state."""
-        uid_min = p.guest_int(self.login_defs.get("UID_MIN", "")) or 1000
+        uid_min = p.guest_int(self.login_defs.get("UID_MIN", ""))
+        uid_min = 1000 if uid_min is None else uid_min
         groups = p.parse_group(self.text("/etc/group"))
         admins = {m for g in ("sudo", "wheel", "admin") for m in groups.get(g, [])}
         out = []
@@ -288,31 +293,30 @@ class GuestFacts:
         return p.parse_sshd_config(main, self._sshd_include)
 
     def _sshd_include(self, pattern: str) -> list[str]:
-        """Texts of the files an sshd `Include` pattern names (relative to /etc/ssh), each file
-        once (a file included again sets nothing new: the first value wins), SSHD_INCLUDES in all."""
+        """Texts of the files an `Include` names not read yet (a repeat sets nothing: first wins)."""
+        self._sshd_patterns += 1
+        if len(self._sshd_included) >= SSHD_INCLUDES or self._sshd_patterns > 4 * SSHD_INCLUDES:
+            self.warn_once(f"sshd_config includes more than {SSHD_INCLUDES} files or "
+                           f"{4 * SSHD_INCLUDES} patterns; the rest were not read")
+            return []
         pattern = pattern if pattern.startswith("/") else f"/etc/ssh/{pattern}"
         texts = []
         for path in self.glob_path(pattern):
-            if path in self._sshd_included:
-                continue
-            if len(self._sshd_included) >= SSHD_INCLUDES:
-                warning = f"sshd_config includes more than {SSHD_INCLUDES} files; the rest were not read"
-                if warning not in self.warnings:
-                    self.warnings.append(warning)
-                break
-            self._sshd_included.add(path)
-            texts.append(self.text(path))
+            if path not in self._sshd_included and len(self._sshd_included) < SSHD_INCLUDES:
+                self._sshd_included.add(path)
+                texts.append(self.text(path))
         return texts
 
     @cached_property
     def kernel_cmdline(self) -> str:
-        """What the boot configuration passes the kernel: grub's defaults, /etc/kernel/cmdline,
-        the boot loader entries' `options` and grubenv's `kernelopts` (one text; lines kept)."""
-        parts = [self.text("/etc/default/grub"), self.text("/etc/kernel/cmdline")]
+        """The kernel's options from grub's defaults, /etc/kernel/cmdline, BLS entries, grubenv."""
+        lines = [ln for ln in self.text("/etc/default/grub").splitlines()
+                 if ln.lstrip().startswith("GRUB_CMDLINE_LINUX")]  # not its comments
+        lines += self.text("/etc/kernel/cmdline").splitlines()[:1]
         for path in [*self.glob("/boot/loader/entries", "*.conf"), "/boot/grub2/grubenv"]:
-            parts += [ln for ln in self.text(path).splitlines()
+            lines += [ln for ln in self.text(path).splitlines()
                       if ln.lstrip().startswith(("options", "kernelopts="))]
-        return "\n".join(parts)
+        return "\n".join(lines)
 
     @cached_property
     def selinux(self) -> dict[str, Any] | None:
@@ -410,8 +414,11 @@ class GuestFacts:
         present = self.files.exists("/etc/cloud/cloud.cfg") or self.has_package("cloud-init")
         disabled = self.files.exists("/etc/cloud/cloud-init.disabled") or \
             "cloud-init=disabled" in self.text("/etc/default/grub")
-        match = re.search(r"^datasource_list:\s*\[([^\]]*)\]", self.text("/etc/cloud/cloud.cfg"), re.M)
-        sources = [s.strip() for s in match.group(1).split(",") if s.strip()] if match else []
+        cfg = self.text("/etc/cloud/cloud.cfg")
+        match = re.search(r"^datasource_list:\s*\[", cfg, re.M)
+        end = cfg.find("]", match.end()) if match else -1  # one scan: the list ends at its "]"
+        sources = [s.strip() for s in cfg[match.end():end].split(",") if s.strip()] \
+            if match and end >= 0 else []
         return {"present": present, "enabled": present and not disabled, "datasources": sources}
 
     @cached_property

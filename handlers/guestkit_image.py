@@ -477,8 +477,7 @@ def _scan_tree(base: str, root: Any, mounts: Mapping[str, Any],
 
 
 def _dir_key(fs_type: str) -> Callable[[Any], Any]:
-    """How to tell one directory of a filesystem of `fs_type` from another by its stat: its
-    inode number, except on btrfs, where every subvolume numbers its inodes from 256."""
+    """A directory's identity from its stat: its inode, or None on btrfs (subvolumes reuse them)."""
     if fs_type == "btrfs":
         return lambda st: None
     return lambda st: st.st_ino or None
@@ -500,17 +499,20 @@ def _load_target(path: Path, chain: list[_ImageFile]) -> Any:
     except HandlerError:
         raise
     except Exception as exc:
-        cause = exc.__cause__ or exc
         raise HandlerError(f"{label} cannot be read as a {chain[0].probe.format} disk image: "
-                           f"{type(cause).__name__}: {cause}") from None
+                           f"{_cause(exc)}") from None
     try:
         target.apply()  # finds the volumes and filesystems, then reads the guest's own files
     except Exception as exc:
-        cause = exc.__cause__ or exc
         raise HandlerError(f"{label}: its volumes or the guest's files could not be read "
-                           f"(a corrupt or crafted filesystem?): {type(cause).__name__}: "
-                           f"{cause}") from None
+                           f"(a corrupt or crafted filesystem?): {_cause(exc)}") from None
     return target
+
+
+def _cause(exc: BaseException) -> str:
+    """'Type: message' of what the image library raised (its own cause, when it chained one)."""
+    cause = exc.__cause__ or exc
+    return f"{type(cause).__name__}: {cause}"
 
 
 def _describe_volume(vol: Any) -> dict[str, Any]:

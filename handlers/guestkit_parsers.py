@@ -83,8 +83,7 @@ def parse_login_defs(text: str) -> dict[str, str]:
 
 
 def parse_passwd(text: str, limit: int = 1 << 62) -> list[dict[str, Any]]:
-    """Accounts of /etc/passwd: name, uid, gid, gecos, home, shell, and whether the password
-    field is empty (no password, shadow unused); NIS `+` lines skipped; the first `limit`."""
+    """The first `limit` accounts of /etc/passwd; `no_password` marks an empty password field."""
     out: list[dict[str, Any]] = []
     for line in text.splitlines():
         if len(out) >= limit:
@@ -364,7 +363,7 @@ def parse_xinetd(text: str) -> list[tuple[str, bool]]:
         end = text.find("}", m.end())
         if end < 0:
             break
-        disabled = re.search(r"^\s*disable\s*=\s*yes\b", text[m.end():end], re.M | re.I)
+        disabled = re.search(r"^[ \t]*disable[ \t]*=[ \t]*yes\b", text[m.end():end], re.M | re.I)
         out.append((m.group(1), not disabled))
         pos = end + 1
     return out

@@ -49,6 +49,20 @@ def parse_header(blob: bytes) -> dict[str, Any]:
     return out
 
 
+def _check_stored(con: Any) -> None:
+    """RpmdbError unless Packages.blob is stored data: a view, a virtual table or a generated
+    column runs the guest's own expression when read, which may never end or fill memory."""
+    kind = con.execute("SELECT type, sql FROM sqlite_master WHERE name = 'Packages'").fetchone()
+    if kind is None:
+        raise RpmdbError("it has no Packages table")
+    if kind[0] != "table" or "VIRTUAL" in str(kind[1]).upper():
+        raise RpmdbError(f"its Packages is a {'virtual table' if kind[0] == 'table' else kind[0]}, "
+                         "not a table")
+    columns = {row[1]: row[6] for row in con.execute("PRAGMA table_xinfo(Packages)")}
+    if columns.get("blob", 0) != 0:
+        raise RpmdbError("its Packages.blob is computed when read (a generated column), not stored")
+
+
 def read_packages(db: bytes) -> list[dict[str, Any]]:
     """Every package header in an rpmdb.sqlite image, sorted by name; RpmdbError if unreadable."""
     import sqlite3  # imported by the image library's warm-up: not in the supervisor
@@ -62,12 +76,8 @@ def read_packages(db: bytes) -> list[dict[str, Any]]:
         con.deserialize(db)
         con.execute("PRAGMA trusted_schema = OFF")
         con.execute("PRAGMA query_only = ON")
-        kind = con.execute("SELECT type, sql FROM sqlite_master WHERE name = 'Packages'").fetchone()
-        if kind is None or kind[0] != "table" or "VIRTUAL" in str(kind[1]).upper():
-            # a view or a virtual table runs the guest's own query: it may never end
-            raise RpmdbError("it has no Packages table" if kind is None else
-                             f"its Packages is a {'virtual table' if kind[0] == 'table' else kind[0]}, "
-                             "not a table")
+        con.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _MAX_DATA)
+        _check_stored(con)
         steps = iter(range(_MAX_SQL_STEPS // _STEP_CHECK))
         con.set_progress_handler(lambda: next(steps, None) is None, _STEP_CHECK)
         rows = con.execute("SELECT blob FROM Packages").fetchall()

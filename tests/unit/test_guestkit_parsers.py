@@ -197,6 +197,12 @@ class CountingFiles(DirFiles):
         super().__init__(root)
         self.reads: dict[str, int] = {}
         self.bytes = 0
+        self.listings = 0
+
+    def listdir(self, guest_path: str) -> list[str]:
+        """Sorted names in a guest directory, [] when missing; counted."""
+        self.listings += 1
+        return super().listdir(guest_path)
 
     def read_text(self, guest_path: str) -> str | None:
         """A file's text (bad bytes replaced), None when missing; counted."""
@@ -243,7 +249,26 @@ def test_more_sshd_includes_than_allowed_are_one_warning(tmp_path: Path, monkeyp
     assert facts.sshd == {}
     assert sorted(files.reads) == ["/etc/ssh/sshd_config", "/etc/ssh/sshd_config.d/0.conf",
                                    "/etc/ssh/sshd_config.d/1.conf"]
-    assert facts.warnings == ["sshd_config includes more than 3 files; the rest were not read"]
+    assert facts.warnings == [
+        "sshd_config includes more than 3 files or 12 patterns; the rest were not read"]
+
+
+def test_sshd_include_lines_beyond_the_pattern_cap_list_no_directory(tmp_path: Path) -> None:
+    """Each Include lists its directories: 2,000 of them over 2,000 files took seconds."""
+    conf = {f"/etc/ssh/d/{i}.conf": "" for i in range(50)}
+    tree(tmp_path, {"/etc/ssh/sshd_config": "Include /etc/ssh/d/*\n" * 2000, **conf})
+    files = CountingFiles(tmp_path)
+    facts = GuestFacts(files)
+    assert facts.sshd == {}
+    assert files.listings <= 4 * 256 + 1
+    assert len(files.reads) == 51
+
+
+def test_sshd_include_globs_skip_hidden_files_as_sshd_does(tmp_path: Path) -> None:
+    tree(tmp_path, {"/etc/ssh/sshd_config": "Include /etc/ssh/sshd_config.d/*.conf\n",
+                    "/etc/ssh/sshd_config.d/.hidden.conf": "PasswordAuthentication yes\n",
+                    "/etc/ssh/sshd_config.d/50-a.conf": "PasswordAuthentication no\n"})
+    assert GuestFacts(DirFiles(tmp_path)).sshd == {"passwordauthentication": "no"}
 
 
 def test_many_names_for_one_large_file_stop_at_the_reading_budget(tmp_path: Path,
@@ -252,7 +277,7 @@ def test_many_names_for_one_large_file_stop_at_the_reading_budget(tmp_path: Path
 
     monkeypatch.setattr(facts_module, "TEXT_BUDGET", 4 << 20)  # 64 MiB in a job
     big = tmp_path / "big"
-    big.write_bytes(b"\0" * (1 << 20))
+    big.write_bytes("\U0001f600".encode() * (1 << 18))  # 1 MiB in 4-byte characters
     (tmp_path / "etc/modules-load.d").mkdir(parents=True)
     for i in range(40):
         (tmp_path / f"etc/modules-load.d/{i:02d}.conf").symlink_to(big)
@@ -260,8 +285,7 @@ def test_many_names_for_one_large_file_stop_at_the_reading_budget(tmp_path: Path
     facts = GuestFacts(files)
     assert len(facts.kernel_modules) <= 5
     assert files.bytes <= 5 << 20
-    assert [w for w in facts.warnings if "and later files not read" in w], facts.warnings
-    assert len(facts.warnings) == 1
+    assert facts.warnings == [f"configuration files past the first {4 << 20} bytes were not read"]
 
 
 def test_too_many_accounts_are_cut_with_a_warning(tmp_path: Path, monkeypatch) -> None:
@@ -277,10 +301,19 @@ def test_too_many_accounts_are_cut_with_a_warning(tmp_path: Path, monkeypatch) -
 @pytest.mark.timeout(60, method="thread")  # the unbounded forms took hours, in C (a regex)
 def test_unclosed_xinetd_blocks_and_a_huge_shell_value_are_read_in_linear_time() -> None:
     assert p.parse_xinetd("service a {\n" * 200_000) == []
+    assert p.parse_xinetd("service a {\n" + "\n" * 400_000 + "}") == [("a", True)]
     assert p.parse_xinetd("service a {\nservice b {\n disable = yes\n}\nservice c {\n}\n") == [
         ("a", False), ("c", True)]  # a block runs to the next "}", as before
     value = "a" * 2_000_000
     assert p.parse_env(f'X="{value}"\nY=1\n') == {"X": value, "Y": "1"}
+
+
+@pytest.mark.timeout(60, method="thread")  # unbounded, many unclosed lists took minutes
+def test_unclosed_cloud_init_datasource_lists_are_read_in_linear_time(tmp_path: Path) -> None:
+    tree(tmp_path, {"/etc/cloud/cloud.cfg": "datasource_list: [\n" * 200_000})
+    assert GuestFacts(DirFiles(tmp_path)).cloud_init["datasources"] == []
+    tree(tmp_path, {"/etc/cloud/cloud.cfg": "x: 1\ndatasource_list: [ NoCloud,\n  None ]\n"})
+    assert GuestFacts(DirFiles(tmp_path)).cloud_init["datasources"] == ["NoCloud", "None"]
 
 
 def test_numbers_a_guest_writes_oddly_are_unknown_not_errors(tmp_path: Path) -> None:
@@ -323,20 +356,51 @@ class SurrogateFiles(DirFiles):
             return []
 
 
-@pytest.mark.timeout(60, method="thread")  # unrefused, the query never ends, in C (sqlite)
-def test_an_rpmdb_whose_packages_is_a_view_is_refused(tmp_path: Path) -> None:
+def _rpmdb(path: Path, *statements: str) -> bytes:
+    """An sqlite database made by `statements`, as bytes."""
     import sqlite3
 
-    from handlers.guestkit_rpmdb import read_packages
-
-    db = tmp_path / "rpmdb.sqlite"
-    con = sqlite3.connect(db)
-    con.execute("CREATE VIEW Packages AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL "
-                "SELECT x + 1 FROM c) SELECT x AS blob FROM c WHERE x < 0")  # never ends
+    con = sqlite3.connect(path)
+    for sql in statements:
+        con.execute(sql)
     con.commit()
     con.close()
-    with pytest.raises(RpmdbError, match="its Packages is a view, not a table"):
-        read_packages(db.read_bytes())
+    return path.read_bytes()
+
+
+@pytest.mark.timeout(60, method="thread")  # unrefused, each query runs for ever or fills memory
+@pytest.mark.parametrize(("schema", "message"), [
+    (["CREATE VIEW Packages AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+      "SELECT x AS blob FROM c WHERE x < 0"], "its Packages is a view, not a table"),
+    (["CREATE VIRTUAL TABLE Packages USING fts5(blob)"], "its Packages is a virtual table"),
+    (["CREATE TABLE Packages (hnum INTEGER, blob BLOB GENERATED ALWAYS AS (zeroblob(200000000)))",
+      "INSERT INTO Packages (hnum) VALUES (1), (2), (3)"], "Packages.blob is computed when read"),
+], ids=["view", "virtual", "generated"])
+def test_an_rpmdb_whose_packages_runs_guest_code_is_refused(
+        tmp_path: Path, schema: list[str], message: str) -> None:
+    from handlers.guestkit_rpmdb import read_packages
+
+    with pytest.raises(RpmdbError, match=message):
+        read_packages(_rpmdb(tmp_path / "rpmdb.sqlite", *schema))
+
+
+def test_an_rpmdb_query_past_its_step_budget_stops(tmp_path: Path, monkeypatch) -> None:
+    import handlers.guestkit_rpmdb as rpmdb
+
+    monkeypatch.setattr(rpmdb, "_MAX_SQL_STEPS", 200_000)
+    db = _rpmdb(tmp_path / "rpmdb.sqlite", "CREATE TABLE Packages (hnum INTEGER, blob BLOB)",
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000) "
+                "INSERT INTO Packages SELECT x, x'00' FROM c")
+    with pytest.raises(RpmdbError, match="took over 200000 sqlite steps"):
+        rpmdb.read_packages(db)
+
+
+def test_an_rpm_header_naming_a_tag_twice_keeps_the_first() -> None:
+    store = b"bash\x00evil\x00"
+    index = [(1000, 6, 0, 1), (1000, 6, 5, 1)]
+    blob = struct.pack(">II", len(index), len(store)) + b"".join(
+        struct.pack(">iiii", *e) for e in index) + store
+    assert parse_header(blob) == {"name": "bash"}
 
 
 def test_an_empty_password_field_in_passwd_itself_is_critical(tmp_path: Path) -> None:
@@ -356,6 +420,9 @@ def test_an_empty_password_field_in_passwd_itself_is_critical(tmp_path: Path) ->
     ("/boot/loader/entries/abc-5.14.conf", "options root=/dev/vda2 ro selinux=0", "disabled"),
     ("/boot/grub2/grubenv", "kernelopts=root=/dev/vda2 enforcing=0", "permissive"),
     ("/etc/default/grub", 'GRUB_CMDLINE_LINUX="quiet enforcing=0"', "permissive"),
+    ("/etc/default/grub", '# GRUB_CMDLINE_LINUX="quiet enforcing=0"', "enforcing"),
+    ("/etc/default/grub", 'GRUB_CMDLINE_LINUX="quiet noenforcing=0 enforcing=01"', "enforcing"),
+    ("/boot/loader/entries/abc-5.14.conf", "title enforcing=0", "enforcing"),
 ])
 def test_selinux_turned_down_on_the_kernel_command_line_counts(
         tmp_path: Path, where: str, option: str, mode: str) -> None:
@@ -365,4 +432,5 @@ def test_selinux_turned_down_on_the_kernel_command_line_counts(
     assert facts.selinux is not None and facts.selinux["mode"] == mode
     ids = {f["id"] for prof in ("security", "compliance", "hardening")
            for f in run_profile(prof, facts, None)}
-    assert ("CIS-MAC-002" if mode == "permissive" else "CIS-MAC-001") in ids
+    expected = {"permissive": {"CIS-MAC-002"}, "disabled": {"CIS-MAC-001"}, "enforcing": set()}
+    assert ids & {"CIS-MAC-001", "CIS-MAC-002"} == expected[mode]
