@@ -434,3 +434,9 @@ def test_selinux_turned_down_on_the_kernel_command_line_counts(
            for f in run_profile(prof, facts, None)}
     expected = {"permissive": {"CIS-MAC-002"}, "disabled": {"CIS-MAC-001"}, "enforcing": set()}
     assert ids & {"CIS-MAC-001", "CIS-MAC-002"} == expected[mode]
+
+
+def test_a_uid_min_of_zero_is_a_setting_not_an_absence(tmp_path: Path) -> None:
+    tree(tmp_path, {"/etc/login.defs": "UID_MIN 0\n",
+                    "/etc/passwd": "root:x:0:0::/root:/bin/bash\nsvc:x:500:500::/:/bin/sh\n"})
+    assert [a["system"] for a in GuestFacts(DirFiles(tmp_path)).accounts] == [False, False]
