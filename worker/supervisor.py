@@ -937,11 +937,11 @@ class Supervisor:
                               where, printable(claimed))
 
     def _recover_file(self, where: str, claimed: str) -> None:
+        data, label = self.spool.read(where, claimed), printable(claimed)
         try:
-            data = self.spool.read(where, claimed)
-            doc, _ = parse_job(data, printable(claimed))
+            doc, _ = parse_job(data, label)
         except Exception:
-            self.intake.admit(where, claimed, self.spool.read(where, claimed), printable(claimed))
+            self.intake.admit(where, claimed, data, label)
             return  # rejected
         if self.spool.has_result(doc.job_id):
             first = self.spool.read_result(doc.job_id) or {}
