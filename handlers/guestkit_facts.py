@@ -85,7 +85,7 @@ class GuestFacts:
         if warning not in self.warnings:
             self.warnings.append(warning)
 
-    def glob_path(self, pattern: str, limit: int = 256) -> list[str]:
+    def glob_path(self, pattern: str, limit: int = 4096) -> list[str]:
         """Sorted guest paths matching absolute `pattern` as glob(3) does; `limit` per level."""
         found = [""]
         for part in (c for c in pattern.split("/") if c):
@@ -99,9 +99,8 @@ class GuestFacts:
         return sorted(found)
 
     def glob(self, directory: str, pattern: str) -> list[str]:
-        """Guest paths in `directory` whose names match `pattern`."""
-        return [f"{directory.rstrip('/')}/{n}" for n in self.files.listdir(directory)
-                if fnmatch.fnmatch(n, pattern)]
+        """Sorted guest paths in `directory` whose names match `pattern` (not hidden ones)."""
+        return self.glob_path(f"{directory}/{pattern}")
 
     # ---------------------------------------------------------------- identity
 
@@ -301,7 +300,7 @@ class GuestFacts:
             return []
         pattern = pattern if pattern.startswith("/") else f"/etc/ssh/{pattern}"
         texts = []
-        for path in self.glob_path(pattern):
+        for path in self.glob_path(pattern, SSHD_INCLUDES):
             if path not in self._sshd_included and len(self._sshd_included) < SSHD_INCLUDES:
                 self._sshd_included.add(path)
                 texts.append(self.text(path))

@@ -430,8 +430,9 @@ class GuestImage:
         for mnt, fs in sorted(mounts.items()):
             if mnt.startswith("/$fs$") or getattr(fs, "__type__", "") not in _POSIX_FS:
                 continue
-            for path, mode in _scan_tree(mnt.rstrip("/"), fs.get("/"), mounts,
-                                         _dir_key(getattr(fs, "__type__", ""))):
+            # on btrfs every subvolume numbers its inodes from 256: they tell no directory apart
+            by_inode = getattr(fs, "__type__", "") != "btrfs"
+            for path, mode in _scan_tree(mnt.rstrip("/"), fs.get("/"), mounts, by_inode):
                 visit(path, mode)
                 count += 1
                 if count >= limit:
@@ -441,14 +442,14 @@ class GuestImage:
 
 
 def _scan_tree(base: str, root: Any, mounts: Mapping[str, Any],
-               same_dir: Callable[[Any], Any]) -> Iterator[tuple[str, int]]:
+               by_inode: bool) -> Iterator[tuple[str, int]]:
     """Yield (guest path, st_mode) below one filesystem, not crossing into other mounts. A
-    crafted filesystem can link a directory into itself: each directory is entered once, by
-    `same_dir(stat)` (None: not known), and at most _MAX_WALK_DEPTH levels down."""
+    crafted filesystem can link a directory into itself: each directory is entered once (by
+    its inode, when `by_inode`), and at most _MAX_WALK_DEPTH levels down."""
     stack = [(base, root, 0)]
-    entered: set[Any] = set()
+    entered: set[int] = set()
     with contextlib.suppress(Exception):
-        entered.add(same_dir(root.stat()))
+        entered.add(root.stat().st_ino)
     while stack:
         prefix, entry, depth = stack.pop()
         try:
@@ -465,22 +466,14 @@ def _scan_tree(base: str, root: Any, mounts: Mapping[str, Any],
             if not stat.S_ISDIR(st.st_mode) or path in mounts or path.startswith(_SKIP_TREES) \
                     or depth >= _MAX_WALK_DEPTH:
                 continue
-            key = same_dir(st)
-            if key is not None:
-                if key in entered:
+            if by_inode and st.st_ino:
+                if st.st_ino in entered:
                     continue
-                entered.add(key)
+                entered.add(st.st_ino)
             try:
                 stack.append((path, child.get(), depth + 1))
             except Exception:
                 continue
-
-
-def _dir_key(fs_type: str) -> Callable[[Any], Any]:
-    """A directory's identity from its stat: its inode, or None on btrfs (subvolumes reuse them)."""
-    if fs_type == "btrfs":
-        return lambda st: None
-    return lambda st: st.st_ino or None
 
 
 def _load_target(path: Path, chain: list[_ImageFile]) -> Any:
