@@ -19,7 +19,15 @@ from worker import __version__, config, isolation
 from worker.errors import ConfigError, JobRejected, WorkerError
 from worker.intake import Intake
 from worker.registry import Registry
-from worker.spec import JOB_ID_RE, JOB_ID_TEXT, dumps, dumps_pretty, loads, parse_job
+from worker.spec import (
+    JOB_ID_RE,
+    JOB_ID_TEXT,
+    dumps,
+    dumps_pretty,
+    loads,
+    parse_job,
+    wide_integer,
+)
 from worker.spool import Spool
 from worker.watch import Watch
 
@@ -143,20 +151,28 @@ def _job_document(file: Path | None, operation: str | None, data: str | None,
                   payload_type: str | None) -> dict[str, Any]:
     if file is not None:
         try:
-            doc = loads(file.read_bytes())
-        except (OSError, ValueError) as e:
+            doc = _exact_json(file.read_bytes(), str(file))
+        except OSError as e:
             raise click.ClickException(f"{file}: {e}") from None
         if not isinstance(doc, dict):
             raise click.ClickException(f"{file}: expected a JSON object")
         return doc
     if operation is None:
         raise click.UsageError("give a job FILE or --operation (with --data)")
-    try:
-        payload = loads((data or "{}").encode())
-    except ValueError as e:
-        raise click.ClickException(f"--data: not valid JSON: {e}") from None
+    payload = _exact_json((data or "{}").encode(), "--data")
     return {"version": "1.0", "kind": "VMOperation", "operation": operation,
             "payload": {"type": payload_type or f"{operation}.v1", "data": payload}}
+
+
+def _exact_json(raw: bytes, label: str) -> Any:
+    """`raw` decoded, or a ClickException naming `label` (no integer may change on the way)."""
+    try:
+        value = loads(raw)
+    except ValueError as e:
+        raise click.ClickException(f"{label}: not valid JSON: {e}") from None
+    if (wide := wide_integer(raw)) is not None:
+        raise click.ClickException(f"{label}: {wide}")
+    return value
 
 
 @main.command()

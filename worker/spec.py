@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -180,6 +181,43 @@ def too_deep(raw_bytes: bytes, doc: Any) -> tuple[str, int] | None:
     return deepest
 
 
+#: The integers orjson reads exactly (and writes back); a wider one it reads as a float.
+INT_RANGE = (-(2**63), 2**64 - 1)
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+class _Wide(str):
+    """An integer literal beyond INT_RANGE, as written."""
+
+
+def _exact_int(text: str) -> int | _Wide:
+    if len(text) < 19:
+        return int(text)
+    if len(text) <= 21 and INT_RANGE[0] <= (value := int(text)) <= INT_RANGE[1]:
+        return value
+    return _Wide(text)
+
+
+def wide_integer(raw_bytes: bytes) -> str | None:
+    """What is wrong, as "field 'a.b': expected ..., got ...", when the JSON `raw_bytes` holds an
+    integer beyond INT_RANGE (orjson would silently read it as an inexact float); else None.
+    Only a document with 19 digits in a row is parsed a second time."""
+    if _LONG_NUMBER.search(raw_bytes) is None:
+        return None
+    stack: list[tuple[Any, tuple[str, ...]]] = [(json.loads(raw_bytes, parse_int=_exact_int), ())]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, _Wide):
+            got = value if len(value) <= 40 else f"{value[:20]}...({len(value)} characters)"
+            field = f"field {'.'.join(where)!r}: " if where else ""
+            return (f"{field}expected an integer from -2**63 to 2**64-1 "
+                    f"(send a wider one as a string), got {got}")
+        if isinstance(value, dict | list):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((v, (*where, str(k))) for k, v in reversed(list(items)))
+    return None
+
+
 def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]]:
     """Decode and validate a job document; raise JobRejected naming the job and the field."""
     try:
@@ -201,6 +239,8 @@ def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]
                           f"{who}: field {deep[0]!r}: expected arrays and objects nested at most "
                           f"{MAX_NESTING} levels deep (the document counts as 1), got {deep[1]}",
                           jid)
+    if (wide := wide_integer(raw_bytes)) is not None:
+        raise JobRejected(ErrorCode.VALIDATION_ERROR, f"{who}: {wide}", jid)
     if "version" in raw and raw["version"] != PROTOCOL_VERSION:
         raise JobRejected(
             ErrorCode.UNSUPPORTED_VERSION,

@@ -51,6 +51,22 @@ def test_submit_refuses_an_invalid_job_with_the_reason(worker: Worker, tmp_path)
     assert not (worker.jobs / "bad-submit.json").exists()
 
 
+def test_submit_refuses_an_integer_it_would_round(worker: Worker, tmp_path) -> None:
+    """The client reads the job before it writes it again: a wider integer would leave it
+    as a float, which the worker could no longer tell from one that was sent."""
+    path = tmp_path / "wide.json"
+    path.write_bytes(orjson.dumps(job("wide-submit", data={"n": "@"})).replace(
+        b'"@"', str(2**70).encode()))
+    out = worker.cli("submit", str(path), check=False)
+    assert out.returncode == 1
+    assert (f"{path}: field 'payload.data.n': expected an integer from -2**63 to 2**64-1 "
+            f"(send a wider one as a string), got {2**70}") in out.stderr
+    out = worker.cli("submit", "-o", "system.echo", "-d", f'{{"n": [{-(2**64)}]}}',
+                     "--job-id", "wide-flags", check=False)
+    assert out.returncode == 1 and "--data: field 'n.0': expected an integer" in out.stderr
+    assert not list(worker.jobs.glob("wide-*"))
+
+
 def test_submit_wait_exits_1_for_a_failed_job(worker: Worker) -> None:
     out = worker.cli("submit", "-o", "test.raise", "-d", '{"permanent": true}', "--job-id",
                      "cli-fail", "--wait", check=False)

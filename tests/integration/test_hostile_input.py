@@ -199,6 +199,23 @@ def test_a_payload_nested_too_deep_is_rejected_and_the_deepest_allowed_runs(work
     assert res["status"] == "completed" and res["data"]["echo"] == _nested(125)
 
 
+def test_an_integer_beyond_64_bits_is_rejected_not_rounded(worker: Worker) -> None:
+    """orjson reads 2**64 as the float 1.8446744073709552e19: the job would run on a number
+    it was not sent. The widest integers it keeps exactly still run and come back as sent."""
+    wide = orjson.dumps(job("too-wide", data={"disks": [{"size": "@"}]}))
+    worker.drop(wide.replace(b'"@"', str(2**64).encode()), "too-wide.json")
+    res = worker.wait_result("too-wide")
+    assert res["error"]["code"] == "VALIDATION_ERROR", res["error"]
+    assert res["error"]["message"] == (
+        "job 'too-wide': field 'payload.data.disks.0.size': expected an integer from -2**63 "
+        "to 2**64-1 (send a wider one as a string), got 18446744073709551616")
+    worker.drop(job("wide-enough", data={"big": 2**64 - 1, "low": -(2**63), "s": str(2**70)}))
+    res = worker.wait_result("wide-enough")
+    assert res["status"] == "completed", res["error"]
+    assert res["data"]["echo"] == {"big": 2**64 - 1, "low": -(2**63), "s": str(2**70)}
+    _alive(worker, "too-wide")
+
+
 def test_a_thousand_levels_deep_payload_does_not_stop_the_daemon(worker: Worker) -> None:
     deep = b"[" * 1000 + b"]" * 1000  # written by hand: orjson writes at most 254 levels
     worker.drop(orjson.dumps(job("very-deep", data="@")).replace(b'"@"', deep), "very-deep.json")
