@@ -498,21 +498,92 @@ def list_jobs(config_file: Path | None, state: str | None, redis_url: str | None
 @_spool_options
 @_redis_option
 @click.argument("job_id", callback=_job_id)
-def cancel(config_file: Path | None, job_id: str, redis_url: str | None, **dirs: Any) -> None:
+@click.option("--wait", is_flag=True, help="Wait for the job's end and print its result "
+              "(exit 0 only when it was cancelled)")
+def cancel(config_file: Path | None, job_id: str, redis_url: str | None, wait: bool,
+           **dirs: Any) -> None:
     """Ask the supervisor to cancel JOB_ID (queued or running, when cancellable)."""
     _, queue = _queue(config_file, redis_url, **dirs)
     if queue is not None:
         _redis_call(queue, lambda: queue.cancel(job_id))
         click.echo(f"cancel requested for {job_id}")
+        if wait:
+            sys.exit(_cancel_outcome(job_id, _redis_call(queue, lambda: _redis_result(queue, job_id))))
         return
     spool = _client_spool(config_file, **dirs)
     if not spool.inbox.is_dir():
         raise click.ClickException(f"no spool at {spool.inbox} (see --jobs-dir)")
     if spool.has_result(job_id):
         raise click.ClickException(f"job {job_id!r} has already finished")
+    known = _claimed_job(spool, job_id)
+    if known is not None and known.get("cancellable") is False:
+        raise click.ClickException(
+            f"job {job_id!r} cannot be cancelled: its execution.cancellable is false")
     spool.cancel_dir.mkdir(exist_ok=True)
+    watch = _cancel_outcomes(spool) if wait else None  # before the request: it may end at once
     spool.request_cancel(job_id)
-    click.echo(f"cancel requested for {job_id}")
+    click.echo(f"cancel requested for {job_id}" + (
+        "" if known is not None else " (no such job is queued or running here yet: the "
+        "request waits for it)"))
+    if watch is not None:
+        _unserved(spool)
+        sys.exit(_follow_cancel(spool, job_id, watch))
+
+
+def _redis_result(queue: Any, job_id: str) -> dict[str, Any]:
+    """The result of `job_id` from Redis, once it has one."""
+    for _ in queue.follow(job_id):
+        pass
+    return queue.result(job_id) or {}
+
+
+def _claimed_job(spool: Spool, job_id: str) -> dict[str, Any] | None:
+    """The `execution` of job `job_id` as the supervisor holds it ({} when it has none or
+    its file cannot be read), or None when no file it holds is that job's."""
+    status = spool.read_status(job_id) or {}
+    file = status.get("file") if status.get("job_id") == job_id else None
+    for where, claimed in spool.claimed():
+        if file is not None and claimed != file:
+            continue  # its live status names its file: no need to read the others
+        try:
+            doc = loads(spool.read(where, claimed))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("job_id") == job_id:
+            execution = doc.get("execution")
+            return execution if isinstance(execution, dict) else {}
+    return {} if file is not None else None
+
+
+def _cancel_outcomes(spool: Spool) -> Watch:
+    """A watch on where a cancel request's outcome shows: results/, and .cancel/ (a refused
+    request is removed without a result)."""
+    watch = Watch()
+    watch.add("results", spool.results)
+    watch.add("cancel", spool.cancel_dir)
+    return watch
+
+
+def _follow_cancel(spool: Spool, job_id: str, watch: Watch) -> int:
+    """Wait until `job_id` has a result (print it; 0 when cancelled) or its cancel request
+    is dropped without one (refused: 1). Closes `watch`."""
+    try:
+        while not spool.has_result(job_id):
+            if not spool.cancel_requested(job_id) and not spool.has_result(job_id):
+                click.echo(f"{job_id}: cancel refused (see the worker's log)", err=True)
+                return 1
+            select.select([watch.fileno()], [], [], 1.0)
+            watch.read()
+    finally:
+        watch.close()
+    return _cancel_outcome(job_id, spool.read_result(job_id) or {})
+
+
+def _cancel_outcome(job_id: str, result: dict[str, Any]) -> int:
+    """Print the result of a job asked to cancel; 0 when it was cancelled."""
+    click.echo(f"{job_id}: {result.get('status', 'unknown')}", err=True)
+    click.echo(dumps_pretty(result).decode(), nl=False)
+    return 0 if result.get("status") == "cancelled" else 1
 
 
 @main.command()

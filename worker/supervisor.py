@@ -376,9 +376,11 @@ class Supervisor:
         if acc.ending is not None:
             self._conclude(job, acc.ending)
             return
-        if self.spool.cancel_requested(job.job_id) and job.cancellable:
-            self._cancel_queued(job)
-            return
+        if self.spool.cancel_requested(job.job_id):
+            if job.cancellable:
+                self._cancel_queued(job)
+                return
+            self._refuse_cancel(job)  # asked before it arrived
         if seq is None:
             self._log(job, "queued: %s, priority %d, attempt %d/%d", job.operation, job.priority,
                       job.attempt, job.max_attempts)
@@ -916,13 +918,16 @@ class Supervisor:
                 self.spool.clear_cancel(job_id)
             return  # it may not have arrived yet: the request waits for it
         if not job.cancellable:
-            self._log(job, "cancel refused: execution.cancellable is false", level=logging.WARNING)
-            self.spool.clear_cancel(job_id)
+            self._refuse_cancel(job)
         elif job.state is JobState.QUEUED:
             self._cancel_queued(job)
         elif job.run is not None:
             self._log(job, "cancel requested; stopping it")
             job.run.begin_kill("cancel", self.settings.kill_grace, time.monotonic())
+
+    def _refuse_cancel(self, job: Job) -> None:
+        self._log(job, "cancel refused: execution.cancellable is false", level=logging.WARNING)
+        self.spool.clear_cancel(job.job_id)
 
     # -- recovery -------------------------------------------------------------------------------
 

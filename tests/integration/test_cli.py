@@ -106,9 +106,44 @@ def test_a_non_cancellable_job_refuses_cancel(worker: Worker) -> None:
     worker.drop(job("stubborn", "test.sleep", {"seconds": 4}, cancellable=False))
     wait_until(lambda: (worker.jobs / ".status" / "stubborn.json").exists(),
                [worker.jobs / ".status"])
-    worker.cli("cancel", "stubborn")
+    out = worker.cli("cancel", "stubborn", check=False)
+    assert out.returncode == 1
+    assert out.stderr == ("Error: job 'stubborn' cannot be cancelled: its execution.cancellable "
+                          "is false\n")
+    assert not (worker.jobs / ".cancel" / "stubborn").exists()
     assert worker.wait_result("stubborn")["status"] == "completed"
-    assert "cancel refused: execution.cancellable is false" in worker.log()
+
+
+def test_cancel_refused_by_the_supervisor_ends_a_wait_with_1(make_worker) -> None:
+    """The client cannot see a job still in the inbox: the supervisor refuses on arrival."""
+    w = make_worker("--max-concurrent", "1").start()
+    w.drop(job("gate", "test.sleep", {"seconds": 30}))
+    wait_until(lambda: (w.jobs / ".status" / "gate.json").exists(), [w.jobs / ".status"])
+    client = subprocess.Popen(
+        [sys.executable, "-m", "worker", "cancel", "--jobs-dir", str(w.jobs), "--results-dir",
+         str(w.results), "late-stubborn", "--wait"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=w.env)
+    wait_until(lambda: (w.jobs / ".cancel" / "late-stubborn").exists(), [w.jobs / ".cancel"])
+    w.drop(job("late-stubborn", cancellable=False))
+    stdout, stderr = client.communicate(timeout=60)
+    assert client.returncode == 1, stdout + stderr
+    assert stdout.startswith("cancel requested for late-stubborn (no such job is queued")
+    assert stderr.endswith("late-stubborn: cancel refused (see the worker's log)\n")
+    assert "cancel refused: execution.cancellable is false" in w.log()
+    w.cli("cancel", "gate")
+    assert w.wait_result("late-stubborn")["status"] == "completed"
+
+
+def test_cancel_wait_prints_the_cancelled_result(make_worker) -> None:
+    w = make_worker("--max-concurrent", "1", "--kill-grace", "1").start()
+    w.drop(job("to-stop", "test.sleep", {"seconds": 30}))
+    wait_until(lambda: b'"running"' in ((w.jobs / ".status" / "to-stop.json").read_bytes()
+                                        if (w.jobs / ".status" / "to-stop.json").exists() else b""),
+               [w.jobs / ".status"], 20)
+    out = w.cli("cancel", "to-stop", "--wait")
+    assert out.stdout.startswith("cancel requested for to-stop\n")
+    assert orjson.loads(out.stdout.split("\n", 1)[1])["status"] == "cancelled"
+    assert out.stderr.splitlines()[-1] == "to-stop: cancelled"
 
 
 def test_a_deadline_in_the_past_fails_with_deadline_exceeded(worker: Worker) -> None:
