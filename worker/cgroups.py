@@ -21,6 +21,19 @@ def _write(path: str | Path, value: str) -> None:
         os.close(fd)
 
 
+def _limit_memory_v1(group: str | Path, limit: int) -> None:
+    """Set a v1 memory cgroup's memory and memory+swap limits to `limit` bytes. The kernel
+    refuses a memory limit above memory+swap's: a raise sets that one first, a cut last."""
+    memory, memsw = f"{group}/memory.limit_in_bytes", f"{group}/memory.memsw.limit_in_bytes"
+    now = _read(memory).strip()
+    for path in (memsw, memory) if now.isdigit() and limit > int(now) else (memory, memsw):
+        if path == memory:
+            _write(memory, str(limit))
+            continue
+        with contextlib.suppress(OSError):  # no swap accounting: nothing to limit
+            _write(memsw, str(limit))
+
+
 def _read(path: str | Path) -> str:
     """The whole file with plain syscalls (cgroup files report no size); '' when unreadable."""
     try:
@@ -232,9 +245,7 @@ class JobCgroup:
             if "cpu" in self.v2_controllers and cpu_quota:
                 _write(f"{self.v2}/cpu.max", f"{int(cpu_quota * 100000)} 100000")
         if self.memory_v1 is not None:
-            _write(f"{self.memory_v1}/memory.limit_in_bytes", str(mb))
-            with contextlib.suppress(OSError):  # no swap accounting: nothing to limit
-                _write(f"{self.memory_v1}/memory.memsw.limit_in_bytes", str(mb))
+            _limit_memory_v1(self.memory_v1, mb)
         if self.pids_v1 is not None:
             _write(f"{self.pids_v1}/pids.max", str(pids))
 

@@ -165,6 +165,20 @@ def test_a_job_may_ask_for_less_than_the_cap_never_more(make_worker) -> None:
     assert w.wait_result("greedy")["limits"]["memory_mb"] == 512
 
 
+@pytest.mark.skipif(not _hierarchies().has_memory(), reason="needs a memory cgroup controller")
+def test_a_cgroup_reused_after_a_lower_limit_takes_a_higher_one(make_worker) -> None:
+    """One slot: each job's cgroup held the last job's limits. On cgroup v1 the memory
+    limit may never exceed memory+swap's, so raising it must raise that one first."""
+    w = make_worker("--max-concurrent", "1", "--memory-limit-mb", "512").start()
+    w.drop(job("low", "test.probe", {"actions": []}, limits={"memory_mb": 128}))
+    assert w.wait_result("low")["limits"]["memory_mb"] == 128
+    for i in range(4):
+        w.drop(job(f"after-low-{i}"))
+        res = w.wait_result(f"after-low-{i}")
+        assert res["status"] == "completed", res["error"]
+        assert res["limits"]["memory_mb"] == 512
+
+
 @pytest.mark.skipif(not _hierarchies().layers, reason="needs a cgroup hierarchy")
 def test_a_stale_slot_whose_process_is_not_yet_reaped_is_skipped() -> None:
     h = cgroups.probe("guestkit-stale-slot-test")
