@@ -100,13 +100,13 @@ class Spool:
     def inbox_names(self) -> list[str]:
         """Names in the inbox that look like job files, oldest-named first."""
         with os.scandir(self.inbox) as it:
-            return sorted(e.name for e in it if _job_name(e.name))
+            return sorted(e.name for e in it if job_name(e.name))
 
     def each_inbox_name(self, sort_up_to: int = SORTED_SCAN) -> Iterator[str]:
         """The inbox's job file names for a scan: oldest-named first when there are at most
         `sort_up_to`, else in directory order, so a deep inbox is never held in memory."""
         with os.scandir(self.inbox) as it:
-            names = (e.name for e in it if _job_name(e.name))
+            names = (e.name for e in it if job_name(e.name))
             first = list(itertools.islice(names, sort_up_to + 1))
             if len(first) <= sort_up_to:
                 yield from sorted(first)
@@ -410,7 +410,9 @@ def original_name(claimed: str) -> str:
     return claimed
 
 
-def _job_name(name: str) -> bool:
+def job_name(name: str) -> bool:
+    """Whether inbox entry `name` is a job file: `*.json`, not hidden (a writer's own
+    temporary file may be)."""
     return name.endswith(".json") and name[0] != "."
 
 

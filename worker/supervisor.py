@@ -44,7 +44,7 @@ from worker.service import Service
 from worker.signals import SignalPipe
 from worker.spare import Spares
 from worker.spec import loads, parse_job
-from worker.spool import ACTIVE, RETRY, Spool
+from worker.spool import ACTIVE, RETRY, Spool, job_name
 from worker.states import JobState
 from worker.transports import Remote
 from worker.watch import Watch
@@ -327,7 +327,7 @@ class Supervisor:
         for change in self.watch.read():
             if change.where == "cancel":
                 self._on_cancel(change.name)
-            elif not self.draining and change.name.endswith(".json"):
+            elif not self.draining and job_name(change.name):
                 self._take(change.name)
         if self.watch.overflowed:
             self.watch.overflowed = False

@@ -199,6 +199,21 @@ def test_a_payload_nested_too_deep_is_rejected_and_the_deepest_allowed_runs(work
     assert res["status"] == "completed" and res["data"]["echo"] == _nested(125)
 
 
+def test_a_hidden_or_non_json_name_is_left_alone_while_running_as_at_start(make_worker) -> None:
+    """One rule for the watch and the scan: a writer's hidden temporary file is not a job."""
+    w = make_worker()
+    w.drop(job("hidden-at-start"), ".hidden-at-start.json")
+    w.start()
+    w.drop(job("hidden-live"), ".hidden-live.json")
+    w.drop(job("not-json"), "not-json.txt")
+    w.drop(job("marker"))  # its events come after theirs
+    assert w.wait_result("marker")["status"] == "completed"
+    for name in (".hidden-at-start.json", ".hidden-live.json", "not-json.txt"):
+        assert (w.jobs / name).is_file(), name
+    assert not any(n.endswith(".error.json") for n in os.listdir(w.jobs / "rejected"))
+    assert all(w.result(j) is None for j in ("hidden-at-start", "hidden-live", "not-json"))
+
+
 def test_an_integer_beyond_64_bits_is_rejected_not_rounded(worker: Worker) -> None:
     """orjson reads 2**64 as the float 1.8446744073709552e19: the job would run on a number
     it was not sent. The widest integers it keeps exactly still run and come back as sent."""
