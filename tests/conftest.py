@@ -122,6 +122,7 @@ class Worker:
         self.outputs = base / "outputs"
         self.log_path = base / "worker.log"
         self.extra_args = extra_args
+        self.wrapper: list[str] = []  # a command the supervisor runs under (e.g. setpriv)
         base_env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         self.env = {**base_env, "PYTHONPATH": str(PLUGINS), "GUESTKIT_WORKER_CONFIG": "/dev/null",
                     "GUESTKIT_WORKER_METRICS_ADDR": "", **(env or {})}
@@ -136,7 +137,8 @@ class Worker:
         _open_for_job_user(self.base)  # another pytest run may have closed /tmp/pytest-of-*
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "worker", "supervise", *self.args(), "--log-format",
+                [*self.wrapper, sys.executable, "-m", "worker", "supervise", *self.args(),
+                 "--log-format",
                  "human", *self.extra_args, *more],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.base,
             )

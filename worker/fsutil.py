@@ -97,12 +97,15 @@ def open_regular(path: str | Path) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-def has_writer(fd: int) -> bool:
-    """True while some process still holds the file open for writing (a read lease is refused)."""
+def has_writer(fd: int) -> bool | None:
+    """True while some process still holds the file open for writing (a read lease is
+    refused); None when this process may not ask (a lease needs the file's owner or
+    CAP_LEASE); False otherwise, also where leases are unsupported (trust the event)."""
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError as e:
-        # EAGAIN/EBUSY: open for writing. Anything else: leases unsupported, trust the event.
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return None
         return e.errno in (errno.EAGAIN, errno.EBUSY)
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
     return False

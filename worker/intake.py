@@ -21,6 +21,10 @@ from worker.results import Ending, build
 from worker.spec import JobDocument, describe, parse_job
 from worker.spool import ACTIVE, Spool
 
+#: Where no lease tells whether a writer still has an inbox file open, it is taken once it
+#: has not changed for this long (a writer that pauses longer is read half-written).
+STILL_FOR_NS = 1_000_000_000
+
 log = logging.getLogger("guestkit.intake")
 
 
@@ -48,13 +52,16 @@ class Intake:
         self.capabilities = registry.capabilities()
         self.features = registry.features()
         self.last_rejection: dict[str, Any] | None = None
-        #: inbox names left because a writer had them open: looked at again now and then,
-        #: as the writer's close is seen only when it opened the file in the inbox
-        self.still_open: set[str] = set()
+        #: inbox names left because a writer had them open (or may have: then with their
+        #: size and mtime when last seen): looked at again now and then, as the writer's
+        #: close is seen only when it opened the file in the inbox
+        self.still_open: dict[str, tuple[int, int] | None] = {}
 
-    def take(self, name: str) -> Accepted | None:
-        """Claim and validate inbox file `name`; None when gone, still open, or rejected."""
-        self.still_open.discard(name)
+    def take(self, name: str, created: bool = False, looked: bool = False) -> Accepted | None:
+        """Claim and validate inbox file `name`; None when gone, still open, or rejected.
+        `created`: its creation is what was seen (it may still be written); `looked`: it is
+        looked at again, after it was left as still open."""
+        seen = self.still_open.pop(name, None)
         src = self.spool.inbox_file(name)
         label = fsutil.printable(name)
         try:
@@ -66,8 +73,7 @@ class Intake:
                          name=name)
             return None
         try:
-            if fsutil.has_writer(fd):
-                self.still_open.add(name)
+            if self._still_written(name, fd, st, created, seen if looked else None):
                 return None
             claimed = self.spool.claim(name)
             if claimed is None:
@@ -81,6 +87,21 @@ class Intake:
         finally:
             os.close(fd)
         return self.admit(ACTIVE, claimed, data, label=label)
+
+    def _still_written(self, name: str, fd: int, st: os.stat_result, created: bool,
+                       seen: tuple[int, int] | None) -> bool:
+        """True (and `name` noted as still open) while a writer may still be writing it.
+        Where no lease can tell: a file seen created waits for its close event, and one
+        looked at again (`seen`: how it was then) until it stood still for STILL_FOR_NS."""
+        writer = fsutil.has_writer(fd)
+        mark = None
+        if writer is None:
+            mark = (st.st_size, st.st_mtime_ns)
+            writer = created or (seen is not None and (
+                mark != seen or time.time_ns() - st.st_mtime_ns < STILL_FOR_NS))
+        if writer:
+            self.still_open[name] = mark
+        return writer
 
     def admit(self, where: str, claimed: str, data: bytes, label: str,
               attempt: int | None = None) -> Accepted | None:

@@ -328,7 +328,7 @@ class Supervisor:
             if change.where == "cancel":
                 self._on_cancel(change.name)
             elif not self.draining and job_name(change.name):
-                self._take(change.name)
+                self._take(change.name, created=change.created)
         if self.watch.overflowed:
             self.watch.overflowed = False
             log.warning("inotify queue overflowed; rescanning the inbox")
@@ -340,9 +340,9 @@ class Supervisor:
         for name in os.listdir(self.spool.cancel_dir):
             self._on_cancel(name)
 
-    def _take(self, name: str) -> None:
+    def _take(self, name: str, created: bool = False, looked: bool = False) -> None:
         try:
-            accepted = self.intake.take(name)
+            accepted = self.intake.take(name, created, looked)
         except OSError as e:  # never let one file stop the loop
             log.error("could not take %s from the inbox: %s", printable(name), e)
             return
@@ -752,7 +752,7 @@ class Supervisor:
         if self.intake.still_open and now >= self._next_look and not self.draining:
             self._next_look = now + HOUSEKEEPING
             for name in list(self.intake.still_open):
-                self._take(name)
+                self._take(name, looked=True)
         if self.host.pool is not None and self.host.pool.draining:
             self.host.pool.retry()
 
