@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from worker import __version__, config, isolation
-from worker.errors import ConfigError, JobRejected, WorkerError
+from worker import __version__, config, fsutil, isolation, routing
+from worker.errors import ConfigError, JobRejected, UnsafeFile, WorkerError
 from worker.intake import Intake
 from worker.registry import Registry
 from worker.spec import (
@@ -211,9 +211,9 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
     except JobRejected as e:
         raise click.ClickException(e.message) from None
     if queue is not None:
-        routing: dict[str, Any] = doc["routing"] if isinstance(doc.get("routing"), dict) else {}
+        route: dict[str, Any] = doc["routing"] if isinstance(doc.get("routing"), dict) else {}
         _submit_redis(queue, doc["job_id"], dumps(doc),
-                      pool or routing.get("worker_pool") or settings.pool, wait)
+                      pool or route.get("worker_pool") or settings.pool, wait)
         return
     spool = Spool(settings)
     if spool.has_result(doc["job_id"]):
@@ -588,28 +588,52 @@ def _cancel_outcome(job_id: str, result: dict[str, Any]) -> int:
 
 @main.command()
 @_spool_options
+@click.option("--pool", "-p", help="The worker pool to check routing against (default: default)")
+@click.option("--output-dir", type=click.Path(path_type=Path), help="Where outputs may go")
+@click.option("--image-root", "image_roots", multiple=True, type=click.Path(path_type=Path),
+              help="A directory disk images may be read from (repeatable)")
+@click.option("--feature", "features", multiple=True,
+              help="A feature the worker's host offers (repeatable)")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def validate(config_file: Path | None, files: tuple[Path, ...], **dirs: Any) -> None:
-    """Check job FILES offline against the protocol and this worker's handlers."""
-    settings, _ = _settings(config_file, **dirs)
+def validate(config_file: Path | None, files: tuple[Path, ...], **flags: Any) -> None:
+    """Check job FILES offline as the supervisor would take them: file, protocol, handler,
+    results already written; say why a valid job would wait. Give supervise's settings."""
+    for many in ("image_roots", "features"):
+        flags[many] = list(flags[many]) or None
+    settings, _ = _settings(config_file, **flags)
     registry = Registry.load(settings.model_dump(mode="json"))
-    intake = Intake(Spool(settings), registry, settings, __version__, lambda _: False)
+    spool = Spool(settings)
+    intake = Intake(spool, registry, settings, __version__, lambda _: False)
     bad = 0
     for path in files:
-        try:
-            doc, _ = parse_job(path.read_bytes(), str(path))
-        except (OSError, JobRejected) as e:
-            bad += 1
-            click.echo(f"{path}: INVALID {getattr(e, 'code', 'VALIDATION_ERROR')}: "
-                       f"{getattr(e, 'message', e)}")
-            continue
-        problem = intake.problem(doc)
-        if problem:
-            bad += 1
-            click.echo(f"{path}: INVALID {problem[0]}: {problem[1]}")
-        else:
-            click.echo(f"{path}: OK ({doc.job_id}, {doc.operation})")
+        verdict = _verdict(path, intake, spool, settings)
+        bad += not verdict.startswith("OK")
+        click.echo(f"{path}: {verdict}")
     sys.exit(1 if bad else 0)
+
+
+def _verdict(path: Path, intake: Intake, spool: Spool, settings: config.Settings) -> str:
+    """What the supervisor would make of job file `path`: "OK (...)" or "INVALID CODE: why"."""
+    try:
+        fd, st = fsutil.open_regular(path)
+        try:
+            doc, _ = parse_job(fsutil.read_capped(fd, st.st_size, settings.max_job_bytes),
+                               str(path))
+        finally:
+            os.close(fd)
+    except UnsafeFile as e:
+        return f"INVALID VALIDATION_ERROR: job file {path}: {e}"
+    except OSError as e:
+        return f"INVALID VALIDATION_ERROR: job file {path}: cannot be read: {e.strerror}"
+    except JobRejected as e:
+        return f"INVALID {e.code}: {e.message}"
+    if spool.has_result(doc.job_id):
+        return (f"INVALID VALIDATION_ERROR: job {doc.job_id!r}: field 'job_id': duplicate; "
+                f"a job with this id has finished (its result is {spool.result_path(doc.job_id)})")
+    if (problem := intake.problem(doc)) is not None:
+        return f"INVALID {problem[0]}: {problem[1]}"
+    wait = routing.unsatisfied(doc, settings, intake.capabilities, intake.features, __version__)
+    return f"OK ({doc.job_id}, {doc.operation})" + (f"; it would wait: {wait}" if wait else "")
 
 
 @main.command()

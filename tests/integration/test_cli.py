@@ -67,6 +67,43 @@ def test_submit_refuses_an_integer_it_would_round(worker: Worker, tmp_path) -> N
     assert not list(worker.jobs.glob("wide-*"))
 
 
+def test_validate_takes_files_as_the_supervisor_does(worker: Worker, tmp_path: Path) -> None:
+    """The same file checks, size cap, duplicate check and routing as the daemon's."""
+    good = tmp_path / "good.json"
+    good.write_bytes(orjson.dumps(job("v-good")))
+    os.mkfifo(tmp_path / "fifo.json")  # reading it would block forever
+    (tmp_path / "link.json").symlink_to(good)
+    (tmp_path / "big.json").write_bytes(b" " * (1 << 20) + orjson.dumps(job("v-big")))
+    (tmp_path / "away.json").write_bytes(orjson.dumps(job("v-away") | {
+        "routing": {"worker_pool": "elsewhere"}}))
+    worker.drop(job("v-done"))
+    worker.wait_result("v-done")
+    (tmp_path / "done.json").write_bytes(orjson.dumps(job("v-done")))
+    names = ("good", "fifo", "link", "big", "away", "done")
+    out = worker.cli("validate", *(str(tmp_path / f"{n}.json") for n in names), check=False)
+    lines = dict(zip(names, out.stdout.splitlines(), strict=True))
+    assert out.returncode == 1
+    assert lines["good"].endswith("good.json: OK (v-good, system.echo)")
+    assert lines["fifo"].endswith("fifo.json: is a FIFO, not a regular file")
+    assert lines["link"].endswith("link.json: is a symbolic link; job files must be regular files")
+    assert lines["big"].endswith(f"big.json: is {(1 << 20) + len(orjson.dumps(job('v-big')))} "
+                                 "bytes, over the limit of 1048576 bytes")
+    assert lines["away"].endswith("away.json: OK (v-away, system.echo); it would wait: "
+                                  "routing.worker_pool is 'elsewhere'; this worker serves pool "
+                                  "'default'")
+    assert "INVALID VALIDATION_ERROR: job 'v-done': field 'job_id': duplicate" in lines["done"]
+    out = worker.cli("validate", "--pool", "elsewhere", str(tmp_path / "away.json"))
+    assert out.stdout.endswith("away.json: OK (v-away, system.echo)\n")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "disk.raw").write_bytes(b"\0" * 4096)
+    (tmp_path / "image.json").write_bytes(orjson.dumps(job("v-image", "guestkit.inspect", {
+        "image": {"path": str(tmp_path / "images" / "disk.raw")}})))
+    out = worker.cli("validate", str(tmp_path / "image.json"), check=False)
+    assert "this worker has no image roots configured" in out.stdout
+    out = worker.cli("validate", "--image-root", str(tmp_path / "images"), str(tmp_path / "image.json"))
+    assert out.stdout.endswith("image.json: OK (v-image, guestkit.inspect)\n")
+
+
 def test_submit_wait_exits_1_for_a_failed_job(worker: Worker) -> None:
     out = worker.cli("submit", "-o", "test.raise", "-d", '{"permanent": true}', "--job-id",
                      "cli-fail", "--wait", check=False)
