@@ -82,7 +82,8 @@ class Run:
     stalled: bool = False
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-    kill_reason: str | None = None  # timeout | cancel | shutdown
+    kill_reason: str | None = None  # timeout | deadline | cancel | shutdown
+    by_deadline: bool = False  # `deadline` is the job's execution.deadline, before its timeout
     kill_at: float | None = None  # monotonic time of the SIGKILL step
     killed: bool = False  # SIGKILL sent
     last_status: float = 0.0  # monotonic time of the last status write
@@ -207,6 +208,10 @@ def decide(run: Run) -> Outcome:
     if run.kill_reason == "timeout":
         return Outcome("timeout", ErrorCode.TIMEOUT,
                        f"the job ran past its wall-clock limit of {run.deadline - run.started:.0f} s")
+    if run.kill_reason == "deadline":
+        return Outcome("failed", ErrorCode.DEADLINE_EXCEEDED,
+                       f"its execution.deadline passed after {run.deadline - run.started:.0f} s "
+                       "of running")
     if run.kill_reason == "cancel":
         return Outcome("cancelled", ErrorCode.CANCELLED, "the job was cancelled while running")
     if run.kill_reason == "shutdown":

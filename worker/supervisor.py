@@ -523,6 +523,7 @@ class Supervisor:
         """The job's child exists: watch its pipe, count it running, say so."""
         self.service.m.spawn_latency.observe(time.monotonic() - now)
         job.run = run
+        run.by_deadline = timeout < job.timeout
         job.move(JobState.RUNNING)
         self.running[run.pid] = job
         self.sel.register(run.reader.fd, selectors.EVENT_READ, lambda: self._on_pipe(job))
@@ -790,9 +791,10 @@ class Supervisor:
             run.kill_tree()  # STOPPING -> KILL
             run.killed = True
         elif run.kill_reason is None and now >= run.deadline:
-            self._log(job, "timed out after %.0f s; stopping it", now - run.started,
-                      level=logging.WARNING)
-            run.begin_kill("timeout", self.settings.kill_grace, now)
+            self._log(job, "%s after %.0f s; stopping it", "its deadline passed" if
+                      run.by_deadline else "timed out", now - run.started, level=logging.WARNING)
+            run.begin_kill("deadline" if run.by_deadline else "timeout",
+                           self.settings.kill_grace, now)
         elif shutdown and run.kill_reason is None:
             self._log(job, "still running at the end of the drain; stopping it",
                       level=logging.WARNING)

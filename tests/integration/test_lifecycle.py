@@ -161,6 +161,22 @@ def test_a_job_waiting_for_a_key_fails_at_its_deadline_while_the_holder_runs(mak
     assert w.runs("impatient") == []
 
 
+def test_a_deadline_reached_while_running_is_deadline_exceeded_not_a_timeout(
+        worker: Worker) -> None:
+    """The job's timeout (an hour) is not what stopped it: its execution.deadline is."""
+    due = datetime.now(UTC) + timedelta(seconds=2)
+    worker.drop(job("due-soon", "test.sleep", {"seconds": 30},
+                    deadline=due.isoformat().replace("+00:00", "Z")))
+    res = worker.wait_result("due-soon", timeout=20)
+    assert res["status"] == "failed" and res["error"]["code"] == "DEADLINE_EXCEEDED", res["error"]
+    assert re.fullmatch(r"its execution\.deadline passed after [12] s of running",
+                        res["error"]["message"]), res["error"]["message"]
+    assert "[due-soon] its deadline passed after" in worker.log()
+    worker.drop(job("short", "test.sleep", {"seconds": 30}, timeout_seconds=1,
+                    deadline=(due + timedelta(hours=1)).isoformat().replace("+00:00", "Z")))
+    assert worker.wait_result("short", timeout=20)["error"]["code"] == "TIMEOUT"
+
+
 def test_a_failed_key_may_run_again(worker: Worker) -> None:
     worker.drop(job("fails", "test.raise", {"permanent": True}, idempotency_key="k-3"))
     assert worker.wait_result("fails")["status"] == "failed"
