@@ -8,7 +8,15 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from worker.errors import ErrorCode, JobRejected
 
@@ -22,6 +30,17 @@ OPERATION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9][a-z0-9_-]*)+$")
 PAYLOAD_TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.v[0-9]+$")
 
 StrictInt = Annotated[int, Field(strict=True)]
+
+
+def _timestamp_text(value: Any) -> Any:
+    """Only text is a timestamp: a number would be read as seconds or milliseconds by size."""
+    if not isinstance(value, str):
+        raise ValueError("expected an RFC 3339 timestamp such as '2026-01-01T00:00:00Z'")
+    return value
+
+
+#: An RFC 3339 timestamp with its offset, written as a string.
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_timestamp_text)]
 JobId = Annotated[str, Field(pattern=JOB_ID_RE.pattern)]
 Operation = Annotated[str, Field(pattern=OPERATION_RE.pattern)]
 
@@ -49,7 +68,7 @@ class Execution(_Open):
     attempt: Annotated[int, Field(strict=True, ge=1)] = 1
     max_attempts: Annotated[int, Field(strict=True, ge=1, le=100)] = 1
     timeout_seconds: Annotated[int, Field(strict=True, ge=1, le=86400)] = 3600
-    deadline: AwareDatetime | None = None
+    deadline: Timestamp | None = None
     priority: Annotated[int, Field(strict=True, ge=1, le=10)] = 5
     cancellable: Annotated[bool, Field(strict=True)] = True
     limits: Limits | None = None
@@ -114,7 +133,7 @@ class JobDocument(_Open):
     schema_: str | None = Field(default=None, alias="$schema")
     version: Literal["1.0"]
     job_id: JobId
-    created_at: AwareDatetime | None = None
+    created_at: Timestamp | None = None
     kind: Literal["VMOperation"]
     operation: Operation
     payload: Payload

@@ -33,6 +33,10 @@ CASES = {
                    "field 'job_id': expected 1-128 characters of A-Z a-z 0-9 . _ -"),
     "bad-version": (orjson.dumps({**job("v2"), "version": "2.0"}),
                     "field 'version': expected '1.0', got '2.0'"),
+    # a number would be read as seconds or as milliseconds, by its size
+    "numeric-deadline": (orjson.dumps(job("n-deadline", deadline=99999999999)),
+                         "field 'execution.deadline': expected an RFC 3339 timestamp such as "
+                         "'2026-01-01T00:00:00Z', got 99999999999"),
 }
 
 
