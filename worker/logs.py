@@ -119,9 +119,17 @@ def _job_prefix(record: logging.LogRecord) -> str:
     return f"[{job_id}] " if job_id is not None else ""
 
 
-def _message_with_traceback(record: logging.LogRecord, formatter: logging.Formatter) -> str:
-    """The record's message, its job prefix, and any traceback or stack below it."""
-    text = _job_prefix(record) + record.getMessage()
+#: Control characters, as \xNN escapes: what a job or a file name puts in a message (a
+#: newline, a terminal escape) must not start a line of its own or repaint the terminal.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def _message_with_traceback(record: logging.LogRecord, formatter: logging.Formatter,
+                            one_line: bool = False) -> str:
+    """The record's message (on one line, control characters escaped, when `one_line`), its
+    job prefix, and any traceback or stack below it."""
+    message = record.getMessage()
+    text = _job_prefix(record) + (message.translate(_CONTROLS) if one_line else message)
     if record.exc_info:
         text += "\n" + formatter.formatException(record.exc_info)
     if record.stack_info:
@@ -130,7 +138,8 @@ def _message_with_traceback(record: logging.LogRecord, formatter: logging.Format
 
 
 class HumanFormatter(logging.Formatter):
-    """Formats ``2026-11-27 14:00:00 INFO [job-id] message`` (plus any traceback)."""
+    """Formats ``2026-11-27 14:00:00 INFO [job-id] message`` (plus any traceback): one line
+    per record, whatever its message holds, as on a terminal or in a plain log file."""
 
     def __init__(self) -> None:
         super().__init__(datefmt=_HUMAN_DATEFMT)
@@ -138,7 +147,7 @@ class HumanFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """The record as one human line (more when it carries a traceback)."""
         stamp = self.formatTime(record, self.datefmt)
-        return f"{stamp} {record.levelname} {_message_with_traceback(record, self)}"
+        return f"{stamp} {record.levelname} {_message_with_traceback(record, self, True)}"
 
 
 class JsonFormatter(logging.Formatter):

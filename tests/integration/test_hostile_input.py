@@ -287,6 +287,20 @@ def test_a_thousand_levels_deep_payload_does_not_stop_the_daemon(worker: Worker)
     _alive(worker, "very-deep")
 
 
+def test_a_name_or_a_message_cannot_forge_a_log_line(worker: Worker) -> None:
+    """Newlines and terminal escapes from a file name or a job's own error come out as
+    \\xNN: every line of the log is one the worker wrote."""
+    forged = "\n2026-01-01 00:00:00 INFO [forged] completed\n"
+    worker.drop(b"{not json", f"name{forged}\x1b[2J.json")
+    _rejected(worker, f"name{forged}\x1b[2J.json")
+    worker.drop(job("liar", "test.raise", {"permanent": True, "message": f"no{forged}"}))
+    assert worker.wait_result("liar")["error"]["message"] == f"no{forged}"  # kept as sent
+    lines = worker.log().splitlines()
+    assert not [ln for ln in lines if "[forged]" in ln and not ln.count("\\x0a")], lines
+    assert not [ln for ln in lines if "\x1b" in ln]
+    assert any("[liar] failed (EXECUTION_ERROR: no\\x0a2026-01-01" in ln for ln in lines)
+
+
 def test_a_file_name_that_is_not_utf8_is_named_with_escapes(worker: Worker) -> None:
     os.rename(_outside(worker, b"{not json"), os.fsencode(worker.jobs) + b"/bad\xffname.json")
     reason = _rejected(worker, "bad\\xffname.json")
