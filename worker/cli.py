@@ -228,8 +228,8 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
         raise click.ClickException(
             f"job {doc['job_id']!r} is already waiting in {spool.inbox}") from None
     click.echo(f"submitted {doc['job_id']}")
+    _unserved(spool)
     if watch is not None:
-        _unserved(spool)
         sys.exit(_follow(spool, doc["job_id"], watch, sent))
 
 
@@ -525,8 +525,8 @@ def cancel(config_file: Path | None, job_id: str, redis_url: str | None, wait: b
     click.echo(f"cancel requested for {job_id}" + (
         "" if known is not None else " (no such job is queued or running here yet: the "
         "request waits for it)"))
+    _unserved(spool)
     if watch is not None:
-        _unserved(spool)
         sys.exit(_follow_cancel(spool, job_id, watch))
 
 

@@ -125,6 +125,9 @@ class Supervisor:
         log.info("isolation: %s", ", ".join(self.host.layers()))
         for note in self.host.notes:
             log.info("isolation: %s", note)
+        for operation, why in sorted(self.registry.unavailable.items()):
+            log.warning("operation %s is not available here (its jobs fail "
+                        "UNSUPPORTED_OPERATION): %s", operation, why)
         self.signals = SignalPipe()
         self.sel.register(self.signals, selectors.EVENT_READ, self._on_signals)
         self.watch = Watch()

@@ -312,6 +312,26 @@ def test_status_says_why_a_job_waits_and_when_no_supervisor_serves(make_worker) 
     assert f"note: no supervisor serves {w.jobs} now" in out.stderr, out.stderr
 
 
+def test_submit_and_cancel_say_when_no_supervisor_serves_the_spool(make_worker) -> None:
+    w = make_worker()
+    for out in (w.cli("submit", "-o", "system.echo", "--job-id", "unserved"),
+                w.cli("cancel", "unserved")):
+        assert f"note: no supervisor serves {w.jobs} now" in out.stderr, out.stderr
+    w.start()
+    assert w.wait_result("unserved")["status"] == "cancelled"
+    out = w.cli("submit", "-o", "system.echo", "--job-id", "served")
+    assert out.stderr == "" and out.stdout == "submitted served\n"
+
+
+def test_an_operation_unavailable_here_is_named_at_start(make_worker) -> None:
+    w = make_worker(env={"GKW_TEST_ABSENT": "needs the optional extra: pip install absent"})
+    w.start()
+    assert ("WARNING operation test.absent is not available here (its jobs fail "
+            "UNSUPPORTED_OPERATION): needs the optional extra: pip install absent") in w.log()
+    w.drop(job("wants-absent", "test.absent", {}))
+    assert w.wait_result("wants-absent")["error"]["code"] == "UNSUPPORTED_OPERATION"
+
+
 def test_the_built_in_sleep_job_reports_progress_and_can_be_cancelled(worker: Worker) -> None:
     out = worker.cli("submit", "-o", "system.sleep", "-d", '{"seconds": 1.5}', "--job-id",
                      "nap", "--wait")

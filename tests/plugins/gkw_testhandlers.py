@@ -409,3 +409,19 @@ class NetHandler(Handler):
 
     def execute(self, ctx: Context, payload: Any) -> HandlerResult:
         return HandlerResult(data={"interfaces": sorted(n for _, n in socket.if_nameindex())})
+
+
+class AbsentHandler(Handler):
+    """`test.absent`: unavailable, as a handler whose optional extra is missing, whenever
+    GKW_TEST_ABSENT names a reason."""
+
+    name = "absent"
+    operations = ("test.absent",)
+    payload_types = ()
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return os.environ.get("GKW_TEST_ABSENT") or None
+
+    def execute(self, ctx: Context, payload: Any) -> HandlerResult:
+        return HandlerResult(data={"present": True})
