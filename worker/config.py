@@ -173,6 +173,16 @@ class Settings(BaseModel):
         return value
 
 
+#: Settings read once, at start: the spool's paths, the worker's identity, what its jobs'
+#: sandbox is made of, what it listens on and the shared queue's connection. A reload
+#: (SIGHUP) keeps their running values and says which ones it could not apply.
+RESTART_ONLY = (
+    "worker_id", "pool", "jobs_dir", "results_dir", "work_dir", "output_dir", "image_roots",
+    "user", "group", "isolation", "metrics_addr", "transport",
+    *(name for name in Settings.model_fields if name.startswith("redis_")),
+)
+
+
 def _from_env(environ: dict[str, str]) -> dict[str, Any]:
     names = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {ENV_PREFIX + "CONFIG"}
     unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in names)

@@ -20,7 +20,7 @@ from handlers.base import Handler
 from worker import cgroups, isolation, memory, sandbox
 from worker.backlog import Backlog, Entry
 from worker.child import ChildSpec, Order
-from worker.config import Settings
+from worker.config import RESTART_ONLY, Settings
 from worker.errors import ErrorCode, UnsafeFile
 from worker.fsutil import printable
 from worker.intake import Accepted, Intake
@@ -1020,8 +1020,7 @@ class Supervisor:
             log.error("reload failed, keeping the current settings: %s", e)
             self.service.ready(self._status_text())
             return
-        fixed = [k for k in ("worker_id", "pool", "jobs_dir", "results_dir", "work_dir")
-                 if getattr(new, k) != getattr(self.settings, k)]
+        fixed = [k for k in RESTART_ONLY if getattr(new, k) != getattr(self.settings, k)]
         if fixed:
             log.warning("reload: %s cannot change while running; restart to apply",
                         ", ".join(fixed))

@@ -130,10 +130,13 @@ def test_sighup_reloads_what_can_change_and_says_what_cannot(make_worker, tmp_pa
     cfg.write_text("[worker]\nmax_concurrent = 1\n")
     w = make_worker(env={"GUESTKIT_WORKER_CONFIG": str(cfg)}).start()
     assert "1 slot(s)" in w.log()
-    cfg.write_text("[worker]\nmax_concurrent = 3\nworker_id = 'renamed'\n")
+    cfg.write_text("[worker]\nmax_concurrent = 3\nworker_id = 'renamed'\n"
+                   f"image_roots = ['{tmp_path}']\nisolation = ['seccomp']\n"
+                   "redis_group = 'others'\n")
     w.signal(signal.SIGHUP)
     wait_until(lambda: "reloaded settings: 3 slot(s)" in w.log(), [w.base], 10)
-    assert "worker_id cannot change while running" in w.log()
+    assert ("reload: worker_id, image_roots, isolation, redis_group cannot change while "
+            "running; restart to apply") in w.log()
     cfg.write_text("[worker]\nmax_concurrent = 'many'\n")
     w.signal(signal.SIGHUP)
     wait_until(lambda: "reload failed, keeping the current settings" in w.log(), [w.base], 10)
