@@ -70,6 +70,9 @@ class _Commands(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # `status | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except (OSError, ConfigError) as e:
             raise click.ClickException(str(e)) from None
 
@@ -150,6 +153,9 @@ def _queue(config_file: Path | None, redis_url: str | None,
 def _job_document(file: Path | None, operation: str | None, data: str | None,
                   payload_type: str | None) -> dict[str, Any]:
     if file is not None:
+        if operation is not None or data is not None or payload_type is not None:
+            raise click.UsageError("give a job FILE or --operation/--data/--payload-type, "
+                                   "not both")
         try:
             doc = _exact_json(file.read_bytes(), str(file))
         except OSError as e:
@@ -181,7 +187,7 @@ def _exact_json(raw: bytes, label: str) -> Any:
 @click.option("--operation", "-o", help="Operation for a job built from flags, e.g. system.echo")
 @click.option("--data", "-d", help="payload.data as JSON (with --operation)")
 @click.option("--payload-type", help="payload.type (default <operation>.v1)")
-@click.option("--job-id", help="Job id (default: the file's, or a new one)")
+@click.option("--job-id", callback=_job_id, help="Job id (default: the file's, or a new one)")
 @click.option("--idempotency-key", help="execution.idempotency_key")
 @click.option("--timeout", type=int, help="execution.timeout_seconds")
 @click.option("--priority", type=click.IntRange(1, 10), help="execution.priority (1-10)")
@@ -705,8 +711,12 @@ def logs(config_file: Path | None, job_id: str, stream: str, **dirs: Any) -> Non
     """Print what JOB_ID wrote to its stdout and stderr."""
     settings, _ = _settings(config_file, **dirs)
     wd = settings.work_dir / job_id
-    if not wd.is_dir() and not Spool(settings).has_result(job_id):
+    result = None if wd.is_dir() else Spool(settings).read_result(job_id)
+    if not wd.is_dir() and result is None:
         raise click.ClickException(f"no work dir for job {job_id!r} in {settings.work_dir}")
+    if result is not None and not (result.get("execution_summary") or {}).get("started_at"):
+        raise click.ClickException(f"job {job_id!r} never ran (it ended {result.get('status')} "
+                                   f"before it started): it has no output")
     # A job that ended with both logs empty and no files gives its work dir to a later job.
     for name in (["stdout", "stderr"] if stream == "both" else [stream]):
         path = wd / f"{name}.log"

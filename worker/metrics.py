@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import http
 import math
 import re
@@ -620,7 +621,9 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"metrics address {host}:{port}: {exc.strerror or exc}") from None
+        hint = (" (another worker on this host? give each its own --metrics-addr host:port, "
+                "or '' for none)" if exc.errno == errno.EADDRINUSE else "")
+        raise ConfigError(f"metrics address {host}:{port}: {exc.strerror or exc}{hint}") from None
     return sock
 
 

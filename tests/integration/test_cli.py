@@ -332,6 +332,35 @@ def test_an_operation_unavailable_here_is_named_at_start(make_worker) -> None:
     assert w.wait_result("wants-absent")["error"]["code"] == "UNSUPPORTED_OPERATION"
 
 
+def test_client_mistakes_are_refused_not_guessed_at(worker: Worker, tmp_path: Path) -> None:
+    path = tmp_path / "j.json"
+    path.write_bytes(orjson.dumps(job("from-file-only")))
+    out = worker.cli("submit", str(path), "-o", "system.sleep", "-d", '{"seconds": 1}',
+                     check=False)
+    assert out.returncode == 2 and "give a job FILE or --operation/--data/--payload-type, " \
+        "not both" in out.stderr
+    out = worker.cli("submit", "-o", "system.echo", "--job-id", "", check=False)
+    assert out.returncode == 2 and "Invalid value for '--job-id': expected 1-128" in out.stderr
+    assert not list(worker.jobs.glob("*.json"))
+    worker.drop(job("never-ran", timeout_seconds=0))
+    worker.wait_result("never-ran")
+    out = worker.cli("logs", "never-ran", check=False)
+    assert out.returncode == 1
+    assert "job 'never-ran' never ran (it ended failed before it started)" in out.stderr
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(worker: Worker) -> None:
+    """`status | head -1`: the closed pipe is the reader's choice, not an error."""
+    client = subprocess.Popen(
+        [sys.executable, "-m", "worker", "status", "--jobs-dir", str(worker.jobs),
+         "--results-dir", str(worker.results)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker.env)
+    assert client.stdout is not None
+    client.stdout.close()  # before it has written anything: it starts in about 0.2 s
+    _, err = client.communicate(timeout=60)
+    assert (client.returncode, err) == (0, b"")
+
+
 def test_the_built_in_sleep_job_reports_progress_and_can_be_cancelled(worker: Worker) -> None:
     out = worker.cli("submit", "-o", "system.sleep", "-d", '{"seconds": 1.5}', "--job-id",
                      "nap", "--wait")
