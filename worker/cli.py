@@ -52,6 +52,18 @@ def _redis_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         "also implied by transport = \"redis\" in the config")(fn)
 
 
+def _labels(_ctx: click.Context, _param: click.Parameter,
+            values: tuple[str, ...]) -> dict[str, str] | None:
+    """--label KEY=VALUE options as a dict (None when there are none: the config decides)."""
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out or None
+
+
 def _job_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """A JOB_ID argument, refused unless it is a valid job id (it names files in the spool)."""
     if value is not None and not JOB_ID_RE.fullmatch(value):
@@ -92,6 +104,8 @@ def main() -> None:
               help="A directory disk images may be read from (repeatable)")
 @click.option("--feature", "features", multiple=True,
               help="A feature this host offers (repeatable)")
+@click.option("--label", "labels", multiple=True, callback=lambda c, p, v: _labels(c, p, v),
+              help="KEY=VALUE: a label routing.affinity may ask for (repeatable)")
 @click.option("--isolation", multiple=True, type=click.Choice(config.ISOLATION_LAYERS),
               help="An optional isolation layer to apply (repeatable; default: all)")
 @click.option("--user", help="Job user when run as root: auto, a name, or root")
@@ -600,6 +614,8 @@ def _cancel_outcome(job_id: str, result: dict[str, Any]) -> int:
               help="A directory disk images may be read from (repeatable)")
 @click.option("--feature", "features", multiple=True,
               help="A feature the worker's host offers (repeatable)")
+@click.option("--label", "labels", multiple=True, callback=lambda c, p, v: _labels(c, p, v),
+              help="KEY=VALUE: one of the worker's labels (repeatable)")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def validate(config_file: Path | None, files: tuple[Path, ...], **flags: Any) -> None:
     """Check job FILES offline as the supervisor would take them: file, protocol, handler,

@@ -59,6 +59,11 @@ class Settings(BaseModel):
     retry_backoff_max: float = Field(300.0, ge=0, description="Longest wait between retries")
     stall_timeout: float = Field(300.0, gt=0, description="Seconds of silence before 'stalled'")
     features: list[str] = Field(default_factory=list, description="Features this host offers")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels that routing.affinity and anti_affinity match (host, worker_id "
+        "and pool are always there)",
+    )
     privileged: bool = Field(
         default_factory=lambda: os.geteuid() == 0, description="Whether jobs may need root"
     )
@@ -196,6 +201,8 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
             continue
         if field.annotation is not None and "list" in str(field.annotation):
             out[name] = [p for p in raw.split(",") if p]
+        elif field.annotation == dict[str, str]:  # KEY=VALUE,KEY=VALUE
+            out[name] = dict(p.partition("=")[::2] for p in raw.split(",") if p)
         else:
             out[name] = raw
     return out

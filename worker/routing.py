@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 
 from worker.config import Settings
 from worker.spec import JobDocument
@@ -31,6 +32,9 @@ def unsatisfied(
     for failed, why in checks:
         if failed:
             return why
+    if (r.affinity or r.anti_affinity) and (
+            placed := _affinity(r.affinity, r.anti_affinity, labels(settings))) is not None:
+        return placed
     missing = [cap for cap in c.required_capabilities if cap not in capabilities]
     if missing:
         return f"constraints.required_capabilities: this worker lacks {missing}"
@@ -41,4 +45,25 @@ def unsatisfied(
     if c.minimum_worker_version and _version(version) < _version(c.minimum_worker_version):
         return (f"constraints.minimum_worker_version is {c.minimum_worker_version}; "
                 f"this worker is {version}")
+    return None
+
+
+def labels(settings: Settings) -> dict[str, str]:
+    """What routing.affinity and anti_affinity match: the configured labels, and this
+    worker's host, worker_id and pool."""
+    return {**settings.labels, "host": socket.gethostname(), "worker_id": settings.worker_id,
+            "pool": settings.pool}
+
+
+def _affinity(want: dict[str, str], avoid: dict[str, list[str]],
+              mine: dict[str, str]) -> str | None:
+    """Why labels `mine` do not meet affinity `want` and anti-affinity `avoid`, or None."""
+    for key, value in want.items():
+        if key not in mine:
+            return f"routing.affinity.{key} is {value!r}; this worker has no label {key!r}"
+        if mine[key] != value:
+            return f"routing.affinity.{key} is {value!r}; this worker's is {mine[key]!r}"
+    for key, values in avoid.items():
+        if mine.get(key) in values:
+            return f"routing.anti_affinity.{key} excludes {mine[key]!r}, this worker's {key}"
     return None

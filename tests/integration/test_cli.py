@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,43 @@ def test_a_job_this_worker_cannot_satisfy_waits_and_says_why(worker: Worker) -> 
         status["waiting_for"]
     assert "allowed_worker_pools" in worker.cli("status").stdout
     assert worker.result("elsewhere") is None
+
+
+def _waiting_for(w: Worker, job_id: str) -> str:
+    path = w.jobs / ".status" / f"{job_id}.json"
+    status = wait_until(lambda: path.exists() and orjson.loads(path.read_bytes()),
+                        [w.jobs / ".status"], 20, f"{job_id}'s status")
+    assert status["state"] == "queued", status
+    return str(status["waiting_for"])
+
+
+def test_affinity_and_anti_affinity_match_the_workers_labels(make_worker) -> None:
+    """Labels: the configured ones (here from the environment), plus host, worker_id, pool."""
+    w = make_worker("--worker-id", "w-eu-1",
+                    env={"GUESTKIT_WORKER_LABELS": "zone=eu,disk=ssd"}).start()
+    host = socket.gethostname()
+    runs = {"near": {"affinity": {"zone": "eu", "pool": "default", "host": host}},
+            "not-there": {"anti_affinity": {"zone": ["us"], "worker_id": ["w-us-1"]}}}
+    waits = {
+        "far": ({"affinity": {"zone": "us"}}, "routing.affinity.zone is 'us'; this worker's is 'eu'"),
+        "gpu": ({"affinity": {"gpu": "a100"}}, "routing.affinity.gpu is 'a100'; this worker has no "
+                "label 'gpu'"),
+        "avoid": ({"anti_affinity": {"host": [host]}},
+                  f"routing.anti_affinity.host excludes {host!r}, this worker's host"),
+    }
+    for job_id, routing in [*runs.items(), *((k, r) for k, (r, _) in waits.items())]:
+        w.drop(job(job_id) | {"routing": routing})
+    for job_id in runs:
+        assert w.wait_result(job_id)["status"] == "completed"
+    for job_id, (_, why) in waits.items():
+        assert _waiting_for(w, job_id) == why
+    assert w.result("far") is None
+    far = w.base / "far.json"
+    far.write_bytes(orjson.dumps(job("far-2") | {"routing": waits["far"][0]}))
+    out = w.cli("validate", "--label", "zone=us", str(far))
+    assert out.stdout == f"{far}: OK (far-2, system.echo)\n"
+    out = w.cli("validate", "--label", "zone", str(far), check=False)
+    assert out.returncode == 2 and "expected KEY=VALUE, got 'zone'" in out.stderr
 
 
 def test_capabilities_lists_operations_and_payload_types(worker: Worker) -> None:
