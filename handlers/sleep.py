@@ -22,7 +22,12 @@ class SleepHandler(Handler):
 
     def validate(self, data: Any) -> float:
         """The seconds asked for; HandlerError naming the field unless 0 to MAX_SECONDS."""
-        seconds = data.get("seconds") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise HandlerError(f"field 'payload.data': expected an object such as "
+                               f"{{\"seconds\": 60}}, got {data!r:.60}")
+        if "seconds" not in data:
+            raise HandlerError("field 'payload.data.seconds': required but missing")
+        seconds = data["seconds"]
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
                 or not 0 <= seconds <= MAX_SECONDS:
             raise HandlerError(f"field 'payload.data.seconds': expected a number from 0 to "

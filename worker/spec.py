@@ -27,6 +27,7 @@ PROTOCOL_VERSION = "1.0"
 MAX_NESTING = 127
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OPERATION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9][a-z0-9_-]*)+$")
+VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}([-+].*)?$")
 PAYLOAD_TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.v[0-9]+$")
 
 StrictInt = Annotated[int, Field(strict=True)]
@@ -87,7 +88,7 @@ class Constraints(_Open):
 
     required_capabilities: list[str] = Field(default_factory=list)
     required_features: list[str] = Field(default_factory=list)
-    minimum_worker_version: Annotated[str, Field(pattern=r"^\d+(\.\d+){0,2}([-+].*)?$")] | None = None
+    minimum_worker_version: Annotated[str, Field(pattern=VERSION_RE.pattern)] | None = None
     maximum_disk_size_gb: Annotated[int, Field(strict=True, ge=0)] | None = None
     require_privileged: Annotated[bool, Field(strict=True)] = False
     allowed_worker_pools: list[str] = Field(default_factory=list)
@@ -237,11 +238,23 @@ def wide_integer(raw_bytes: bytes) -> str | None:
     return None
 
 
+def _wide_bom(raw_bytes: bytes) -> str | None:
+    """The encoding a UTF-16 or UTF-32 byte order mark at the start names, or None."""
+    for mark, name in ((b"\xff\xfe\0\0", "UTF-32"), (b"\0\0\xfe\xff", "UTF-32"),
+                       (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if raw_bytes.startswith(mark):
+            return name
+    return None
+
+
 def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]]:
     """Decode and validate a job document; raise JobRejected naming the job and the field."""
     try:
         raw = loads(raw_bytes)
     except orjson.JSONDecodeError as e:
+        if (bom := _wide_bom(raw_bytes)) is not None:
+            raise JobRejected(ErrorCode.VALIDATION_ERROR, f"job file {label}: not valid UTF-8: "
+                              f"it is {bom} (it starts with that byte order mark)") from None
         what = "UTF-8" if "utf-8" in str(e).lower() else "JSON"
         raise JobRejected(
             ErrorCode.VALIDATION_ERROR, f"job file {label}: not valid {what}: {e}"
@@ -277,8 +290,10 @@ def describe(err: ValidationError, prefix: str = "") -> str:
     parts = []
     for item in err.errors(include_url=False)[:8]:
         loc = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "")
-        got = repr(item.get("input"))
-        got = got if len(got) <= 60 else got[:57] + "..."
+        value = item.get("input")
+        got = repr(value)
+        if len(got) > 60:
+            got = got[:57] + "..." + (f" ({len(value)} characters)" if isinstance(value, str) else "")
         msg = item["msg"]
         if item["type"] == "string_pattern_mismatch":
             pattern = str((item.get("ctx") or {}).get("pattern", ""))
@@ -296,6 +311,7 @@ _PATTERN_TEXT = {
     JOB_ID_RE.pattern: JOB_ID_TEXT,
     OPERATION_RE.pattern: "a lower-case dotted name such as 'system.echo'",
     PAYLOAD_TYPE_RE.pattern: "'<namespace>.<name>.v<N>', e.g. 'system.echo.v1'",
+    VERSION_RE.pattern: "a version such as '0.5' or '1.2.3'",
 }
 
 

@@ -33,6 +33,12 @@ CASES = {
                    "field 'job_id': expected 1-128 characters of A-Z a-z 0-9 . _ -"),
     "bad-version": (orjson.dumps({**job("v2"), "version": "2.0"}),
                     "field 'version': expected '1.0', got '2.0'"),
+    "utf-16": ('{"version": "1.0"}'.encode("utf-16"),
+               "not valid UTF-8: it is UTF-16 (it starts with that byte order mark)"),
+    "long-id": (orjson.dumps(job("x" * 300)), "..." + " (300 characters)"),
+    "version-word": (orjson.dumps(job("vw") | {"constraints": {"minimum_worker_version": "latest"}}),
+                     "field 'constraints.minimum_worker_version': expected a version such as "
+                     "'0.5' or '1.2.3', got 'latest'"),
     # a number would be read as seconds or as milliseconds, by its size
     "numeric-deadline": (orjson.dumps(job("n-deadline", deadline=99999999999)),
                          "field 'execution.deadline': expected an RFC 3339 timestamp such as "
@@ -48,6 +54,17 @@ def test_malformed_documents_are_moved_aside_with_the_reason(worker: Worker, cas
     assert expected in reason["message"], reason
     assert (worker.jobs / "rejected" / f"{case}.json").read_bytes() == data
     _alive(worker, case)
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ("ten", "field 'payload.data': expected an object such as {\"seconds\": 60}, got 'ten'"),
+    ({}, "field 'payload.data.seconds': required but missing"),
+])
+def test_a_sleep_payload_of_the_wrong_shape_says_which(worker: Worker, data: object,
+                                                       expected: str) -> None:
+    worker.drop(job("bad-nap", "system.sleep", data))
+    res = worker.wait_result("bad-nap")
+    assert res["error"]["message"] == f"job 'bad-nap': {expected}", res["error"]
 
 
 def test_a_safe_job_id_gets_a_failed_result_too(worker: Worker) -> None:
