@@ -56,6 +56,7 @@ log = logging.getLogger("guestkit.supervisor")
 #: A queue that held this many jobs gives its memory back when it empties.
 COMPACT_AFTER = 1000
 
+ZYGOTE_PAUSE_MAX = 60.0  #: longest pause before starting a zygote after one that never got ready
 HOUSEKEEPING = 1.0  #: longest the loop sleeps: retries, deadlines and waiting jobs are checked
 STOP_REAP = 2.0  #: longest a stop waits for killed spares and zygotes to leave their cgroups
 STATUS_EVERY = 0.25  #: at most this often a running job's progress is written to its status
@@ -90,6 +91,10 @@ class Supervisor:
         self.service = Service(settings, version)
         self.remote = remote or Remote()
         self.service.ready_check = self.remote.healthy
+        #: by zygote name: how many in a row exited before they were ready, and when
+        #: (monotonic) the next may start
+        self.zygote_failures: dict[str, int] = {}
+        self.zygotes_due: dict[str, float] = {}
         self.forker: Zygote | None = None  # forks spares and plain jobs
         self.zygote: Zygote | None = None  # jobs of handlers with a prepare() or a payload model
         #: pid -> (its zygote, its work dir to recycle once reaped): processes of jobs that
@@ -153,13 +158,15 @@ class Supervisor:
     def _start_zygotes(self) -> None:
         """The lean forker always; a warm zygote for handlers that need one (`needs_warmth`)."""
         handlers = self.registry.handlers
-        if self.forker is None:
+        now = time.monotonic()
+        for name in [n for n, due in self.zygotes_due.items() if due <= now]:
+            del self.zygotes_due[name]
+        if self.forker is None and "gkw-forker" not in self.zygotes_due:
             plain = {op: h for op, h in handlers.items() if not self.registry.needs_warmth(h)}
             self.forker = self._start_zygote("gkw-forker", plain, prepare=False)
-            self.spares.zygote = self.forker
             log.info("forker %d forks jobs and spares", self.forker.pid)
         warm = {op: h for op, h in handlers.items() if self.registry.needs_warmth(h)}
-        if warm and self.zygote is None:
+        if warm and self.zygote is None and "gkw-zygote" not in self.zygotes_due:
             self.zygote = self._start_zygote("gkw-zygote", warm, prepare=True)
             log.info("zygote %d warms %s", self.zygote.pid,
                      ", ".join(h.name for h in self.registry.warm_handlers()))
@@ -189,12 +196,25 @@ class Supervisor:
             elif kind == "failed":
                 self.spares.failed(rest[0], rest[1])
             elif kind == "ready":
+                z.ready = True
+                self.zygote_failures.pop(z.name, None)
+                if z is self.forker:
+                    self.spares.zygote = z  # spares are asked of a forker that is set up
                 log.debug("%s %d ready: its children skip %d at-fork hook(s) that reset other "
                           "threads' locks", z.name, z.pid, rest[0])
 
-    def _zygote_died(self, z: Zygote) -> None:
-        """Its children died with it (PDEATHSIG): end their runs as killed, start a new one."""
-        log.error("%s %d died; its children were killed; starting a new one", z.name, z.pid)
+    def _zygote_died(self, z: Zygote, status: int) -> None:
+        """Its children died with it (PDEATHSIG): end their runs as killed, start a new one,
+        after a pause that doubles while none gets as far as being ready (jobs wait)."""
+        if z.ready:
+            log.error("%s %d died; its children were killed; starting a new one", z.name, z.pid)
+        else:
+            failures = self.zygote_failures[z.name] = self.zygote_failures.get(z.name, 0) + 1
+            pause = min(ZYGOTE_PAUSE_MAX, 2.0 ** (failures - 1))
+            self.zygotes_due[z.name] = time.monotonic() + pause
+            log.error("%s %d exited before it was ready (status %d; its error is above); "
+                      "starting another in %.0f s, jobs wait for it", z.name, z.pid,
+                      os.waitstatus_to_exitcode(status), pause)
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(z.fileno())
         z.close()
@@ -208,7 +228,8 @@ class Supervisor:
         for pid, job in list(self.running.items()):
             if job.run is not None and job.run.origin == z.pid:
                 self._ended(pid, signal.SIGKILL, None)
-        self._start_zygotes()
+        if z.ready:
+            self._start_zygotes()
 
     def _stop(self) -> None:
         for z in (self.forker, self.zygote):
@@ -452,8 +473,8 @@ class Supervisor:
                 return
             job_id = self.ready[0][2]
             job = self.jobs.get(job_id)
-            if job is not None and self._spare_due(job):
-                return  # the zygote's report of a spare wakes the loop
+            if job is not None and (self._spare_due(job) or self._zygote_missing(job)):
+                return  # the zygote's report of a spare wakes the loop; a new zygote, time
             heapq.heappop(self.ready)
             if job is None or job.state is not JobState.QUEUED or job.waiting_for:
                 continue
@@ -462,6 +483,15 @@ class Supervisor:
             except (OSError, UnsafeFile, ValueError, KeyError, TypeError, RecursionError) as e:
                 log.exception("could not start job %s", job_id)
                 self._not_started(job, e)
+
+    def _zygote_missing(self, job: Job) -> bool:
+        """True while the zygote that would fork `job` is not there or not yet set up: the
+        job waits for its report of being ready (one that dies before never forked it)."""
+        handler = self.registry.get(job.operation)
+        if handler is None:
+            return False
+        z = self.zygote if self.registry.needs_warmth(handler) else self.forker
+        return z is None or not z.ready
 
     def _spare_due(self, job: Job) -> bool:
         """True when `job` would run on a spare that the zygote is forking now: wait for it."""
@@ -665,7 +695,7 @@ class Supervisor:
             z = next((z for z in (self.forker, self.zygote) if z is not None and z.pid == pid),
                      None)
             if z is not None:
-                self._zygote_died(z)
+                self._zygote_died(z, status)
             else:  # an orphan that came back to us as the subreaper
                 self._ended(pid, status, rusage)
 
@@ -759,6 +789,9 @@ class Supervisor:
                 self._take(name, looked=True)
         if self.host.pool is not None and self.host.pool.draining:
             self.host.pool.retry()
+        if self.zygotes_due and min(self.zygotes_due.values()) <= time.monotonic() \
+                and not self.draining:
+            self._start_zygotes()
 
     def _release_retries(self, now: float) -> None:
         while self.retries and self.retries[0][0] <= now:

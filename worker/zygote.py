@@ -69,6 +69,7 @@ class Zygote:
         self.anchors = (read_paths, landlock_abi)
         self.seccomp = seccomp  # the programs its children load, prepared once for them
         self.pid = 0
+        self.ready = False  # it reported itself set up (a zygote that dies before never was)
         self.sock: socket.socket | None = None
         self.pending: list[Report] = []  # reports read while waiting for a job's fork
         self._poller = select.poll()  # its socket, for a wait with a deadline
@@ -91,8 +92,10 @@ class Zygote:
         theirs.close()
         self.pid, self.sock = pid, ours
         self._poller.register(ours, select.POLLIN)
-        self._send(("setup", self.name, list(sys.path), self.handlers, self.prepare,
-                    self.anchors, self.seccomp), [])
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died at once:
+            self._send(("setup", self.name, list(sys.path), self.handlers, self.prepare,
+                        self.anchors, self.seccomp), [])  # its exit is reaped as any
+
 
     def fileno(self) -> int:
         """The fd the selector watches for reports."""

@@ -41,6 +41,22 @@ def test_if_the_zygote_dies_its_jobs_end_as_killed_and_a_new_one_starts(make_wor
     assert res["execution_summary"]["attempt"] == 2
 
 
+def test_zygotes_that_never_get_ready_are_retried_ever_later_and_jobs_wait(make_worker) -> None:
+    """The test plugin ends any zygote importing it: a worker whose forker cannot start
+    (an interpreter it may not run, a broken plugin) neither spins nor fails its jobs."""
+    w = make_worker(env={"GKW_TEST_ZYGOTES_DIE": "1"}).start()
+    w.drop(job("patient"))
+    failed = r"gkw-(forker|zygote) \d+ exited before it was ready \(status 3; its error is " \
+             r"above\); starting another in (\d+) s, jobs wait for it"
+    pauses = wait_until(lambda: (p := [int(m[1]) for m in re.findall(failed, w.log())])
+                        and p[-1] >= 4 and p, [w.base], 60, "pauses of 4 s")
+    assert sorted(set(pauses)) == [1, 2, 4], pauses  # doubling, the same for both zygotes
+    assert "[patient] queued" in w.log() and w.result("patient") is None
+    assert w.proc.poll() is None and "Traceback" not in w.log()
+    assert w.stop() == 0
+    assert [n for n in os.listdir(w.jobs / ".active") if "patient" in n]  # for the next start
+
+
 def test_kill_9_of_the_supervisor_takes_the_zygote_and_its_jobs(make_worker) -> None:
     w = make_worker().start()
     w.drop(job("warm-orphan", "test.warm", {"seconds": 60}))

@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,9 @@ from pydantic import BaseModel
 
 from handlers.base import Context, Handler, HandlerResult
 from worker.errors import HandlerError, RetryableError
+
+if os.environ.get("GKW_TEST_ZYGOTES_DIE") and sys.argv[:1] == ["-c"]:
+    os._exit(3)  # imported in a zygote (`python -c`), as one that cannot set itself up
 
 
 def _ledger(ctx: Context) -> None:
