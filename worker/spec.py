@@ -247,6 +247,47 @@ def _wide_bom(raw_bytes: bytes) -> str | None:
     return None
 
 
+_KEY_END = re.compile(rb'"\s*:')
+
+
+class _Members(list[tuple[str, Any]]):
+    """A JSON object's members in order, a repeated key kept."""
+
+
+def _keys(doc: Any) -> int:
+    """How many keys the objects in `doc` hold, all levels."""
+    count, stack = 0, [doc]
+    while stack:
+        value = stack.pop()
+        items = value.values() if isinstance(value, dict) else value
+        count += len(value) if isinstance(value, dict) else 0
+        stack.extend(v for v in items if isinstance(v, dict | list))
+    return count
+
+
+def duplicate_key(raw_bytes: bytes, doc: Any) -> str | None:
+    """The dotted field of the first key that the JSON `raw_bytes` repeats within one object
+    (orjson keeps the last: another reader may take the first), or None. Every key ends in
+    `"` and `:`, and a string may only add such pairs: when `doc` (`raw_bytes` read) holds
+    as many keys as `raw_bytes` has pairs, none repeats, and it is not read again."""
+    if len(_KEY_END.findall(raw_bytes)) == _keys(doc):
+        return None
+    stack: list[tuple[Any, tuple[str, ...]]] = [
+        (json.loads(raw_bytes, object_pairs_hook=_Members), ())]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, _Members):
+            seen: set[str] = set()
+            for key, member in value:
+                if key in seen:
+                    return ".".join((*where, key))
+                seen.add(key)
+                stack.append((member, (*where, key)))
+        elif isinstance(value, list):
+            stack.extend((member, (*where, str(i))) for i, member in enumerate(value))
+    return None
+
+
 def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]]:
     """Decode and validate a job document; raise JobRejected naming the job and the field."""
     try:
@@ -273,6 +314,12 @@ def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]
                           jid)
     if (wide := wide_integer(raw_bytes)) is not None:
         raise JobRejected(ErrorCode.VALIDATION_ERROR, f"{who}: {wide}", jid)
+    if (twice := duplicate_key(raw_bytes, raw)) is not None:
+        if twice == "job_id":  # neither id is the job's: no result goes under either
+            who, jid = f"job file {label}", None
+        raise JobRejected(ErrorCode.VALIDATION_ERROR,
+                          f"{who}: field {twice!r}: expected each key once in its object, got "
+                          "it twice (which one counts is not defined)", jid)
     if "version" in raw and raw["version"] != PROTOCOL_VERSION:
         raise JobRejected(
             ErrorCode.UNSUPPORTED_VERSION,

@@ -39,6 +39,12 @@ CASES = {
     "version-word": (orjson.dumps(job("vw") | {"constraints": {"minimum_worker_version": "latest"}}),
                      "field 'constraints.minimum_worker_version': expected a version such as "
                      "'0.5' or '1.2.3', got 'latest'"),
+    # orjson keeps the last of a repeated key; another reader of the same file, the first
+    "two-ids": (b'{"version": "1.0", "job_id": "first", "job_id": "second"}',
+                "job file two-ids.json: field 'job_id': expected each key once in its object, "
+                "got it twice (which one counts is not defined)"),
+    "two-values": (orjson.dumps(job("tv", data={"a": [{"b": 1}]})).replace(b'"b":1', b'"b":1,"b":2'),
+                   "job 'tv': field 'payload.data.a.0.b': expected each key once"),
     # a number would be read as seconds or as milliseconds, by its size
     "numeric-deadline": (orjson.dumps(job("n-deadline", deadline=99999999999)),
                          "field 'execution.deadline': expected an RFC 3339 timestamp such as "
