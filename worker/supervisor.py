@@ -764,8 +764,10 @@ class Supervisor:
             return
         delay = min(self.settings.retry_backoff * 2 ** (job.attempt - 1),
                     self.settings.retry_backoff_max)
-        self._log(job, "attempt %d/%d ended (%s: %s); retrying in %.1f s", job.attempt,
-                  job.max_attempts, outcome.code, outcome.message, delay, level=logging.WARNING)
+        self._log(job, "attempt %d/%d ended (%s: %s); retrying in %.1f s%s", job.attempt,
+                  job.max_attempts, outcome.code, outcome.message, delay,
+                  " once the worker runs again (it is draining)" if self.draining else "",
+                  level=logging.WARNING)
         job.run = None
         job.move(JobState.QUEUED)
         job.attempt += 1

@@ -81,6 +81,8 @@ def test_drain_timeout_kills_and_requeues_then_a_second_term_skips_the_wait(make
     assert w.result("long") is None  # requeued, not lost
     status = orjson.loads((w.jobs / ".status" / "long.json").read_bytes())
     assert status["state"] == "queued" and status["attempt"] == 2
+    assert ("[long] attempt 1/2 ended (WORKER_LOST: interrupted by the worker's shutdown); "
+            "retrying in 1.0 s once the worker runs again (it is draining)") in w.log()
 
 
 def test_a_second_supervisor_on_the_same_spool_exits_with_a_clear_message(worker: Worker) -> None:
