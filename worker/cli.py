@@ -393,7 +393,8 @@ def _table(rows: list[dict[str, Any]]) -> None:
         prog = r.get("progress") or {}
         pct = prog.get("percent")
         attempt = f"{r['attempt']}/{r['max_attempts']}" if r.get("attempt") else "-"
-        detail = r.get("waiting_for") or r.get("detail") or _retry_at(r) or prog.get("phase") or ""
+        detail = (r.get("waiting_for") or r.get("detail") or _retry_at(r) or prog.get("phase")
+                  or ("next free slot" if r.get("state") == "queued" else ""))
         if r.get("stalled"):
             detail = f"STALLED {detail}"
         click.echo(f"{r['job_id']:<36} {r.get('state', '?'):<10} {attempt:<8} "

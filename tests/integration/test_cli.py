@@ -131,7 +131,8 @@ def test_cancel_a_queued_and_a_running_job(make_worker) -> None:
                [w.jobs / ".status"], 20)
     w.drop(job("waiting"))
     wait_until(lambda: "[waiting] queued" in w.log(), [w.jobs / ".active"])
-    assert "waiting                              queued" in w.cli("status").stdout
+    row = next(ln for ln in w.cli("status").stdout.splitlines() if ln.startswith("waiting "))
+    assert row.split()[1:] == ["queued", "1/1", "-", "next", "free", "slot"], row
     assert w.cli("cancel", "waiting").stdout == "cancel requested for waiting\n"
     res = w.wait_result("waiting")
     assert res["status"] == "cancelled" and res["error"]["code"] == "CANCELLED"
