@@ -498,7 +498,10 @@ def result(config_file: Path | None, job_id: str, redis_url: str | None, **dirs:
     try:
         click.echo(spool.result_path(job_id).read_bytes().decode(), nl=False)
     except FileNotFoundError:
-        raise click.ClickException(f"job {job_id!r} has no result yet in {spool.results}") from None
+        known = spool.inbox.is_dir() and _claimed_job(spool, job_id) is not None
+        raise click.ClickException(
+            f"job {job_id!r} has no result yet in {spool.results}" + (
+                "" if known else f" (nor is it queued or running in {spool.inbox})")) from None
 
 
 @main.command(name="list")

@@ -37,6 +37,10 @@ def test_submit_from_a_file_and_fetch_result_status_list(worker: Worker, tmp_pat
     done = worker.jobs / "done" / "from-file.json"  # its live status goes after that
     wait_until(done.exists, [done.parent], 10, "the job file to be archived")
     assert orjson.loads(worker.cli("result", "from-file").stdout)["status"] == "completed"
+    out = worker.cli("result", "no-such-job", check=False)
+    assert out.returncode == 1 and out.stderr == (
+        f"Error: job 'no-such-job' has no result yet in {worker.results} (nor is it queued "
+        f"or running in {worker.jobs})\n")
     assert '"status": "completed"' in worker.cli("status", "from-file").stdout
     table = worker.cli("list", "--state", "completed").stdout
     assert "from-file" in table and "completed" in table
@@ -133,6 +137,8 @@ def test_cancel_a_queued_and_a_running_job(make_worker) -> None:
     wait_until(lambda: "[waiting] queued" in w.log(), [w.jobs / ".active"])
     row = next(ln for ln in w.cli("status").stdout.splitlines() if ln.startswith("waiting "))
     assert row.split()[1:] == ["queued", "1/1", "-", "next", "free", "slot"], row
+    out = w.cli("result", "waiting", check=False)
+    assert out.stderr == f"Error: job 'waiting' has no result yet in {w.results}\n"
     assert w.cli("cancel", "waiting").stdout == "cancel requested for waiting\n"
     res = w.wait_result("waiting")
     assert res["status"] == "cancelled" and res["error"]["code"] == "CANCELLED"
