@@ -46,6 +46,24 @@ def _spool_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
 
 
+def _offer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What the worker offers jobs (supervise serves with them, validate checks against
+    them): its pool, output dir, image roots, features and labels."""
+    opts = [
+        click.option("--pool", "-p", help="Worker pool served (default: default)"),
+        click.option("--output-dir", type=click.Path(path_type=Path),
+                     help="Where outputs may go"),
+        click.option("--image-root", "image_roots", multiple=True,
+                     type=click.Path(path_type=Path),
+                     help="A directory disk images may be read from (repeatable)"),
+        click.option("--feature", "features", multiple=True,
+                     help="A feature this host offers (repeatable)"),
+        click.option("--label", "labels", multiple=True, callback=_labels,
+                     help="KEY=VALUE: a label routing.affinity may ask for (repeatable)"),
+    ]
+    return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
+
+
 def _redis_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--redis-url: work against the shared Redis queue instead of the local spool."""
     return click.option("--redis-url", help="Use the Redis queue at this URL (redis://host:port/db); "
@@ -98,14 +116,7 @@ def main() -> None:
 @main.command()
 @_spool_options
 @click.option("--worker-id", "-w", help="This worker's name (default: the host name)")
-@click.option("--pool", "-p", help="Worker pool served (default: default)")
-@click.option("--output-dir", type=click.Path(path_type=Path), help="Where outputs may go")
-@click.option("--image-root", "image_roots", multiple=True, type=click.Path(path_type=Path),
-              help="A directory disk images may be read from (repeatable)")
-@click.option("--feature", "features", multiple=True,
-              help="A feature this host offers (repeatable)")
-@click.option("--label", "labels", multiple=True, callback=lambda c, p, v: _labels(c, p, v),
-              help="KEY=VALUE: a label routing.affinity may ask for (repeatable)")
+@_offer_options
 @click.option("--isolation", multiple=True, type=click.Choice(config.ISOLATION_LAYERS),
               help="An optional isolation layer to apply (repeatable; default: all)")
 @click.option("--user", help="Job user when run as root: auto, a name, or root")
@@ -612,14 +623,7 @@ def _cancel_outcome(job_id: str, result: dict[str, Any]) -> int:
 
 @main.command()
 @_spool_options
-@click.option("--pool", "-p", help="The worker pool to check routing against (default: default)")
-@click.option("--output-dir", type=click.Path(path_type=Path), help="Where outputs may go")
-@click.option("--image-root", "image_roots", multiple=True, type=click.Path(path_type=Path),
-              help="A directory disk images may be read from (repeatable)")
-@click.option("--feature", "features", multiple=True,
-              help="A feature the worker's host offers (repeatable)")
-@click.option("--label", "labels", multiple=True, callback=lambda c, p, v: _labels(c, p, v),
-              help="KEY=VALUE: one of the worker's labels (repeatable)")
+@_offer_options
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def validate(config_file: Path | None, files: tuple[Path, ...], **flags: Any) -> None:
     """Check job FILES offline as the supervisor would take them: file, protocol, handler,
