@@ -95,6 +95,7 @@ class Supervisor:
         #: (monotonic) the next may start
         self.zygote_failures: dict[str, int] = {}
         self.zygotes_due: dict[str, float] = {}
+        self.zygote_waiters: dict[str, list[str]] = {}  # jobs held back for that zygote
         self.forker: Zygote | None = None  # forks spares and plain jobs
         self.zygote: Zygote | None = None  # jobs of handlers with a prepare() or a payload model
         #: pid -> (its zygote, its work dir to recycle once reaped): processes of jobs that
@@ -196,10 +197,7 @@ class Supervisor:
             elif kind == "failed":
                 self.spares.failed(rest[0], rest[1])
             elif kind == "ready":
-                z.ready = True
-                self.zygote_failures.pop(z.name, None)
-                if z is self.forker:
-                    self.spares.zygote = z  # spares are asked of a forker that is set up
+                self._zygote_ready(z)
                 log.debug("%s %d ready: its children skip %d at-fork hook(s) that reset other "
                           "threads' locks", z.name, z.pid, rest[0])
 
@@ -210,7 +208,7 @@ class Supervisor:
             log.error("%s %d died; its children were killed; starting a new one", z.name, z.pid)
         else:
             failures = self.zygote_failures[z.name] = self.zygote_failures.get(z.name, 0) + 1
-            pause = min(ZYGOTE_PAUSE_MAX, 2.0 ** (failures - 1))
+            pause = min(ZYGOTE_PAUSE_MAX, 2.0 ** min(failures - 1, 16))
             self.zygotes_due[z.name] = time.monotonic() + pause
             log.error("%s %d exited before it was ready (status %d; its error is above); "
                       "starting another in %.0f s, jobs wait for it", z.name, z.pid,
@@ -473,8 +471,12 @@ class Supervisor:
                 return
             job_id = self.ready[0][2]
             job = self.jobs.get(job_id)
-            if job is not None and (self._spare_due(job) or self._zygote_missing(job)):
-                return  # the zygote's report of a spare wakes the loop; a new zygote, time
+            if job is not None and self._spare_due(job):
+                return  # the zygote's report of a spare wakes the loop
+            if job is not None and (missing := self._zygote_missing(job)) is not None:
+                if not self._hold_for_zygote(job, missing):
+                    return  # it is starting (it never failed): its report of ready wakes us
+                continue
             heapq.heappop(self.ready)
             if job is None or job.state is not JobState.QUEUED or job.waiting_for:
                 continue
@@ -484,14 +486,42 @@ class Supervisor:
                 log.exception("could not start job %s", job_id)
                 self._not_started(job, e)
 
-    def _zygote_missing(self, job: Job) -> bool:
-        """True while the zygote that would fork `job` is not there or not yet set up: the
-        job waits for its report of being ready (one that dies before never forked it)."""
+    def _zygote_missing(self, job: Job) -> str | None:
+        """The name of the zygote that would fork `job` while it is not there or not yet set
+        up (one that dies before it is ready never forked it), else None."""
         handler = self.registry.get(job.operation)
         if handler is None:
+            return None
+        warm = self.registry.needs_warmth(handler)
+        z = self.zygote if warm else self.forker
+        return None if z is not None and z.ready else ("gkw-zygote" if warm else "gkw-forker")
+
+    def _hold_for_zygote(self, job: Job, name: str) -> bool:
+        """Move `job` aside to wait for zygote `name`, which keeps failing to start, so that
+        the other zygote's jobs go on; False (it stays first) while that zygote is only
+        starting, or when queue_window jobs wait so already."""
+        waiters = self.zygote_waiters.setdefault(name, [])
+        if not self.zygote_failures.get(name) or len(waiters) >= self.settings.queue_window:
             return False
-        z = self.zygote if self.registry.needs_warmth(handler) else self.forker
-        return z is None or not z.ready
+        heapq.heappop(self.ready)
+        waiters.append(job.job_id)
+        self._wait(job, f"the {name} that forks it exited before it was ready "
+                        f"{self.zygote_failures[name]} time(s) in a row; it is started again "
+                        "after a pause (see the log)")
+        return True
+
+    def _zygote_ready(self, z: Zygote) -> None:
+        """`z` reported itself set up: the jobs held back for it queue again."""
+        z.ready = True
+        self.zygote_failures.pop(z.name, None)
+        if z is self.forker:
+            self.spares.zygote = z  # spares are asked of a forker that is set up
+        for job_id in self.zygote_waiters.pop(z.name, []):
+            job = self.jobs.get(job_id)
+            if job is not None and job.state is JobState.QUEUED and job.waiting_for:
+                job.waiting_for = None
+                self.waiting.discard(job_id)
+                self._enqueue(job)
 
     def _spare_due(self, job: Job) -> bool:
         """True when `job` would run on a spare that the zygote is forking now: wait for it."""

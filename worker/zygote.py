@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -233,6 +234,9 @@ def main() -> NoReturn:
         sock.send(pickle.dumps(("ready", forkhooks.settle())))
         _Server(sock, handlers).loop()
         code = 0
+    except BaseException:  # on the supervisor's stderr, or it never knows why
+        traceback.print_exc()
+        sys.stderr.flush()
     finally:
         os._exit(code)
 

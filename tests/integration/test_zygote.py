@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+from datetime import UTC, datetime, timedelta
 
 from conftest import Worker, job, wait_gone, wait_until
 
@@ -55,6 +56,24 @@ def test_zygotes_that_never_get_ready_are_retried_ever_later_and_jobs_wait(make_
     assert w.proc.poll() is None and "Traceback" not in w.log()
     assert w.stop() == 0
     assert [n for n in os.listdir(w.jobs / ".active") if "patient" in n]  # for the next start
+
+
+def test_a_warm_zygote_that_cannot_prepare_holds_back_only_its_own_jobs(make_worker) -> None:
+    """Its error reaches the log; its jobs wait, saying why, and fail at their deadline; the
+    forker's jobs run meanwhile."""
+    w = make_worker(env={"GKW_TEST_PREPARE_FAILS": "1"}).start()
+    due = (datetime.now(UTC) + timedelta(seconds=3)).isoformat().replace("+00:00", "Z")
+    wait_until(lambda: "gkw-zygote" in w.log() and "exited before it was ready" in w.log(),
+               [w.base], 30, "the warm zygote's first failure")
+    w.drop(job("warm-blocked", "test.warm", {}, deadline=due))
+    w.drop(job("plain-after"))
+    assert w.wait_result("plain-after")["status"] == "completed"
+    assert "RuntimeError: prepare() failed on purpose" in w.log()  # the zygote's own error
+    res = w.wait_result("warm-blocked", timeout=30)
+    assert res["error"]["code"] == "DEADLINE_EXCEEDED", res["error"]
+    assert re.search(r"its deadline passed while it waited \(the gkw-zygote that forks it "
+                     r"exited before it was ready \d+ time\(s\) in a row; it is started again "
+                     r"after a pause \(see the log\)\)", res["error"]["message"]), res["error"]
 
 
 def test_kill_9_of_the_supervisor_takes_the_zygote_and_its_jobs(make_worker) -> None:

@@ -388,6 +388,8 @@ class WarmHandler(Handler):
     payload_types = ("test.warm.v1",)
 
     def prepare(self) -> None:
+        if os.environ.get("GKW_TEST_PREPARE_FAILS"):
+            raise RuntimeError("prepare() failed on purpose")
         _PREPARED_IN.append(os.getpid())
         # variables set while preparing, through Python and behind its back in C
         os.environ["GKW_PREPARED_PY"] = "set in prepare()"
