@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import select
+import signal
 import sys
 import time
 import uuid
@@ -24,6 +25,7 @@ from worker.spec import (
     JOB_ID_TEXT,
     dumps,
     dumps_pretty,
+    duplicate_key,
     loads,
     parse_job,
     wide_integer,
@@ -100,9 +102,9 @@ class _Commands(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except BrokenPipeError:  # `status | head`: the reader has all it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(0)
+        except BrokenPipeError:  # `status | head`: no traceback, and the status of a
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # command a
+            sys.exit(128 + signal.SIGPIPE)  # SIGPIPE ended, as with any other tool
         except (OSError, ConfigError) as e:
             raise click.ClickException(str(e)) from None
 
@@ -203,6 +205,9 @@ def _exact_json(raw: bytes, label: str) -> Any:
         raise click.ClickException(f"{label}: not valid JSON: {e}") from None
     if (wide := wide_integer(raw)) is not None:
         raise click.ClickException(f"{label}: {wide}")
+    if (twice := duplicate_key(raw, value)) is not None:
+        raise click.ClickException(f"{label}: field {twice!r}: expected each key once in its "
+                                   "object, got it twice")
     return value
 
 
