@@ -99,14 +99,12 @@ def open_regular(path: str | Path) -> tuple[int, os.stat_result]:
 
 def has_writer(fd: int) -> bool | None:
     """True while some process still holds the file open for writing (a read lease is
-    refused); None when this process may not ask (a lease needs the file's owner or
-    CAP_LEASE); False otherwise, also where leases are unsupported (trust the event)."""
+    refused), False when none does; None when no lease can tell: this process may not ask
+    (a lease needs the file's owner or CAP_LEASE) or the filesystem has none."""
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError as e:
-        if e.errno in (errno.EACCES, errno.EPERM):
-            return None
-        return e.errno in (errno.EAGAIN, errno.EBUSY)
+        return True if e.errno in (errno.EAGAIN, errno.EBUSY) else None
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
     return False
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -21,9 +21,16 @@ from worker.results import Ending, build
 from worker.spec import JobDocument, describe, parse_job
 from worker.spool import ACTIVE, Spool
 
-#: Where no lease tells whether a writer still has an inbox file open, it is taken once it
-#: has not changed for this long (a writer that pauses longer is read half-written).
+#: Where no lease tells whether a writer still has an inbox file open and no close event
+#: can come, it is taken once it has not changed for this long.
 STILL_FOR_NS = 1_000_000_000
+#: What brought an inbox name to `Intake.take`: its creation (it may still be written), its
+#: writer's close or a move into the inbox, a scan of the inbox, or a look again at a file
+#: left as still open.
+Seen = Literal["created", "closed", "scanned", "looked"]
+#: A file no lease could vouch for, as last seen: size, mtime (ns), and whether it waits
+#: for its writer's close event (it was created in the inbox, not linked in).
+Mark = tuple[int, int, bool]
 
 log = logging.getLogger("guestkit.intake")
 
@@ -52,16 +59,15 @@ class Intake:
         self.capabilities = registry.capabilities()
         self.features = registry.features()
         self.last_rejection: dict[str, Any] | None = None
-        #: inbox names left because a writer had them open (or may have: then with their
-        #: size and mtime when last seen): looked at again now and then, as the writer's
-        #: close is seen only when it opened the file in the inbox
-        self.still_open: dict[str, tuple[int, int] | None] = {}
+        #: inbox names left because a writer had them open (or may have: then with a Mark):
+        #: looked at again now and then, as the writer's close is seen only when it opened
+        #: the file in the inbox
+        self.still_open: dict[str, Mark | None] = {}
 
-    def take(self, name: str, created: bool = False, looked: bool = False) -> Accepted | None:
+    def take(self, name: str, seen: Seen = "closed") -> Accepted | None:
         """Claim and validate inbox file `name`; None when gone, still open, or rejected.
-        `created`: its creation is what was seen (it may still be written); `looked`: it is
-        looked at again, after it was left as still open."""
-        seen = self.still_open.pop(name, None)
+        `seen`: what brought it here (see Seen)."""
+        before = self.still_open.pop(name, None)
         src = self.spool.inbox_file(name)
         label = fsutil.printable(name)
         try:
@@ -73,7 +79,7 @@ class Intake:
                          name=name)
             return None
         try:
-            if self._still_written(name, fd, st, created, seen if looked else None):
+            if self._still_written(name, fd, st, seen, before):
                 return None
             claimed = self.spool.claim(name)
             if claimed is None:
@@ -88,20 +94,23 @@ class Intake:
             os.close(fd)
         return self.admit(ACTIVE, claimed, data, label=label)
 
-    def _still_written(self, name: str, fd: int, st: os.stat_result, created: bool,
-                       seen: tuple[int, int] | None) -> bool:
+    def _still_written(self, name: str, fd: int, st: os.stat_result, seen: Seen,
+                       before: Mark | None) -> bool:
         """True (and `name` noted as still open) while a writer may still be writing it.
-        Where no lease can tell: a file seen created waits for its close event, and one
-        looked at again (`seen`: how it was then) until it stood still for STILL_FOR_NS."""
+        Where no lease can tell: a file seen created in the inbox waits for its close event;
+        one linked in, found by a scan, or looked at again is taken once it has stood still
+        for STILL_FOR_NS (`before`: how it was at the last look)."""
         writer = fsutil.has_writer(fd)
         mark = None
-        if writer is None:
-            mark = (st.st_size, st.st_mtime_ns)
-            writer = created or (seen is not None and (
-                mark != seen or time.time_ns() - st.st_mtime_ns < STILL_FOR_NS))
+        if writer is None and seen != "closed":
+            awaits_close = (seen == "created" and st.st_nlink == 1) or (
+                seen == "looked" and before is not None and before[2])
+            mark = (st.st_size, st.st_mtime_ns, awaits_close)
+            writer = awaits_close or seen == "created" or before is None or (
+                mark[:2] != before[:2] or abs(time.time_ns() - st.st_mtime_ns) < STILL_FOR_NS)
         if writer:
             self.still_open[name] = mark
-        return writer
+        return bool(writer)
 
     def admit(self, where: str, claimed: str, data: bytes, label: str,
               attempt: int | None = None) -> Accepted | None:

@@ -23,7 +23,7 @@ from worker.child import ChildSpec, Order
 from worker.config import RESTART_ONLY, Settings
 from worker.errors import ErrorCode, UnsafeFile
 from worker.fsutil import printable
-from worker.intake import Accepted, Intake
+from worker.intake import Accepted, Intake, Seen
 from worker.job import (
     RETRYABLE,
     Forking,
@@ -350,7 +350,7 @@ class Supervisor:
             if change.where == "cancel":
                 self._on_cancel(change.name)
             elif not self.draining and job_name(change.name):
-                self._take(change.name, created=change.created)
+                self._take(change.name, "created" if change.created else "closed")
         if self.watch.overflowed:
             self.watch.overflowed = False
             log.warning("inotify queue overflowed; rescanning the inbox")
@@ -358,13 +358,13 @@ class Supervisor:
 
     def _scan(self) -> None:
         for name in self.spool.each_inbox_name():
-            self._take(name)
+            self._take(name, "scanned")
         for name in os.listdir(self.spool.cancel_dir):
             self._on_cancel(name)
 
-    def _take(self, name: str, created: bool = False, looked: bool = False) -> None:
+    def _take(self, name: str, seen: Seen) -> None:
         try:
-            accepted = self.intake.take(name, created, looked)
+            accepted = self.intake.take(name, seen)
         except OSError as e:  # never let one file stop the loop
             log.error("could not take %s from the inbox: %s", printable(name), e)
             return
@@ -818,7 +818,7 @@ class Supervisor:
         if self.intake.still_open and now >= self._next_look and not self.draining:
             self._next_look = now + HOUSEKEEPING
             for name in list(self.intake.still_open):
-                self._take(name, looked=True)
+                self._take(name, "looked")
         if self.host.pool is not None and self.host.pool.draining:
             self.host.pool.retry()
         if self.zygotes_due and min(self.zygotes_due.values()) <= time.monotonic() \

@@ -184,44 +184,50 @@ def test_a_file_still_open_at_startup_is_taken_only_after_its_writer_closes(make
     assert w.wait_result("early")["status"] == "completed"
 
 
-#: Writes argv[2] to argv[1] in two parts; between them, says "ready" and adds a space
-#: every 0.1 s (the file keeps changing, as a slow writer's does) until a line comes in.
+#: Writes argv[2] to argv[1] in two parts; between them, says "ready" and waits for a line.
 _SLOW_WRITER = """
-import select, sys
+import sys
 data = sys.argv[2].encode()
 with open(sys.argv[1], "wb", buffering=0) as f:
     f.write(data[:20])
     print("ready", flush=True)
-    while not select.select([sys.stdin], [], [], 0.1)[0]:
-        f.write(b" ")
+    sys.stdin.readline()
     f.write(data[20:])
 """
+#: Any user may run it (a venv's interpreter may sit in a directory only root can enter).
+_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop CAP_LEASE and switch users")
 def test_without_cap_lease_another_users_file_waits_for_its_close(make_worker) -> None:
-    """A read lease on a file one does not own needs CAP_LEASE: without it the worker
-    cannot tell an open writer, so a file it saw created waits for its close."""
+    """A read lease on a file one does not own needs CAP_LEASE. Without it the worker cannot
+    tell an open writer: a file it saw created waits for its close event, however long its
+    writer pauses; one found by the start-up scan, or linked in (no close event can come),
+    is taken once it has stood still for a second."""
     w = make_worker()
     w.wrapper = ["setpriv", "--bounding-set=-lease", "--"]
-    w.start()
+    w.jobs.mkdir(parents=True)
     w.jobs.chmod(0o1777)  # another user's drop box
+    write = "import sys; open(sys.argv[1], 'w').write(sys.argv[2])"
+    subprocess.run([_PYTHON, "-c", write, str(w.jobs / "before-start.json"),
+                    orjson.dumps(job("before-start")).decode()], user=65534, check=True)
+    w.start()
+    assert w.wait_result("before-start")["status"] == "completed"
     data = orjson.dumps(job("others", data={"text": "z" * 100})).decode()
-    writer = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(w.jobs / "others.json"),
-                               data], user=65534, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    writer = subprocess.Popen([_PYTHON, "-c", _SLOW_WRITER, str(w.jobs / "others.json"), data],
+                              user=65534, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
         _alive(w, "during-write")  # the worker has seen the file's creation
+        select_sleep(2.5)  # the writer pauses: two looks at a file that stands still
         assert (w.jobs / "others.json").exists() and w.result("others") is None
         assert not list((w.jobs / "rejected").iterdir())
     finally:
-        writer.communicate("done\n", timeout=30)
+        writer.communicate("go on\n", timeout=30)
     res = w.wait_result("others")
     assert res["status"] == "completed" and res["data"]["echo"]["text"] == "z" * 100
-    # Linked in whole, it brings no close event to the inbox: it is taken once it stood still.
     link = "import os, sys; open(sys.argv[1], 'w').write(sys.argv[2]); os.link(sys.argv[1], sys.argv[3])"
-    subprocess.run([sys.executable, "-c", link, str(w.jobs / "linked.part"),
+    subprocess.run([_PYTHON, "-c", link, str(w.jobs / "linked.part"),
                     orjson.dumps(job("linked-by-other")).decode(),
                     str(w.jobs / "linked-by-other.json")], user=65534, check=True)
     assert w.wait_result("linked-by-other")["status"] == "completed"
