@@ -23,12 +23,12 @@ from worker.registry import Registry
 from worker.spec import (
     JOB_ID_RE,
     JOB_ID_TEXT,
+    ambiguous,
+    describe_ambiguity,
     dumps,
     dumps_pretty,
-    duplicate_key,
     loads,
     parse_job,
-    wide_integer,
 )
 from worker.spool import Spool
 from worker.watch import Watch
@@ -203,11 +203,8 @@ def _exact_json(raw: bytes, label: str) -> Any:
         value = loads(raw)
     except ValueError as e:
         raise click.ClickException(f"{label}: not valid JSON: {e}") from None
-    if (wide := wide_integer(raw)) is not None:
-        raise click.ClickException(f"{label}: {wide}")
-    if (twice := duplicate_key(raw, value)) is not None:
-        raise click.ClickException(f"{label}: field {twice!r}: expected each key once in its "
-                                   "object, got it twice")
+    if (odd := ambiguous(raw, value)) is not None:
+        raise click.ClickException(f"{label}: {describe_ambiguity(*odd)}")
     return value
 
 

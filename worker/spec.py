@@ -203,11 +203,16 @@ def too_deep(raw_bytes: bytes, doc: Any) -> tuple[str, int] | None:
 
 #: The integers orjson reads exactly (and writes back); a wider one it reads as a float.
 INT_RANGE = (-(2**63), 2**64 - 1)
-_LONG_NUMBER = re.compile(rb"\d{19}")
+_KEY_END = re.compile(rb'"\s*:')
+_SPACE_AFTER_QUOTE = (b'" ', b'"\n', b'"\t', b'"\r')
 
 
 class _Wide(str):
     """An integer literal beyond INT_RANGE, as written."""
+
+
+class _Members(list[tuple[str, Any]]):
+    """A JSON object's members in order, a repeated key kept."""
 
 
 def _exact_int(text: str) -> int | _Wide:
@@ -218,60 +223,66 @@ def _exact_int(text: str) -> int | _Wide:
     return _Wide(text)
 
 
-def wide_integer(raw_bytes: bytes) -> str | None:
-    """What is wrong, as "field 'a.b': expected ..., got ...", when the JSON `raw_bytes` holds an
-    integer beyond INT_RANGE (orjson would silently read it as an inexact float); else None.
-    Only a document with 19 digits in a row is parsed a second time."""
-    if _LONG_NUMBER.search(raw_bytes) is None:
-        return None
+def _census(doc: Any) -> tuple[int, bool]:
+    """How many keys the objects in `doc` hold, all levels, and whether it holds a float
+    as large as 2**63 (what orjson makes of a wider integer)."""
+    keys, large, stack = 0, False, [doc]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            keys += len(value)
+            value = value.values()
+        for item in value:
+            if isinstance(item, dict | list):
+                stack.append(item)
+            elif type(item) is float and abs(item) >= 9.2e18:
+                large = True
+    return keys, large
+
+
+def _key_ends(raw_bytes: bytes) -> int:
+    """How many `"` then `:` pairs (whitespace between) `raw_bytes` has: one per key, and
+    any more a string holds."""
+    if any(gap in raw_bytes for gap in _SPACE_AFTER_QUOTE):
+        return len(_KEY_END.findall(raw_bytes))
+    return raw_bytes.count(b'":')
+
+
+def ambiguous(raw_bytes: bytes, doc: Any) -> tuple[str, str] | None:
+    """(dotted field, what is wrong) where the JSON `raw_bytes` says more than `doc`, what
+    orjson read from it, keeps: an integer beyond INT_RANGE (read as an inexact float) or a
+    key repeated within one object (the last kept; another reader may keep the first).
+    Only a document with a large float, or with more key ends than keys, is read again."""
+    keys, large = _census(doc)
+    if large and (wide := _wide_integer(raw_bytes)) is not None:
+        return wide
+    if _key_ends(raw_bytes) != keys and (twice := _repeated_key(raw_bytes)) is not None:
+        return twice, ("expected each key once in its object, got it twice (which one "
+                       "counts is not defined)")
+    return None
+
+
+def describe_ambiguity(field: str, what: str) -> str:
+    """`what`, after "field 'a.b': " (a long field cut) unless it is the document itself."""
+    shown = field if len(field) <= 60 else f"{field[:57]}..."
+    return f"field {shown!r}: {what}" if field else what
+
+
+def _wide_integer(raw_bytes: bytes) -> tuple[str, str] | None:
     stack: list[tuple[Any, tuple[str, ...]]] = [(json.loads(raw_bytes, parse_int=_exact_int), ())]
     while stack:
         value, where = stack.pop()
         if isinstance(value, _Wide):
             got = value if len(value) <= 40 else f"{value[:20]}...({len(value)} characters)"
-            field = f"field {'.'.join(where)!r}: " if where else ""
-            return (f"{field}expected an integer from -2**63 to 2**64-1 "
-                    f"(send a wider one as a string), got {got}")
+            return ".".join(where), (f"expected an integer from -2**63 to 2**64-1 (send a "
+                                     f"wider one as a string), got {got}")
         if isinstance(value, dict | list):
             items = value.items() if isinstance(value, dict) else enumerate(value)
             stack.extend((v, (*where, str(k))) for k, v in reversed(list(items)))
     return None
 
 
-def _wide_bom(raw_bytes: bytes) -> str | None:
-    """The encoding a UTF-16 or UTF-32 byte order mark at the start names, or None."""
-    for mark, name in ((b"\xff\xfe\0\0", "UTF-32"), (b"\0\0\xfe\xff", "UTF-32"),
-                       (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
-        if raw_bytes.startswith(mark):
-            return name
-    return None
-
-
-_KEY_END = re.compile(rb'"\s*:')
-
-
-class _Members(list[tuple[str, Any]]):
-    """A JSON object's members in order, a repeated key kept."""
-
-
-def _keys(doc: Any) -> int:
-    """How many keys the objects in `doc` hold, all levels."""
-    count, stack = 0, [doc]
-    while stack:
-        value = stack.pop()
-        items = value.values() if isinstance(value, dict) else value
-        count += len(value) if isinstance(value, dict) else 0
-        stack.extend(v for v in items if isinstance(v, dict | list))
-    return count
-
-
-def duplicate_key(raw_bytes: bytes, doc: Any) -> str | None:
-    """The dotted field of the first key that the JSON `raw_bytes` repeats within one object
-    (orjson keeps the last: another reader may take the first), or None. Every key ends in
-    `"` and `:`, and a string may only add such pairs: when `doc` (`raw_bytes` read) holds
-    as many keys as `raw_bytes` has pairs, none repeats, and it is not read again."""
-    if len(_KEY_END.findall(raw_bytes)) == _keys(doc):
-        return None
+def _repeated_key(raw_bytes: bytes) -> str | None:
     stack: list[tuple[Any, tuple[str, ...]]] = [
         (json.loads(raw_bytes, object_pairs_hook=_Members), ())]
     while stack:
@@ -285,6 +296,15 @@ def duplicate_key(raw_bytes: bytes, doc: Any) -> str | None:
                 stack.append((member, (*where, key)))
         elif isinstance(value, list):
             stack.extend((member, (*where, str(i))) for i, member in enumerate(value))
+    return None
+
+
+def _wide_bom(raw_bytes: bytes) -> str | None:
+    """The encoding a UTF-16 or UTF-32 byte order mark at the start names, or None."""
+    for mark, name in ((b"\xff\xfe\0\0", "UTF-32"), (b"\0\0\xfe\xff", "UTF-32"),
+                       (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if raw_bytes.startswith(mark):
+            return name
     return None
 
 
@@ -312,14 +332,10 @@ def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]
                           f"{who}: field {deep[0]!r}: expected arrays and objects nested at most "
                           f"{MAX_NESTING} levels deep (the document counts as 1), got {deep[1]}",
                           jid)
-    if (wide := wide_integer(raw_bytes)) is not None:
-        raise JobRejected(ErrorCode.VALIDATION_ERROR, f"{who}: {wide}", jid)
-    if (twice := duplicate_key(raw_bytes, raw)) is not None:
-        if twice == "job_id":  # neither id is the job's: no result goes under either
+    if (odd := ambiguous(raw_bytes, raw)) is not None:
+        if odd[0] == "job_id":  # neither id may be the job's: no result goes under either
             who, jid = f"job file {label}", None
-        raise JobRejected(ErrorCode.VALIDATION_ERROR,
-                          f"{who}: field {twice!r}: expected each key once in its object, got "
-                          "it twice (which one counts is not defined)", jid)
+        raise JobRejected(ErrorCode.VALIDATION_ERROR, f"{who}: {describe_ambiguity(*odd)}", jid)
     if "version" in raw and raw["version"] != PROTOCOL_VERSION:
         raise JobRejected(
             ErrorCode.UNSUPPORTED_VERSION,

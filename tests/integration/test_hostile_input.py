@@ -45,6 +45,9 @@ CASES = {
                 "got it twice (which one counts is not defined)"),
     "two-values": (orjson.dumps(job("tv", data={"a": [{"b": 1}]})).replace(b'"b":1', b'"b":1,"b":2'),
                    "job 'tv': field 'payload.data.a.0.b': expected each key once"),
+    "long-key": (orjson.dumps(job("lk", data={"k" * 100: 1})).replace(
+        b'"' + b"k" * 100 + b'":1', b'"' + b"k" * 100 + b'":1,"' + b"k" * 100 + b'":2'),
+        "job 'lk': field 'payload.data." + "k" * 44 + "...': expected each key once"),
     # a number would be read as seconds or as milliseconds, by its size
     "numeric-deadline": (orjson.dumps(job("n-deadline", deadline=99999999999)),
                          "field 'execution.deadline': expected an RFC 3339 timestamp such as "
