@@ -165,6 +165,17 @@ class Settings(BaseModel):
                              "workers would lose their jobs to others")
         return value
 
+    @field_validator("labels")
+    @classmethod
+    def _own_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        taken = sorted(set(value) & {"host", "worker_id", "pool"})
+        if taken:
+            raise ValueError(f"labels {taken} are the worker's own (its host name, worker_id "
+                             "and pool); choose other names")
+        if "" in value:
+            raise ValueError("a label needs a name (KEY=VALUE)")
+        return value
+
     @field_validator("operation_limits")
     @classmethod
     def _known_limits(cls, value: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -202,7 +213,11 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
         if field.annotation is not None and "list" in str(field.annotation):
             out[name] = [p for p in raw.split(",") if p]
         elif field.annotation == dict[str, str]:  # KEY=VALUE,KEY=VALUE
-            out[name] = dict(p.partition("=")[::2] for p in raw.split(",") if p)
+            pairs = [p.partition("=") for p in raw.split(",") if p]
+            if any(not sep for _, sep, _ in pairs):
+                raise ConfigError(f"environment: {ENV_PREFIX}{name.upper()}: expected "
+                                  f"KEY=VALUE[,KEY=VALUE...], got {raw!r}")
+            out[name] = {key: value for key, _, value in pairs}
         else:
             out[name] = raw
     return out

@@ -121,7 +121,8 @@ def _job_prefix(record: logging.LogRecord) -> str:
 
 #: Control characters, as \xNN escapes: what a job or a file name puts in a message (a
 #: newline, a terminal escape) must not start a line of its own or repaint the terminal.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    0x2028: "\\u2028", 0x2029: "\\u2029"}  # line and paragraph separators
 
 
 def _message_with_traceback(record: logging.LogRecord, formatter: logging.Formatter,
@@ -129,7 +130,9 @@ def _message_with_traceback(record: logging.LogRecord, formatter: logging.Format
     """The record's message (on one line, control characters escaped, when `one_line`), its
     job prefix, and any traceback or stack below it."""
     message = record.getMessage()
-    text = _job_prefix(record) + (message.translate(_CONTROLS) if one_line else message)
+    if one_line and not message.isprintable():  # rare: most lines are printable as they are
+        message = message.translate(_CONTROLS)
+    text = _job_prefix(record) + message
     if record.exc_info:
         text += "\n" + formatter.formatException(record.exc_info)
     if record.stack_info:

@@ -253,6 +253,17 @@ def test_affinity_and_anti_affinity_match_the_workers_labels(make_worker) -> Non
     assert out.returncode == 2 and "expected KEY=VALUE, got 'zone'" in out.stderr
 
 
+@pytest.mark.parametrize(("labels", "error"), [
+    ("zone", "GUESTKIT_WORKER_LABELS: expected KEY=VALUE[,KEY=VALUE...], got 'zone'"),
+    ("zone=eu,host=x", "labels ['host'] are the worker's own (its host name, worker_id and "
+                       "pool); choose other names"),
+])
+def test_labels_a_worker_cannot_honour_are_refused(worker: Worker, labels: str, error: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "worker", "config", "show"], capture_output=True,
+                         text=True, env={**worker.env, "GUESTKIT_WORKER_LABELS": labels})
+    assert out.returncode == 1 and error in out.stderr, out.stderr
+
+
 def test_capabilities_lists_operations_and_payload_types(worker: Worker) -> None:
     caps = orjson.loads(worker.cli("capabilities").stdout)
     ops = {o["operation"]: o for o in caps["operations"]}

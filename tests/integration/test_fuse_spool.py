@@ -25,15 +25,20 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a FUSE mount for the 
 def fuse_worker() -> Iterator[Worker]:
     """A worker whose whole spool is on a bindfs mount of a scratch dir."""
     under, mount = scratch_dir(), scratch_dir()
-    subprocess.run(["bindfs", "-o", "allow_other", str(under), str(mount)], check=True)
     w = Worker(mount, ["--max-concurrent", "2"], None)
     try:
-        yield w
+        subprocess.run(["bindfs", "-o", "allow_other", str(under), str(mount)], check=True)
+        try:
+            yield w
+        finally:
+            try:
+                stop_workers([w], mount)  # empties the mount
+            finally:
+                if subprocess.run(["umount", str(mount)]).returncode != 0:
+                    subprocess.run(["umount", "-l", str(mount)], check=True)  # still busy
     finally:
-        stop_workers([w], mount)  # empties the mount; the mount point goes after its unmount
-        subprocess.run(["umount", str(mount)], check=True)
         shutil.rmtree(under, ignore_errors=True)
-        os.rmdir(mount)
+        shutil.rmtree(mount, ignore_errors=True)
 
 
 def _lacks_rename_flags(directory: Path) -> None:

@@ -325,8 +325,9 @@ def test_a_name_or_a_message_cannot_forge_a_log_line(worker: Worker) -> None:
     forged = "\n2026-01-01 00:00:00 INFO [forged] completed\n"
     worker.drop(b"{not json", f"name{forged}\x1b[2J.json")
     _rejected(worker, f"name{forged}\x1b[2J.json")
-    worker.drop(job("liar", "test.raise", {"permanent": True, "message": f"no{forged}"}))
-    assert worker.wait_result("liar")["error"]["message"] == f"no{forged}"  # kept as sent
+    worker.drop(job("liar", "test.raise", {"permanent": True, "message": f"no{forged}\u2028"}))
+    assert worker.wait_result("liar")["error"]["message"] == f"no{forged}\u2028"  # as sent
+    assert "\u2028" not in worker.log()  # a line separator to some viewers
     lines = worker.log().splitlines()
     assert not [ln for ln in lines if "[forged]" in ln and not ln.count("\\x0a")], lines
     assert not [ln for ln in lines if "\x1b" in ln]
