@@ -30,7 +30,7 @@ from worker.spec import (
     loads,
     parse_job,
 )
-from worker.spool import Spool
+from worker.spool import Spool, original_name
 from worker.watch import Watch
 
 TERMINAL = ("completed", "failed", "timeout", "cancelled")
@@ -579,7 +579,10 @@ def _claimed_job(spool: Spool, job_id: str) -> dict[str, Any] | None:
     its file cannot be read), or None when no file it holds is that job's."""
     status = spool.read_status(job_id) or {}
     file = status.get("file") if status.get("job_id") == job_id else None
-    for where, claimed in spool.claimed():
+    held = spool.claimed()
+    named = f"{job_id}.json"  # how submit, and most submitters, name a job's file
+    held.sort(key=lambda item: original_name(item[1]) != named)  # those first: read few
+    for where, claimed in held:
         if file is not None and claimed != file:
             continue  # its live status names its file: no need to read the others
         try:
