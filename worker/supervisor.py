@@ -131,6 +131,9 @@ class Supervisor:
         log.info("isolation: %s", ", ".join(self.host.layers()))
         for note in self.host.notes:
             log.info("isolation: %s", note)
+        s = self.settings  # relative ones are the current directory's: say where they are
+        log.info("directories: jobs %s, results %s, work %s, outputs %s", s.jobs_dir.absolute(),
+                 s.results_dir.absolute(), s.work_dir.absolute(), s.output_dir.absolute())
         for operation, why in sorted(self.registry.unavailable.items()):
             log.warning("operation %s is not available here (its jobs fail "
                         "UNSUPPORTED_OPERATION): %s", operation, why)

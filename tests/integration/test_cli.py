@@ -383,9 +383,12 @@ def test_submit_and_cancel_say_when_no_supervisor_serves_the_spool(make_worker) 
     assert out.stderr == "" and out.stdout == "submitted served\n"
 
 
-def test_an_operation_unavailable_here_is_named_at_start(make_worker) -> None:
-    w = make_worker(env={"GKW_TEST_ABSENT": "needs the optional extra: pip install absent"})
-    w.start()
+def test_start_names_its_directories_and_the_operations_it_lacks(make_worker) -> None:
+    w = make_worker("--work-dir", "here-work", "--output-dir", "here-outputs",
+                    env={"GKW_TEST_ABSENT": "needs the optional extra: pip install absent"})
+    w.start()  # the later flags win: work and outputs are relative to its directory
+    assert (f"INFO directories: jobs {w.jobs}, results {w.results}, work {w.base}/here-work, "
+            f"outputs {w.base}/here-outputs") in w.log()
     assert ("WARNING operation test.absent is not available here (its jobs fail "
             "UNSUPPORTED_OPERATION): needs the optional extra: pip install absent") in w.log()
     w.drop(job("wants-absent", "test.absent", {}))
