@@ -24,14 +24,18 @@ def _write(path: str | Path, value: str) -> None:
 def _limit_memory_v1(group: str | Path, limit: int) -> None:
     """Set a v1 memory cgroup's memory and memory+swap limits to `limit` bytes. The kernel
     refuses a memory limit above memory+swap's: a raise sets that one first, a cut last."""
-    memory, memsw = f"{group}/memory.limit_in_bytes", f"{group}/memory.memsw.limit_in_bytes"
-    now = _read(memory).strip()
-    for path in (memsw, memory) if now.isdigit() and limit > int(now) else (memory, memsw):
-        if path == memory:
-            _write(memory, str(limit))
-            continue
-        with contextlib.suppress(OSError):  # no swap accounting: nothing to limit
-            _write(memsw, str(limit))
+    now = _read(f"{group}/memory.limit_in_bytes").strip()
+    raising = now.isdigit() and limit > int(now)
+    if raising:
+        _limit_memsw_v1(group, limit)
+    _write(f"{group}/memory.limit_in_bytes", str(limit))
+    if not raising:
+        _limit_memsw_v1(group, limit)
+
+
+def _limit_memsw_v1(group: str | Path, limit: int) -> None:
+    with contextlib.suppress(OSError):  # no swap accounting: nothing to limit
+        _write(f"{group}/memory.memsw.limit_in_bytes", str(limit))
 
 
 def _read(path: str | Path) -> str:

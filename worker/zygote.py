@@ -97,7 +97,6 @@ class Zygote:
             self._send(("setup", self.name, list(sys.path), self.handlers, self.prepare,
                         self.anchors, self.seccomp), [])  # its exit is reaped as any
 
-
     def fileno(self) -> int:
         """The fd the selector watches for reports."""
         assert self.sock is not None
