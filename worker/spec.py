@@ -226,7 +226,8 @@ def _exact_int(text: str) -> int | _Wide:
 def _census(doc: Any) -> tuple[int, bool]:
     """How many keys the objects in `doc` hold, all levels, and whether it holds a float
     as large as 2**63 (what orjson makes of a wider integer)."""
-    keys, large, stack = 0, False, [doc]
+    keys, large = 0, False
+    stack: list[Any] = [[doc]]  # the document itself may be a lone number
     while stack:
         value = stack.pop()
         if isinstance(value, dict):
@@ -254,12 +255,7 @@ def ambiguous(raw_bytes: bytes, doc: Any) -> tuple[str, str] | None:
     key repeated within one object (the last kept; another reader may keep the first).
     Only a document with a large float, or with more key ends than keys, is read again."""
     keys, large = _census(doc)
-    if large and (wide := _wide_integer(raw_bytes)) is not None:
-        return wide
-    if _key_ends(raw_bytes) != keys and (twice := _repeated_key(raw_bytes)) is not None:
-        return twice, ("expected each key once in its object, got it twice (which one "
-                       "counts is not defined)")
-    return None
+    return _first_ambiguity(raw_bytes) if large or _key_ends(raw_bytes) != keys else None
 
 
 def describe_ambiguity(field: str, what: str) -> str:
@@ -268,34 +264,27 @@ def describe_ambiguity(field: str, what: str) -> str:
     return f"field {shown!r}: {what}" if field else what
 
 
-def _wide_integer(raw_bytes: bytes) -> tuple[str, str] | None:
-    stack: list[tuple[Any, tuple[str, ...]]] = [(json.loads(raw_bytes, parse_int=_exact_int), ())]
+def _first_ambiguity(raw_bytes: bytes) -> tuple[str, str] | None:
+    """`ambiguous`'s answer, from `raw_bytes` read again keeping every key and integer."""
+    tree = json.loads(raw_bytes, parse_int=_exact_int, object_pairs_hook=_Members)
+    stack: list[tuple[Any, tuple[str, ...]]] = [(tree, ())]
     while stack:
         value, where = stack.pop()
         if isinstance(value, _Wide):
             got = value if len(value) <= 40 else f"{value[:20]}...({len(value)} characters)"
             return ".".join(where), (f"expected an integer from -2**63 to 2**64-1 (send a "
                                      f"wider one as a string), got {got}")
-        if isinstance(value, dict | list):
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            stack.extend((v, (*where, str(k))) for k, v in reversed(list(items)))
-    return None
-
-
-def _repeated_key(raw_bytes: bytes) -> str | None:
-    stack: list[tuple[Any, tuple[str, ...]]] = [
-        (json.loads(raw_bytes, object_pairs_hook=_Members), ())]
-    while stack:
-        value, where = stack.pop()
         if isinstance(value, _Members):
             seen: set[str] = set()
-            for key, member in value:
+            for key, _ in value:
                 if key in seen:
-                    return ".".join((*where, key))
+                    return ".".join((*where, key)), ("expected each key once in its object, "
+                                                     "got it twice (which one counts is not "
+                                                     "defined)")
                 seen.add(key)
-                stack.append((member, (*where, key)))
+            stack.extend((member, (*where, key)) for key, member in reversed(value))
         elif isinstance(value, list):
-            stack.extend((member, (*where, str(i))) for i, member in enumerate(value))
+            stack.extend((member, (*where, str(i))) for i, member in reversed(list(enumerate(value))))
     return None
 
 

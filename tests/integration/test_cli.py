@@ -69,6 +69,10 @@ def test_submit_refuses_an_integer_it_would_round(worker: Worker, tmp_path) -> N
     out = worker.cli("submit", "-o", "system.echo", "-d", f'{{"n": [{-(2**64)}]}}',
                      "--job-id", "wide-flags", check=False)
     assert out.returncode == 1 and "--data: field 'n.0': expected an integer" in out.stderr
+    out = worker.cli("submit", "-o", "system.echo", "-d", str(2**70), check=False)
+    assert out.returncode == 1 and out.stderr.endswith(f"--data: expected an integer from "
+                                                       f"-2**63 to 2**64-1 (send a wider one "
+                                                       f"as a string), got {2**70}\n")
     path.write_bytes(orjson.dumps(job("wide-submit", data={"n": 1})).replace(b'"n":1', b'"n":1,"n":2'))
     out = worker.cli("submit", str(path), check=False)
     assert out.returncode == 1 and (f"{path}: field 'payload.data.n': expected each key once in "
