@@ -75,13 +75,10 @@ def _redis_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _labels(_ctx: click.Context, _param: click.Parameter,
             values: tuple[str, ...]) -> dict[str, str] | None:
     """--label KEY=VALUE options as a dict (None when there are none: the config decides)."""
-    out = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
-        out[key] = value
-    return out or None
+    try:
+        return config.key_values(values) or None
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _job_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

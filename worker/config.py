@@ -6,6 +6,7 @@ import difflib
 import os
 import socket
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,17 @@ RESTART_ONLY = (
 )
 
 
+def key_values(items: Iterable[str]) -> dict[str, str]:
+    """`KEY=VALUE` items as a dict; ValueError naming the first without a key or an `=`."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
 def _from_env(environ: dict[str, str]) -> dict[str, Any]:
     names = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {ENV_PREFIX + "CONFIG"}
     unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in names)
@@ -213,11 +225,10 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
         if field.annotation is not None and "list" in str(field.annotation):
             out[name] = [p for p in raw.split(",") if p]
         elif field.annotation == dict[str, str]:  # KEY=VALUE,KEY=VALUE
-            pairs = [p.partition("=") for p in raw.split(",") if p]
-            if any(not sep for _, sep, _ in pairs):
-                raise ConfigError(f"environment: {ENV_PREFIX}{name.upper()}: expected "
-                                  f"KEY=VALUE[,KEY=VALUE...], got {raw!r}")
-            out[name] = {key: value for key, _, value in pairs}
+            try:
+                out[name] = key_values(p for p in raw.split(",") if p)
+            except ValueError as e:
+                raise ConfigError(f"environment: {ENV_PREFIX}{name.upper()}: {e}") from None
         else:
             out[name] = raw
     return out

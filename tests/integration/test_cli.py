@@ -258,7 +258,7 @@ def test_affinity_and_anti_affinity_match_the_workers_labels(make_worker) -> Non
 
 
 @pytest.mark.parametrize(("labels", "error"), [
-    ("zone", "GUESTKIT_WORKER_LABELS: expected KEY=VALUE[,KEY=VALUE...], got 'zone'"),
+    ("zone", "GUESTKIT_WORKER_LABELS: expected KEY=VALUE, got 'zone'"),
     ("zone=eu,host=x", "labels ['host'] are the worker's own (its host name, worker_id and "
                        "pool); choose other names"),
 ])
