@@ -297,11 +297,12 @@ def _follow_redis(queue: Any, job_id: str) -> int:
     return _finish_follow(job_id, queue.result(job_id) or {})
 
 
-def _outcomes(spool: Spool) -> Watch:
-    """A watch on where a job's end shows: results/, and rejected/ (a duplicate gets no result)."""
+def _outcomes(spool: Spool, also: str = "rejected") -> Watch:
+    """A watch on where a job's end shows: results/, and `also`: rejected/ (a duplicate gets
+    no result) or the cancel requests (a refused one is removed without a result)."""
     watch = Watch()
     watch.add("results", spool.results)
-    watch.add("rejected", spool.rejected)
+    watch.add(also, spool.rejected if also == "rejected" else spool.cancel_dir)
     return watch
 
 
@@ -554,7 +555,7 @@ def cancel(config_file: Path | None, job_id: str, redis_url: str | None, wait: b
         raise click.ClickException(
             f"job {job_id!r} cannot be cancelled: its execution.cancellable is false")
     spool.cancel_dir.mkdir(exist_ok=True)
-    watch = _cancel_outcomes(spool) if wait else None  # before the request: it may end at once
+    watch = _outcomes(spool, "cancel") if wait else None  # before the request: it may end at once
     spool.request_cancel(job_id)
     click.echo(f"cancel requested for {job_id}" + (
         "" if known is not None else " (no such job is queued or running here yet: the "
@@ -590,15 +591,6 @@ def _claimed_job(spool: Spool, job_id: str) -> dict[str, Any] | None:
             execution = doc.get("execution")
             return execution if isinstance(execution, dict) else {}
     return {} if file is not None else None
-
-
-def _cancel_outcomes(spool: Spool) -> Watch:
-    """A watch on where a cancel request's outcome shows: results/, and .cancel/ (a refused
-    request is removed without a result)."""
-    watch = Watch()
-    watch.add("results", spool.results)
-    watch.add("cancel", spool.cancel_dir)
-    return watch
 
 
 def _follow_cancel(spool: Spool, job_id: str, watch: Watch) -> int:
