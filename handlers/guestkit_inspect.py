@@ -20,6 +20,7 @@ from handlers.guestkit_image import (
     output_root,
 )
 from handlers.guestkit_output import choose_destination, write_report
+from handlers.guestkit_parsers import guest_text
 
 __all__ = ["GUESTKIT_CAPABILITIES", "InspectHandler", "InspectOptions", "InspectPayload"]
 
@@ -152,6 +153,7 @@ class InspectHandler(GuestImageHandler):
             facts = guest_facts(guest)
             report = build_report(guest, facts, payload.options or InspectOptions(), image)
             report["warnings"] = guest.warnings + facts.warnings
+            report = guest_text(report)
         ctx.report_progress("analysis", 80, "report built")
         report["inspected_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         report["inspection_time_seconds"] = round(time.monotonic() - started, 3)

@@ -54,6 +54,18 @@ def guest_name(name: str) -> str:
     return raw.decode("utf-8", "replace")
 
 
+def guest_text(value: Any) -> Any:
+    """`value` (a report: dicts, lists, text) with every guest name in it made valid text by
+    `guest_name`, keys too: whatever path a warning or a section quotes, the report encodes."""
+    if isinstance(value, str):
+        return guest_name(value)
+    if isinstance(value, dict):
+        return {guest_text(k): guest_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [guest_text(v) for v in value]
+    return value
+
+
 def parse_env(text: str) -> dict[str, str]:
     """KEY=value files (os-release, ifcfg, selinux/config, ufw.conf), quotes removed."""
     out: dict[str, str] = {}

@@ -21,6 +21,7 @@ from handlers.guestkit_image import (
     output_root,
 )
 from handlers.guestkit_output import choose_destination, write_report
+from handlers.guestkit_parsers import guest_text
 from worker.errors import HandlerError
 
 __all__ = ["ProfileHandler", "ProfileOptions", "ProfilePayload"]
@@ -99,7 +100,7 @@ class ProfileHandler(GuestImageHandler):
             findings, scan = self._run_checks(ctx, payload.profiles, guest, facts)
             os_section = facts.operating_system(guest.os_family())
             warnings = guest.warnings + facts.warnings
-        report = self._report(payload, opts, image, os_section, findings, warnings)
+        report = guest_text(self._report(payload, opts, image, os_section, findings, warnings))
         report["files_scanned"] = scan.scanned if scan else None
         dest = choose_destination(payload.output, output_root(self.settings), ctx.output_dir,
                                   f"{ctx.job_id}-profile", guest.path)

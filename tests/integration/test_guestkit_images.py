@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -767,6 +768,7 @@ def _looping_guest(tmp_path: Path, looped: str) -> tuple[Path, dict[str, Any]]:
     src = tmp_path / "tree"
     for d in ("etc", "usr/bin", "usr/sbin", "usr/lib", "var/lib/dpkg", "var/log", "tmp", "root"):
         (src / d).mkdir(parents=True)
+    (src / looped.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
     (src / "etc/os-release").write_text('ID=debian\nVERSION_ID="12"\n')
     (src / "etc/fstab").write_text("/dev/vda1 / ext4 defaults 0 1\n")
     for name, text in (("passwd", "root:x:0:0::/root:/bin/bash\n"), ("hostname", "loopy\n")):
@@ -798,3 +800,16 @@ def test_a_symlink_loop_where_a_file_is_read_is_a_warning_that_says_so(
     report = json.loads(Path(result.output_file).read_text())
     assert [w for w in report["warnings"]
             if w.startswith("cannot read /etc/passwd: SymlinkRecursionError")], report["warnings"]
+
+
+def test_a_file_name_that_is_not_utf8_in_a_warning_still_makes_a_report(
+        tmp_path: Path, dissect_ready: None) -> None:
+    """A symlink loop named with a byte that is not UTF-8 is warned about by its name: the
+    report and the job's result must still encode (U+FFFD for the byte)."""
+    image, settings = _looping_guest(tmp_path, "/etc/netplan/x\udcff.yaml")
+    result, _ = run(InspectHandler(settings), {"image": {"path": str(image)}}, tmp_path,
+                    tmp_path / "out")
+    warnings = json.loads(Path(result.output_file).read_text())["warnings"]
+    assert [w for w in warnings if w.startswith("cannot read /etc/netplan/x\ufffd.yaml: "
+                                                  "SymlinkRecursionError")], warnings
+    assert orjson.dumps(result.data)  # what the worker writes the job's result with
