@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -259,7 +260,13 @@ def stop_workers(made: list[Worker], base: Path) -> None:
     """Stop every worker still running (double SIGINT, then SIGKILL) and remove `base`."""
     for w in made:
         if w.proc is not None and w.proc.poll() is None:
+            drains = w.log().count(": draining")
             w.proc.send_signal(signal.SIGINT)
+            # The second only once the first was taken: a signal sent while the same one is
+            # still pending is merged into it, and the drain would wait for running jobs.
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda w=w, n=drains: w.log().count(": draining") > n
+                           or w.proc.poll() is not None, [w.log_path.parent], 10, "the drain")
             w.proc.send_signal(signal.SIGINT)
             try:
                 w.proc.wait(20)
@@ -321,3 +328,4 @@ def no_process_left(pids: list[int]) -> bool:
 def select_sleep(seconds: float) -> None:
     """Let time pass for a behaviour that is about time itself (not synchronisation)."""
     select.select([], [], [], seconds)
+
