@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import shutil
@@ -329,3 +330,38 @@ def select_sleep(seconds: float) -> None:
     """Let time pass for a behaviour that is about time itself (not synchronisation)."""
     select.select([], [], [], seconds)
 
+
+class Disk:
+    """A small tmpfs that can be filled to the last page and emptied again."""
+
+    def __init__(self, mount: Path) -> None:
+        self.mount = mount
+        self.ballast = mount / "ballast"
+
+    def fill(self) -> None:
+        fd = os.open(self.ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for size in (1 << 16, 1):
+                try:
+                    while True:
+                        os.write(fd, bytes(size))
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        assert os.statvfs(self.mount).f_bavail == 0
+
+    def free(self) -> None:
+        os.unlink(self.ballast)
+
+
+@contextlib.contextmanager
+def small_disk(mount: Path, size: str = "16m") -> Iterator[Disk]:
+    """A tmpfs of `size` mounted on the empty dir `mount` (needs root), removed after."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0711", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        yield Disk(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+        shutil.rmtree(mount, ignore_errors=True)

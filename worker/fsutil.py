@@ -56,8 +56,9 @@ def write_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
 
 
 def publish_noreplace(tmp: Path, path: Path, *, fsync: bool = True) -> bool:
-    """Put the written file `tmp` under `path` (fsync'd first) unless `path` exists; `tmp`'s
-    own name is gone either way. False when `path` existed. The caller fsyncs the directory."""
+    """Put the written file `tmp` under `path` (fsync'd first) unless `path` exists; False
+    when it existed. `tmp`'s own name is then gone, and stays on an error (for another try).
+    The caller fsyncs the directory."""
     if fsync:
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -67,9 +68,9 @@ def publish_noreplace(tmp: Path, path: Path, *, fsync: bool = True) -> bool:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        return False
-    finally:
         os.unlink(tmp)
+        return False
+    os.unlink(tmp)
     return True
 
 

@@ -18,6 +18,7 @@ from worker.errors import ErrorCode, HandlerError, JobRejected, UnsafeFile
 from worker.job import Job
 from worker.registry import Registry
 from worker.results import Ending, build
+from worker.shortage import out_of_space
 from worker.spec import JobDocument, describe, parse_job
 from worker.spool import ACTIVE, Spool
 
@@ -92,7 +93,12 @@ class Intake:
                 return None
         finally:
             os.close(fd)
-        return self.admit(ACTIVE, claimed, data, label=label)
+        try:
+            return self.admit(ACTIVE, claimed, data, label=label)
+        except OSError as e:
+            if out_of_space(e):  # taken again once there is space
+                self.spool.unclaim(claimed, name)
+            raise
 
     def _still_written(self, name: str, fd: int, st: os.stat_result, seen: Seen,
                        before: Mark | None) -> bool:
@@ -189,13 +195,18 @@ class Intake:
         if duplicate_of:
             record["duplicate_of"] = duplicate_of
         self.last_rejection = record
-        try:
-            dest = self.spool.reject(src, record, name)
-        except FileNotFoundError:
-            return
-        log.warning("rejected %s: %s", fsutil.printable(dest.name), message,
-                    extra={"job_id": job_id or duplicate_of, "state": "failed"})
-        if job_id and not self.known(job_id):
+        staged = False
+        if job_id and not self.known(job_id):  # staged first: a full disk moves nothing
             end = Ending(job_id=job_id, status="failed", code=code, message=message,
                          phase="validation")
-            self.spool.publish_result(job_id, build(end, self.settings))
+            staged = self.spool.publish_result(job_id, build(end, self.settings))
+        try:
+            dest = self.spool.reject(src, record, name)
+        except BaseException as e:
+            if staged and job_id:
+                self.spool.unstage(job_id)
+            if isinstance(e, FileNotFoundError):
+                return
+            raise
+        log.warning("rejected %s: %s", fsutil.printable(dest.name), message,
+                    extra={"job_id": job_id or duplicate_of, "state": "failed"})

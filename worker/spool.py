@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import hashlib
 import itertools
+import logging
 import os
 import stat
 import time
@@ -16,12 +17,15 @@ from typing import Any
 from worker import fsutil
 from worker.config import Settings
 from worker.errors import ConfigError, SpoolLocked
+from worker.shortage import out_of_space
 from worker.spec import JOB_ID_RE, JOB_ID_TEXT, dumps, dumps_pretty, loads, rfc3339
 
 #: Up to this many inbox files, a scan takes them oldest-named first.
 SORTED_SCAN = 10_000
 
 ACTIVE, RETRY = ".active", ".retry"
+
+log = logging.getLogger("guestkit.spool")
 
 
 class Spool:
@@ -123,6 +127,12 @@ class Spool:
             return None
         return claimed
 
+    def unclaim(self, claimed: str, name: str) -> None:
+        """Put a claimed file back into the inbox as `name` (to be taken again later); a file
+        of that name that arrived meanwhile keeps it, and this one stays claimed."""
+        with contextlib.suppress(FileNotFoundError):
+            fsutil.rename_noreplace(self.path(ACTIVE, claimed), self.inbox_file(name))
+
     def materialize(self, message_id: str, data: bytes) -> str:
         """Store a job delivered by a shared queue as a claimed file; return its claimed name."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in message_id)
@@ -169,8 +179,13 @@ class Spool:
                     pass
             dest = self.rejected / f"{time.time_ns()}-{base}"
         record = {**record, "file": fsutil.printable(dest.name), "rejected_at": rfc3339()}
-        fsutil.write_atomic(dest.with_name(dest.name + ".error.json"), dumps_pretty(record),
-                            fsync=self.fsync)
+        try:
+            fsutil.write_atomic(dest.with_name(dest.name + ".error.json"), dumps_pretty(record),
+                                fsync=self.fsync)
+        except OSError:  # no record without its file (a full disk): it goes back where it was
+            with contextlib.suppress(OSError):
+                fsutil.rename_noreplace(dest, src)
+            raise
         return dest
 
     def rejection(self, record_name: str) -> dict[str, Any] | None:
@@ -181,8 +196,14 @@ class Spool:
         """Move a finished job's file to done/ or failed/ (with `<id>.reason.txt` on failure)."""
         dest = f"{self._done if ok else self._failed}/{job_id}.json"
         if not ok:
-            fsutil.write_atomic(self.failed / f"{job_id}.reason.txt", (reason + "\n").encode(),
-                                fsync=False)
+            try:
+                fsutil.write_atomic(self.failed / f"{job_id}.reason.txt",
+                                    (reason + "\n").encode(), fsync=False)
+            except OSError as e:
+                if not out_of_space(e):
+                    raise
+                log.warning("job %r: failed/%s.reason.txt not written (%s); its result holds "
+                            "the error", job_id, job_id, e.strerror)
         with contextlib.suppress(FileNotFoundError):
             os.replace(self.path(where, claimed), dest)
         self.remove_status(job_id)
@@ -254,6 +275,13 @@ class Spool:
         self._staged[job_id] = tmp
         return True
 
+    def unstage(self, job_id: str) -> None:
+        """Take back the result of `job_id` written in this pass, before it is linked."""
+        tmp = self._staged.pop(job_id, None)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
     def _result_file_ahead(self) -> tuple[int, Path]:
         """The file made ahead, opened (a new one when it is not exactly the empty file made)."""
         tmp, self._next_result = self._next_result, None
@@ -286,6 +314,17 @@ class Spool:
             fsutil.fsync_dir(self.results)
         self._unsynced_dir = False
         return taken
+
+    def probe_space(self) -> None:
+        """Write a block into the inbox's and the results' directories, and remove it;
+        OSError when either has no room."""
+        for d in (self.tmp, self.results):
+            path = d / f".space-probe-{os.getpid()}"
+            try:
+                fsutil.write_atomic(path, bytes(4096), fsync=False)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def premake_result(self) -> None:
         """Have an empty file ready for the next result: a new inode can take milliseconds

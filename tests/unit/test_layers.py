@@ -13,7 +13,7 @@ LAYERS: dict[str, int] = {
     "worker.states": 1, "worker.fsutil": 1, "worker.signals": 1, "worker.systemd": 1,
     "worker.logs": 1, "worker.metrics": 1, "worker.cgroups": 1, "worker.landlock": 1,
     "worker.syscall_filter": 1, "worker.memory": 1, "worker.backlog": 1, "worker.transports": 1,
-    "worker.forkhooks": 1,
+    "worker.forkhooks": 1, "worker.shortage": 1,
     "worker.spec": 2,
     "worker.config": 3, "handlers.base": 3,
     "worker.progress": 4, "worker.spool": 4, "worker.watch": 4, "worker.registry": 4,

@@ -1,0 +1,69 @@
+"""A full disk under the spool: whether space is short, and the results that wait for it."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from typing import Any, Generic, TypeGuard, TypeVar
+
+log = logging.getLogger("guestkit.shortage")
+
+#: While space is short, held results are tried again this often (seconds).
+RETRY_EVERY = 1.0
+#: What a write says when the filesystem, or the writer's quota, is full.
+SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+T = TypeVar("T")
+
+
+def out_of_space(e: BaseException) -> TypeGuard[OSError]:
+    """True for an error that says the disk, or the writer's quota, is full."""
+    return isinstance(e, OSError) and e.errno in SPACE_ERRNOS
+
+
+class Shortage(Generic[T]):
+    """Since when writes under the spool fail for lack of space, and the results (with
+    what archives their jobs) held in memory meanwhile, oldest first."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # monotonic; None while space is not short
+        self.next_try = 0.0
+        self.held: list[tuple[str, dict[str, Any], T]] = []
+        self.written = 0  # held results written since space was short
+
+    @property
+    def active(self) -> bool:
+        """True from a write that failed for lack of space until one succeeds again."""
+        return self.since is not None
+
+    def began(self, doing: str, e: OSError) -> None:
+        """A write failed for lack of space while `doing` (e.g. "writing the result of job
+        x"): say so once, and look again in RETRY_EVERY."""
+        now = time.monotonic()
+        self.next_try = now + RETRY_EVERY
+        if self.since is not None:
+            return
+        self.since, self.written = now, 0
+        cause = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+        log.error("no space left on the spool's disk while %s (%s); no job is taken or "
+                  "started until there is space; running jobs go on, and their results wait in "
+                  "memory until they can be written (tried every %.0f s)",
+                  doing, cause, RETRY_EVERY)
+
+    def due(self, now: float) -> bool:
+        """Whether it is time to try the held writes again."""
+        return self.since is not None and now >= self.next_try
+
+    def release(self) -> None:
+        """The oldest held result was written: forget it."""
+        self.written += 1
+        del self.held[0]
+
+    def ended(self) -> None:
+        """Writes succeed again."""
+        if self.since is None:
+            return
+        log.warning("space again after %.0f s: %d held result(s) written; jobs are taken and "
+                    "started again", time.monotonic() - self.since, self.written)
+        self.since = None
