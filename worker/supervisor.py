@@ -41,6 +41,7 @@ from worker.logs import setup_logging
 from worker.registry import Registry
 from worker.results import Ending, build
 from worker.service import Service
+from worker.shortage import Shortage, out_of_space
 from worker.signals import SignalPipe
 from worker.spare import Spares
 from worker.spec import loads, parse_job
@@ -83,6 +84,8 @@ class Supervisor:
         self.draining = False
         self.drain_deadline: float | None = None
         self.to_archive: list[tuple[Job, bool, str]] = []  # ended; archived once results are synced
+        #: a full disk under the spool: results held in memory until they can be written
+        self.shortage: Shortage[tuple[Job, bool, str]] = Shortage()
         self._seq = itertools.count()
         self.held = 0  # most jobs held at once since the queue was last empty
         self.sel = selectors.DefaultSelector()
@@ -90,7 +93,7 @@ class Supervisor:
         self.intake = Intake(self.spool, registry, settings, version, self._known)
         self.service = Service(settings, version)
         self.remote = remote or Remote()
-        self.service.ready_check = self.remote.healthy
+        self.service.ready_check = self._readiness
         #: by zygote name: how many in a row exited before they were ready, and when
         #: (monotonic) the next may start
         self.zygote_failures: dict[str, int] = {}
@@ -110,12 +113,19 @@ class Supervisor:
         """Serve until drained; return the process exit code."""
         self._start()
         try:
-            while not (self.draining and not self.running):
+            while not self._drained():
                 self._tick()
         finally:
             self._stop()
         log.info("drained: no job running; exiting")
         return 0
+
+    def _drained(self) -> bool:
+        """Draining and nothing runs; results held for lack of space get until the drain's
+        deadline to find room."""
+        if not self.draining or self.running:
+            return False
+        return not self.shortage.held or time.monotonic() >= (self.drain_deadline or 0.0)
 
     def _start(self) -> None:
         self.spool.setup()
@@ -241,6 +251,10 @@ class Supervisor:
             self._archive_ended()
         except OSError as e:  # its jobs stay claimed: recovery decides after the restart
             log.error("could not make the last results durable: %s", e)
+        if self.shortage.held:
+            log.error("%d result(s) could not be written for lack of space; their jobs stay "
+                      "claimed, and the next start decides on them as after a crash",
+                      len(self.shortage.held))
         self._remove_cgroups()
         self.remote.close()
         self.service.close()
@@ -287,7 +301,7 @@ class Supervisor:
         self.spares.keep(self.settings, self.settings.max_concurrent - len(self.running),
                          self.draining)
         free = self.settings.max_concurrent - len(self.running) - len(self.ready)
-        self.remote.poll(now, 0 if self.draining else max(0, free),
+        self.remote.poll(now, 0 if self.draining or self.shortage.active else max(0, free),
                          [j.message_id for j in self.running.values() if j.message_id])
         self.service.heartbeat(now, self._status_text())
 
@@ -304,7 +318,13 @@ class Supervisor:
     def _status_text(self) -> str:
         queued = len(self.jobs) - len(self.running) + len(self.backlog)
         text = f"running {len(self.running)}/{self.settings.max_concurrent}, queued {queued}"
+        text += self._shortage_text()
         return f"draining: {text}" if self.draining else text
+
+    def _readiness(self) -> tuple[bool, str]:
+        if self.shortage.active:
+            return False, "no space left on the spool's disk: no job is taken or started"
+        return self.remote.healthy()
 
     def _gauges(self) -> None:
         """Refresh the gauges a scrape reads."""
@@ -318,10 +338,12 @@ class Supervisor:
         m.oldest_queued_age.set(time.time() - oldest if oldest else 0.0)
 
     def _timeout(self) -> float:
-        if self.to_archive or self.spool.unsynced:
+        if (self.to_archive or self.spool.unsynced) and not self.shortage.active:
             return 0.0  # a job ended after this pass made its results durable
         now = time.monotonic()
         nearest = now + HOUSEKEEPING
+        if self.shortage.active:
+            nearest = min(nearest, self.shortage.next_try)
         for other in (self.service.next_deadline(), self.remote.next_deadline()):
             if other is not None:
                 nearest = min(nearest, other)
@@ -352,7 +374,7 @@ class Supervisor:
         for change in self.watch.read():
             if change.where == "cancel":
                 self._on_cancel(change.name)
-            elif not self.draining and job_name(change.name):
+            elif not self.draining and not self.shortage.active and job_name(change.name):
                 self._take(change.name, "created" if change.created else "closed")
         if self.watch.overflowed:
             self.watch.overflowed = False
@@ -360,7 +382,9 @@ class Supervisor:
             self._scan()
 
     def _scan(self) -> None:
-        for name in self.spool.each_inbox_name():
+        """Take every job file in the inbox (not while space is short: its end scans again),
+        and every cancel request."""
+        for name in [] if self.shortage.active else self.spool.each_inbox_name():
             self._take(name, "scanned")
         for name in os.listdir(self.spool.cancel_dir):
             self._on_cancel(name)
@@ -370,6 +394,8 @@ class Supervisor:
             accepted = self.intake.take(name, seen)
         except OSError as e:  # never let one file stop the loop
             log.error("could not take %s from the inbox: %s", printable(name), e)
+            if out_of_space(e):  # it stays in the inbox, taken again once there is space
+                self.shortage.began(f"taking job file {printable(name)}", e)
             return
         except Exception:
             # A fault of ours. The file stays in the inbox, or in .active/ once claimed,
@@ -381,7 +407,12 @@ class Supervisor:
 
     def _deliver(self, message_id: str, data: bytes, running_attempt: int | None) -> None:
         """A job from the shared queue: keep a durable local copy, then admit it like a drop."""
-        claimed = self.spool.materialize(message_id, data)
+        try:
+            claimed = self.spool.materialize(message_id, data)
+        except OSError as e:
+            if out_of_space(e):
+                self.shortage.began(f"storing message {message_id}", e)
+            raise
         if running_attempt is not None:
             self._recover_one(ACTIVE, claimed, data, None, running_attempt, message_id)
             return
@@ -468,7 +499,7 @@ class Supervisor:
 
     def _fill_slots(self, now: float) -> None:
         while len(self.running) + len(self.forking) < self.settings.max_concurrent \
-                and not self.draining:
+                and not self.draining and not self.shortage.active:
             self._promote_front()
             if not self.ready:
                 return
@@ -480,14 +511,24 @@ class Supervisor:
                 if not self._hold_for_zygote(job, missing):
                     return  # it is starting (it never failed): its report of ready wakes us
                 continue
-            heapq.heappop(self.ready)
+            entry = heapq.heappop(self.ready)
             if job is None or job.state is not JobState.QUEUED or job.waiting_for:
                 continue
             try:
                 self._dispatch(job, now)
             except (OSError, UnsafeFile, ValueError, KeyError, TypeError, RecursionError) as e:
+                if out_of_space(e):
+                    self._not_started_for_space(job, entry, e)
+                    return
                 log.exception("could not start job %s", job_id)
                 self._not_started(job, e)
+
+    def _not_started_for_space(self, job: Job, entry: tuple[int, int, str], e: OSError) -> None:
+        """`job` could not start for lack of space: it is first in the queue again, as it was."""
+        self.shortage.began(f"starting job {job.job_id}", e)
+        if job.state is JobState.ASSIGNED:
+            job.move(JobState.QUEUED)
+        heapq.heappush(self.ready, entry)
 
     def _zygote_missing(self, job: Job) -> str | None:
         """The name of the zygote that would fork `job` while it is not there or not yet set
@@ -548,7 +589,7 @@ class Supervisor:
         if job.deadline is not None:
             timeout = min(timeout, job.deadline - time.time())
         job.move(JobState.ASSIGNED)
-        self._write_status(job)  # the attempt is recorded before the child exists
+        self._write_status(job, required=True)  # the attempt is recorded before the child exists
         workdir = self.workdirs.path(job.job_id)
         env = self._child_env(job)
         warm = self.registry.needs_warmth(handler)
@@ -818,7 +859,10 @@ class Supervisor:
         now = time.time()
         self._release_retries(now)
         self._expire_waiting(now)
-        if self.intake.still_open and now >= self._next_look and not self.draining:
+        if self.shortage.due(time.monotonic()):
+            self._retry_space()
+        if self.intake.still_open and now >= self._next_look and not self.draining \
+                and not self.shortage.active:
             self._next_look = now + HOUSEKEEPING
             for name in list(self.intake.still_open):
                 self._take(name, "looked")
@@ -827,6 +871,28 @@ class Supervisor:
         if self.zygotes_due and min(self.zygotes_due.values()) <= time.monotonic() \
                 and not self.draining:
             self._start_zygotes()
+
+    def _retry_space(self) -> None:
+        """Space was short: write the held results, oldest first, and once all are written and
+        a probe finds room, take and start jobs again (the inbox is scanned for what came)."""
+        s = self.shortage
+        while s.held:
+            job_id, doc, archive = s.held[0]
+            if not self._store_result(job_id, doc, archive):  # archived once durable
+                return
+            s.release()
+        if not self._sync_results():
+            return
+        try:
+            self.spool.probe_space()
+        except OSError as e:
+            if not out_of_space(e):
+                raise
+            s.began("probing for free space", e)
+            return
+        s.ended()
+        if not self.draining:
+            self._scan()
 
     def _release_retries(self, now: float) -> None:
         while self.retries and self.retries[0][0] <= now:
@@ -902,12 +968,14 @@ class Supervisor:
         """Publish the one result, archive the job file, forget the job, wake its waiters."""
         job.move(JobState(end.status))
         doc = build(end, self.settings)
+        archive = (job, end.status == "completed", f"{end.code}: {end.message}" if end.code else "")
+        detail = ""
         if not self.remote.publish(job.job_id, doc):
             self._log(job, "another worker's result came first; kept it", level=logging.WARNING)
-        elif not self.spool.publish_result(job.job_id, doc):
-            self._log(job, "a result already existed; kept the first", level=logging.WARNING)
-        self.to_archive.append((job, end.status == "completed",
-                                f"{end.code}: {end.message}" if end.code else ""))
+            self.to_archive.append(archive)
+        elif self.shortage.held or not self._store_result(job.job_id, doc, archive):
+            self.shortage.held.append((job.job_id, doc, archive))  # in order, behind the others
+            detail = " (its result waits for space)"
         if end.status == "completed":  # any other end keeps its dir for whoever looks into it
             self._recycle_workdir(job)
         self.jobs.pop(job.job_id, None)
@@ -921,7 +989,7 @@ class Supervisor:
                 time.monotonic() - job.run.started)
         self.service.progressed()
         level = logging.INFO if end.status == "completed" else logging.WARNING
-        detail = f" ({end.code}: {end.message})" if end.code else ""
+        detail = (f" ({end.code}: {end.message})" if end.code else "") + detail
         self._log(job, "%s%s", end.status, detail, level=level)
         if job.idempotency_key:
             for waiter in self.key_waiters.pop(job.idempotency_key, []):
@@ -930,6 +998,21 @@ class Supervisor:
                     other.waiting_for = None
                     self.waiting.discard(waiter)
                     self._enqueue(other)
+
+    def _store_result(self, job_id: str, doc: dict[str, Any], archive: tuple[Job, bool, str]) -> bool:
+        """Write the result of `job_id` (its job archived once it is durable); False when
+        there is no space for it."""
+        try:
+            if not self.spool.publish_result(job_id, doc):
+                self._log(archive[0], "a result already existed; kept the first",
+                          level=logging.WARNING)
+        except OSError as e:
+            if not out_of_space(e):
+                raise
+            self.shortage.began(f"writing the result of job {job_id}", e)
+            return False
+        self.to_archive.append(archive)
+        return True
 
     def _recycle_workdir(self, job: Job) -> None:
         """The job has completed: keep its work dir blank for the next job if it left it so,
@@ -955,8 +1038,7 @@ class Supervisor:
         """Once per pass, after its fork requests: make this pass's results durable, then
         archive and ack their jobs, then, when no job waits, give up the CPU once (the
         client a result woke runs first). A result's fsyncs never hold up the next job's fork."""
-        self._sync_results()
-        if not self.to_archive:
+        if not self._sync_results() or not self.to_archive:
             return
         for job, ok, reason in self.to_archive:
             self.spool.archive(job.where, job.claimed, job.job_id, ok, reason)
@@ -971,11 +1053,20 @@ class Supervisor:
         self._sync_results()
         self.remote.reject(message_id, self.intake.last_rejection or {})
 
-    def _sync_results(self) -> None:
-        """Put every result written so far durably under its name."""
-        for job_id in self.spool.sync_results():
+    def _sync_results(self) -> bool:
+        """Put every result written so far durably under its name; False when there is no
+        space for that (they stay written, for the next try)."""
+        try:
+            taken = self.spool.sync_results()
+        except OSError as e:
+            if not out_of_space(e):
+                raise
+            self.shortage.began("linking results under their names", e)
+            return False
+        for job_id in taken:
             log.warning("job %r: a result already existed; kept the first", job_id,
                         extra={"job_id": job_id, "worker_id": self.settings.worker_id})
+        return True
 
     def _cancel_queued(self, job: Job) -> None:
         self._conclude(job, self._ending(job, "cancelled", ErrorCode.CANCELLED,
@@ -1102,22 +1193,36 @@ class Supervisor:
 
     def _dump(self) -> None:
         log.info("status: %d running, %d queued (%d of them in the backlog), %d waiting, "
-                 "%d retrying, draining=%s", len(self.running),
+                 "%d retrying, draining=%s%s", len(self.running),
                  len(self.ready) + len(self.backlog), len(self.backlog), len(self.waiting),
-                 len(self.retries), self.draining)
+                 len(self.retries), self.draining, self._shortage_text())
         for job in self.running.values():
             assert job.run is not None
             self._log(job, "running pid %d for %.1f s, progress %s", job.run.pid,
                       time.monotonic() - job.run.started, job.run.progress)
 
+    def _shortage_text(self) -> str:
+        s = self.shortage
+        if s.since is None:
+            return ""
+        return (f"; no space on the spool's disk for {time.monotonic() - s.since:.0f} s, "
+                f"{len(s.held)} result(s) held")
+
     # -- helpers --------------------------------------------------------------------------------
 
-    def _write_status(self, job: Job) -> None:
+    def _write_status(self, job: Job, required: bool = False) -> None:
+        """Record the job's live status; without space only a `required` one raises (the
+        others are advisory: the one before stays)."""
         if job.run is not None:
             job.run.last_status = time.monotonic()
             job.run.status_dirty = False
         doc = job.status_doc(self.settings.worker_id)
-        self.spool.write_status(job.job_id, doc)
+        try:
+            self.spool.write_status(job.job_id, doc)
+        except OSError as e:
+            if required or not out_of_space(e):
+                raise
+            self.shortage.began(f"writing the status of job {job.job_id}", e)
         if job.message_id:
             self.remote.status(job.job_id, doc)
 

@@ -1,0 +1,153 @@
+"""A full disk under the spool stops nothing for good: the supervisor stays up, holds what it
+cannot write, takes and starts no job meanwhile, and goes on where it was once space returns.
+
+The spool is a small tmpfs filled to the last page by a ballast file (mounting it needs root).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import Disk, Worker, job, scratch_dir, small_disk, stop_workers, wait_until
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")]
+
+
+@pytest.fixture
+def full_disk() -> Iterator[tuple[Worker, Disk]]:
+    """A worker whose whole spool is on a 16 MiB tmpfs; its log is kept off that disk."""
+    logs = scratch_dir()
+    with small_disk(scratch_dir()) as disk:
+        w = Worker(disk.mount, ["--max-concurrent", "2", "--no-spares"], None)
+        w.log_path = logs / "worker.log"
+        try:
+            yield w, disk
+        finally:
+            stop_workers([w], disk.mount)
+            shutil.rmtree(logs, ignore_errors=True)
+
+
+def _staged(w: Worker, doc: dict[str, object] | bytes, name: str) -> Path:
+    """A job file written on the spool's disk while there is room, to be moved in later."""
+    path = w.base / f".staged-{name}"
+    path.write_bytes(doc if isinstance(doc, bytes) else orjson.dumps(doc))
+    return path
+
+
+def _logged(w: Worker, text: str, what: str) -> None:
+    """Wait for `text` in the log; the supervisor must still run then."""
+    assert w.proc is not None
+    wait_until(lambda: text in w.log() or w.proc.poll() is not None, [w.log_path.parent], 30,
+               what)
+    assert w.proc.poll() is None, f"the supervisor died:\n{w.log()}"
+
+
+def _dumped(w: Worker) -> str:
+    """The supervisor's next SIGUSR1 status line (each is a full loop pass after the last)."""
+    before = w.log().count("status: ")
+    w.signal(signal.SIGUSR1)
+    wait_until(lambda: w.log().count("status: ") > before, [w.log_path.parent], 30,
+               "the status dump")
+    return [line for line in w.log().splitlines() if "status: " in line][-1]
+
+
+def test_a_result_waits_for_space_and_no_job_starts_meanwhile(full_disk: tuple[Worker, Disk]
+                                                                ) -> None:
+    w, disk = full_disk
+    w.start()
+    later = _staged(w, job("later"), "later.json")
+    w.drop(job("nap", "test.sleep", {"seconds": 2}))
+    wait_until(lambda: (w.jobs / ".status" / "nap.json").exists()
+               and b'"running"' in (w.jobs / ".status" / "nap.json").read_bytes(),
+               [w.jobs / ".status"], 30, "nap to run")
+    disk.fill()
+    _logged(w, "[nap] completed (its result waits for space)", "nap's end without room")
+    assert "no space left on the spool's disk while" in w.log()
+    os.rename(later, w.jobs / "later.json")
+    _dumped(w)
+    held = _dumped(w)  # the pass that saw later.json arrive has ended
+    assert "no space on the spool's disk for" in held and "1 result(s) held" in held
+    assert w.proc is not None and w.proc.poll() is None
+    assert w.result("nap") is None
+    assert [n for n in os.listdir(w.jobs / ".active") if n.endswith("-nap.json")]
+    assert (w.jobs / "later.json").exists()  # not taken while there is no space
+
+    disk.free()
+    nap = w.wait_result("nap")
+    assert nap["status"] == "completed" and nap["execution_summary"]["attempt"] == 1
+    assert w.wait_result("later")["status"] == "completed"
+    assert "space again after" in w.log() and "1 held result(s) written" in w.log()
+    wait_until(lambda: (w.jobs / "done" / "nap.json").exists(), [w.jobs / "done"], 10,
+               "nap archived")
+
+
+def test_jobs_found_on_a_full_disk_are_taken_and_started_once_there_is_room(
+        full_disk: tuple[Worker, Disk]) -> None:
+    w, disk = full_disk
+    w.start()
+    good = _staged(w, job("good"), "good.json")
+    bad = _staged(w, b'{"job_id": "bad", "version": "1.0"}', "bad.json")
+    disk.fill()
+    os.rename(good, w.jobs / "good.json")  # claimed (a rename), but its start has no room
+    _logged(w, "no space left on the spool's disk while starting job good", "good held back")
+    assert "0 running, 1 queued" in _dumped(w)
+    os.rename(bad, w.jobs / "bad.json")  # left in the inbox while there is no room
+    _dumped(w)
+    _dumped(w)
+    assert (w.jobs / "bad.json").exists()
+    assert w.result("good") is None and w.result("bad") is None
+    assert not os.listdir(w.jobs / "rejected")
+
+    disk.free()
+    good_result = w.wait_result("good")
+    assert good_result["status"] == "completed"
+    assert good_result["execution_summary"]["attempt"] == 1
+    bad_result = w.wait_result("bad")
+    assert bad_result["error"]["code"] == "VALIDATION_ERROR"
+    record = orjson.loads((w.jobs / "rejected" / "bad.json.error.json").read_bytes())
+    assert record["job_id"] == "bad" and "kind" in record["message"]
+    assert w.proc is not None and w.proc.poll() is None
+
+
+def test_a_bad_file_that_finds_no_room_for_its_record_stays_in_the_inbox(
+        full_disk: tuple[Worker, Disk]) -> None:
+    w, disk = full_disk
+    w.start()
+    bad = _staged(w, b'{"job_id": "worse", "version": "1.0"}', "worse.json")
+    disk.fill()
+    os.rename(bad, w.jobs / "worse.json")
+    _logged(w, "while taking job file worse.json", "the rejection that found no room")
+    _dumped(w)
+    assert (w.jobs / "worse.json").exists()  # back in the inbox, not claimed nor rejected
+    assert not os.listdir(w.jobs / ".active") and not os.listdir(w.jobs / "rejected")
+    assert not [n for n in os.listdir(w.results) if not n.startswith(".next-result")]
+
+    disk.free()
+    assert w.wait_result("worse")["error"]["code"] == "VALIDATION_ERROR"
+    assert (w.jobs / "rejected" / "worse.json.error.json").exists()
+    assert not (w.jobs / "worse.json").exists()
+
+
+def test_a_drain_gives_held_results_until_its_deadline_to_find_room(
+        full_disk: tuple[Worker, Disk]) -> None:
+    w, disk = full_disk
+    w.start("--shutdown-timeout", "120")
+    w.drop(job("last", "test.sleep", {"seconds": 2}))
+    wait_until(lambda: "[last] running" in w.log(), [w.log_path.parent], 30, "last to run")
+    disk.fill()
+    _logged(w, "[last] completed (its result waits for space)", "last's end without room")
+    w.signal(signal.SIGTERM)
+    _logged(w, "SIGTERM: draining", "the drain")
+    assert "1 result(s) held" in _dumped(w)  # nothing runs, and it still serves
+    disk.free()
+    assert w.proc is not None and w.proc.wait(60) == 0  # no second SIGTERM: that stops at once
+    assert "space again after" in w.log()
+    assert w.result("last")["status"] == "completed"  # type: ignore[index]
+    assert (w.jobs / "done" / "last.json").exists()
