@@ -374,6 +374,10 @@ class Spool:
     def _key_path(self, key: str) -> Path:
         return self.keys / hashlib.sha256(key.encode()).hexdigest()
 
+    def archived(self, job_id: str) -> dict[str, Any] | None:
+        """The document of a completed job, as archived in done/, or None."""
+        return _read_json(self.done / f"{job_id}.json")
+
     def key_owner(self, key: str) -> str | None:
         """The job that holds idempotency `key`, or None."""
         try:

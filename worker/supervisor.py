@@ -707,7 +707,23 @@ class Supervisor:
         end.output_file = (first.get("outputs") or {}).get("primary")
         end.extra = {"idempotent_replay": {"job_id": owner}}
         self._log(job, "idempotent replay of job %s", owner)
+        if differs := self._unlike(job, owner):
+            self._log(job, "idempotency key %r was first used by job %s for a different %s; "
+                      "that job's result is replayed all the same (a key has one effect)",
+                      job.idempotency_key, owner, " and ".join(differs), level=logging.WARNING)
         self._conclude(job, end)
+
+    def _unlike(self, job: Job, owner: str) -> list[str]:
+        """What of `job` (operation, payload) differs from the job `owner` that completed with
+        the same key, where this spool holds that one's document."""
+        ended = [a[0] for a in self.to_archive] + [h[2][0] for h in self.shortage.held]
+        pending = [j for j in ended if j.job_id == owner]  # not archived yet
+        first = (loads(self.spool.read(pending[0].where, pending[0].claimed)) if pending
+                 else self.spool.archived(owner))
+        if first is None:
+            return []
+        doc = loads(self.spool.read(job.where, job.claimed))
+        return [f for f in ("operation", "payload") if doc.get(f) != first.get(f)]
 
     # -- running jobs ---------------------------------------------------------------------------
 

@@ -137,6 +137,11 @@ def test_idempotency_key_replays_the_first_result_even_after_restart(make_worker
     assert res["idempotent_replay"] == {"job_id": "first"}
     assert res["data"] == w.result("first")["data"]
     assert w.runs("second") == []  # never executed
+    assert "first used by job first for a different" not in w.log()  # the same job again
+    w.drop(job("third", "test.ledger", {"other": 1}, idempotency_key="k-1"))
+    assert w.wait_result("third")["idempotent_replay"] == {"job_id": "first"}
+    assert ("[third] idempotency key 'k-1' was first used by job first for a different "
+            "payload;") in w.log()
 
 
 def test_a_job_waits_for_a_running_job_with_the_same_key(make_worker) -> None:
@@ -147,6 +152,8 @@ def test_a_job_waits_for_a_running_job_with_the_same_key(make_worker) -> None:
     res = w.wait_result("follower")
     assert res["idempotent_replay"] == {"job_id": "holder"}
     assert w.runs("follower") == []
+    assert ("[follower] idempotency key 'k-2' was first used by job holder for a different "
+            "operation and payload; that job's result is replayed all the same") in w.log()
 
 
 def test_a_job_waiting_for_a_key_fails_at_its_deadline_while_the_holder_runs(make_worker) -> None:
