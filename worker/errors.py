@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 
 class ErrorCode(enum.StrEnum):
@@ -48,11 +49,13 @@ class SpoolLocked(WorkerError):
 class JobRejected(WorkerError):
     """Raised when a job document cannot be accepted; the message names the job and the field."""
 
-    def __init__(self, code: ErrorCode, message: str, job_id: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, job_id: str | None = None,
+                 observability: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.job_id = job_id
+        self.observability = observability  # the document's own, when valid: for its result
 
 
 class IllegalTransition(WorkerError):

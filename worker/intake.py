@@ -125,7 +125,7 @@ class Intake:
         try:
             doc, _ = parse_job(data, label)
         except JobRejected as e:
-            self._reject(path, e.job_id, e.code, e.message)
+            self._reject(path, e.job_id, e.code, e.message, observability=e.observability)
             return None
         if self.known(doc.job_id) or self.spool.has_result(doc.job_id):
             self._reject(path, None, ErrorCode.VALIDATION_ERROR,
@@ -187,7 +187,8 @@ class Intake:
         )
 
     def _reject(self, src: str | Path, job_id: str | None, code: ErrorCode, message: str,
-                duplicate_of: str | None = None, name: str | None = None) -> None:
+                duplicate_of: str | None = None, name: str | None = None,
+                observability: dict[str, Any] | None = None) -> None:
         """Move a file aside with its reason (`name`: its inbox name, when it was not claimed);
         write a failed result when a safe, new id is known."""
         record: dict[str, Any] = {"job_id": job_id or duplicate_of, "code": code.value,
@@ -198,7 +199,7 @@ class Intake:
         staged = False
         if job_id and not self.known(job_id):  # staged first: a full disk moves nothing
             end = Ending(job_id=job_id, status="failed", code=code, message=message,
-                         phase="validation")
+                         phase="validation", observability=observability)
             staged = self.spool.publish_result(job_id, build(end, self.settings))
         try:
             dest = self.spool.reject(src, record, name)

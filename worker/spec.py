@@ -329,12 +329,25 @@ def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]
         raise JobRejected(
             ErrorCode.UNSUPPORTED_VERSION,
             f"{who}: field 'version': expected {PROTOCOL_VERSION!r}, got {raw['version']!r}",
-            jid,
+            jid, _observability(raw),
         )
     try:
         return JobDocument.model_validate(raw), raw
     except ValidationError as e:
-        raise JobRejected(ErrorCode.VALIDATION_ERROR, f"{who}: {describe(e)}", jid) from None
+        raise JobRejected(ErrorCode.VALIDATION_ERROR, f"{who}: {describe(e)}", jid,
+                          _observability(raw)) from None
+
+
+def _observability(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """A rejected document's `observability` when it is valid by itself (its result keeps
+    it, as an accepted job's does), else None."""
+    block = raw.get("observability")
+    if block is None:
+        return None
+    try:
+        return Observability.model_validate(block).model_dump()
+    except ValidationError:
+        return None
 
 
 def describe(err: ValidationError, prefix: str = "") -> str:

@@ -239,3 +239,14 @@ def test_start_up_objects_are_exempt_from_garbage_collection_before_any_job(make
     assert found, log
     assert int(found.group(1)) > 10_000  # modules, settings, registry: tens of thousands
     assert log.index(found.group(0)) < log.index("[after-freeze]")
+
+
+def test_observability_is_copied_into_each_result_a_rejected_jobs_too(worker: Worker) -> None:
+    trace = {"trace_id": "t-1", "span_id": "s-1", "parent_span_id": None, "correlation_id": "c-1"}
+    worker.drop(job("traced") | {"observability": trace})
+    worker.drop(job("traced-bad", timeout_seconds=0) | {"observability": trace})
+    worker.drop(job("badly-traced", timeout_seconds=0) | {"observability": {"trace_id": 5}})
+    assert worker.wait_result("traced")["observability"] == trace
+    rejected = worker.wait_result("traced-bad")
+    assert rejected["error"]["code"] == "VALIDATION_ERROR" and rejected["observability"] == trace
+    assert worker.wait_result("badly-traced")["observability"] is None  # not valid by itself
