@@ -86,19 +86,23 @@ class Intake:
             if claimed is None:
                 return None
             try:
-                data = fsutil.read_capped(fd, st.st_size, self.settings.max_job_bytes)
-            except UnsafeFile as e:
-                self._reject(self.spool.path(ACTIVE, claimed), None, ErrorCode.VALIDATION_ERROR,
-                             f"job file {label}: {e}")
-                return None
+                return self._read_claimed(fd, st, claimed, label)
+            except OSError as e:
+                if out_of_space(e):  # taken again once there is space
+                    self.spool.unclaim(claimed, name)
+                raise
         finally:
             os.close(fd)
+
+    def _read_claimed(self, fd: int, st: os.stat_result, claimed: str, label: str
+                      ) -> Accepted | None:
         try:
-            return self.admit(ACTIVE, claimed, data, label=label)
-        except OSError as e:
-            if out_of_space(e):  # taken again once there is space
-                self.spool.unclaim(claimed, name)
-            raise
+            data = fsutil.read_capped(fd, st.st_size, self.settings.max_job_bytes)
+        except UnsafeFile as e:
+            self._reject(self.spool.path(ACTIVE, claimed), None, ErrorCode.VALIDATION_ERROR,
+                         f"job file {label}: {e}")
+            return None
+        return self.admit(ACTIVE, claimed, data, label=label)
 
     def _still_written(self, name: str, fd: int, st: os.stat_result, seen: Seen,
                        before: Mark | None) -> bool:

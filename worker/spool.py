@@ -20,6 +20,8 @@ from worker.errors import ConfigError, SpoolLocked
 from worker.shortage import out_of_space
 from worker.spec import JOB_ID_RE, JOB_ID_TEXT, dumps, dumps_pretty, loads, rfc3339
 
+#: What a probe for free space writes (more than a job's status or result usually needs).
+PROBE_BYTES = 64 << 10
 #: Up to this many inbox files, a scan takes them oldest-named first.
 SORTED_SCAN = 10_000
 
@@ -80,7 +82,11 @@ class Spool:
                 f"another supervisor (pid {holder}) already serves the spool {self.inbox}"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # what names the holder to another supervisor; a full disk leaves it out
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            if not out_of_space(e):
+                raise
         self._lock_fd = fd
 
     def server(self) -> int | None:
@@ -130,8 +136,14 @@ class Spool:
     def unclaim(self, claimed: str, name: str) -> None:
         """Put a claimed file back into the inbox as `name` (to be taken again later); a file
         of that name that arrived meanwhile keeps it, and this one stays claimed."""
-        with contextlib.suppress(FileNotFoundError):
+        try:
             fsutil.rename_noreplace(self.path(ACTIVE, claimed), self.inbox_file(name))
+        except FileNotFoundError:
+            pass
+        except FileExistsError:
+            log.warning("claimed file %s could not go back into the inbox (a new %s is there); "
+                        "it stays claimed until the next start recovers it", claimed,
+                        fsutil.printable(name))
 
     def materialize(self, message_id: str, data: bytes) -> str:
         """Store a job delivered by a shared queue as a claimed file; return its claimed name."""
@@ -295,6 +307,11 @@ class Spool:
         return os.open(path, flags, 0o644), path
 
     @property
+    def unlinked(self) -> int:
+        """How many results written wait for `sync_results`."""
+        return len(self._staged)
+
+    @property
     def unsynced(self) -> bool:
         """Whether results written wait for `sync_results`."""
         return bool(self._staged)
@@ -316,12 +333,12 @@ class Spool:
         return taken
 
     def probe_space(self) -> None:
-        """Write a block into the inbox's and the results' directories, and remove it;
+        """Write PROBE_BYTES into the inbox's and the results' directories, and remove them;
         OSError when either has no room."""
         for d in (self.tmp, self.results):
             path = d / f".space-probe-{os.getpid()}"
             try:
-                fsutil.write_atomic(path, bytes(4096), fsync=False)
+                fsutil.write_atomic(path, bytes(PROBE_BYTES), fsync=False)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)

@@ -41,7 +41,7 @@ from worker.logs import setup_logging
 from worker.registry import Registry
 from worker.results import Ending, build
 from worker.service import Service
-from worker.shortage import Shortage, out_of_space
+from worker.shortage import NoRoom, Shortage, out_of_space, room
 from worker.signals import SignalPipe
 from worker.spare import Spares
 from worker.spec import loads, parse_job
@@ -121,11 +121,12 @@ class Supervisor:
         return 0
 
     def _drained(self) -> bool:
-        """Draining and nothing runs; results held for lack of space get until the drain's
-        deadline to find room."""
+        """Draining and nothing runs; results not yet durable for lack of space get until the
+        drain's deadline to find room."""
         if not self.draining or self.running:
             return False
-        return not self.shortage.held or time.monotonic() >= (self.drain_deadline or 0.0)
+        owed = self.shortage.held or self.to_archive or self.spool.unsynced
+        return not owed or time.monotonic() >= (self.drain_deadline or 0.0)
 
     def _start(self) -> None:
         self.spool.setup()
@@ -251,10 +252,11 @@ class Supervisor:
             self._archive_ended()
         except OSError as e:  # its jobs stay claimed: recovery decides after the restart
             log.error("could not make the last results durable: %s", e)
-        if self.shortage.held:
-            log.error("%d result(s) could not be written for lack of space; their jobs stay "
-                      "claimed, and the next start decides on them as after a crash",
-                      len(self.shortage.held))
+        if unarchived := len(self.shortage.held) + len(self.to_archive):
+            log.error("stopping with %d ended job(s) not archived for lack of space (the results "
+                      "of %d not durable); their files stay claimed, and the next start settles "
+                      "them as after a crash", unarchived,
+                      len(self.shortage.held) + self.spool.unlinked)
         self._remove_cgroups()
         self.remote.close()
         self.service.close()
@@ -385,6 +387,8 @@ class Supervisor:
         """Take every job file in the inbox (not while space is short: its end scans again),
         and every cancel request."""
         for name in [] if self.shortage.active else self.spool.each_inbox_name():
+            if self.shortage.active:  # found while taking an earlier file
+                break
             self._take(name, "scanned")
         for name in os.listdir(self.spool.cancel_dir):
             self._on_cancel(name)
@@ -416,7 +420,14 @@ class Supervisor:
         if running_attempt is not None:
             self._recover_one(ACTIVE, claimed, data, None, running_attempt, message_id)
             return
-        acc = self.intake.admit(ACTIVE, claimed, data, f"message {message_id}")
+        try:
+            acc = self.intake.admit(ACTIVE, claimed, data, f"message {message_id}")
+        except OSError as e:  # the message is delivered again: keep no copy of it
+            if out_of_space(e):
+                self.shortage.began(f"taking message {message_id}", e)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.spool.path(ACTIVE, claimed))
+            raise
         if acc is None:
             self._reject_message(message_id)
             return
@@ -466,7 +477,7 @@ class Supervisor:
 
     def _known(self, job_id: str) -> bool:
         """Whether a job with this id is queued, waiting or running here."""
-        return job_id in self.jobs or job_id in self.backlog
+        return job_id in self.jobs or job_id in self.backlog or job_id in self.shortage.held_ids
 
     def _promote_front(self) -> None:
         """Bring the backlog's front job into the heap while it ranks ahead of the heap's."""
@@ -516,16 +527,16 @@ class Supervisor:
                 continue
             try:
                 self._dispatch(job, now)
+            except NoRoom as e:
+                self._not_started_for_space(job, entry, e)
+                return
             except (OSError, UnsafeFile, ValueError, KeyError, TypeError, RecursionError) as e:
-                if out_of_space(e):
-                    self._not_started_for_space(job, entry, e)
-                    return
                 log.exception("could not start job %s", job_id)
                 self._not_started(job, e)
 
-    def _not_started_for_space(self, job: Job, entry: tuple[int, int, str], e: OSError) -> None:
+    def _not_started_for_space(self, job: Job, entry: tuple[int, int, str], e: NoRoom) -> None:
         """`job` could not start for lack of space: it is first in the queue again, as it was."""
-        self.shortage.began(f"starting job {job.job_id}", e)
+        self.shortage.began(e.doing, e.error)
         if job.state is JobState.ASSIGNED:
             job.move(JobState.QUEUED)
         heapq.heappush(self.ready, entry)
@@ -589,14 +600,16 @@ class Supervisor:
         if job.deadline is not None:
             timeout = min(timeout, job.deadline - time.time())
         job.move(JobState.ASSIGNED)
-        self._write_status(job, required=True)  # the attempt is recorded before the child exists
+        with room(f"starting job {job.job_id}"):  # the attempt is recorded before the child exists
+            self._write_status(job, required=True)
         workdir = self.workdirs.path(job.job_id)
         env = self._child_env(job)
         warm = self.registry.needs_warmth(handler)
         run = None if warm else self._hand_to_spare(job, data, workdir, limits, env,
                                                     handler.needs_network, timeout, now)
         if run is None:
-            self.workdirs.provide(workdir)
+            with room(f"starting job {job.job_id}"):
+                self.workdirs.provide(workdir)
             plan = isolation.plan(self.host, self.settings, workdir=workdir, limits=limits,
                                   env=env, job_name=job.job_id, needs_network=handler.needs_network)
             spec = ChildSpec(job_id=job.job_id, operation=job.operation, attempt=job.attempt,
@@ -698,7 +711,8 @@ class Supervisor:
                 heapq.heappush(self.retries, (job.not_before, job.job_id))
                 self._write_status(job)
                 return False
-        self.spool.take_key(key, job.job_id)
+        with room(f"taking the idempotency key of job {job.job_id}"):
+            self.spool.take_key(key, job.job_id)
         return True
 
     def _replay(self, job: Job, owner: str, first: dict[str, Any]) -> None:
@@ -864,8 +878,13 @@ class Supervisor:
         self.service.m.retries.inc()
         job.not_before = time.time() + delay
         if delay > 0 and job.where == ACTIVE:
-            self.spool.move(job.claimed, ACTIVE, RETRY)
-            job.where = RETRY
+            try:
+                self.spool.move(job.claimed, ACTIVE, RETRY)
+                job.where = RETRY
+            except OSError as e:  # it waits in .active instead (a restart sees the same)
+                if not out_of_space(e):
+                    raise
+                self.shortage.began(f"moving job {job.job_id} to wait for its retry", e)
         self._write_status(job)
         heapq.heappush(self.retries, (job.not_before, job.job_id))
 
@@ -881,6 +900,8 @@ class Supervisor:
                 and not self.shortage.active:
             self._next_look = now + HOUSEKEEPING
             for name in list(self.intake.still_open):
+                if self.shortage.active:
+                    break
                 self._take(name, "looked")
         if self.host.pool is not None and self.host.pool.draining:
             self.host.pool.retry()
@@ -897,14 +918,11 @@ class Supervisor:
             if not self._store_result(job_id, doc, archive):  # archived once durable
                 return
             s.release()
-        if not self._sync_results():
+        if not self._sync_results() or not self._archive():
             return
         try:
             self.spool.probe_space()
-        except OSError as e:
-            if not out_of_space(e):
-                raise
-            s.began("probing for free space", e)
+        except OSError:  # of any kind: taken for no room yet
             return
         s.ended()
         if not self.draining:
@@ -917,7 +935,14 @@ class Supervisor:
             if job is None or job.state is not JobState.QUEUED:
                 continue
             if job.where == RETRY:
-                self.spool.move(job.claimed, RETRY, ACTIVE)
+                try:
+                    self.spool.move(job.claimed, RETRY, ACTIVE)
+                except OSError as e:
+                    if not out_of_space(e):
+                        raise
+                    self.shortage.began(f"moving job {job_id} back to run", e)
+                    heapq.heappush(self.retries, (now + 1.0, job_id))
+                    return
                 job.where = ACTIVE
             job.waiting_for = None  # a key held elsewhere is looked at again at dispatch
             self._enqueue(job)
@@ -986,11 +1011,8 @@ class Supervisor:
         doc = build(end, self.settings)
         archive = (job, end.status == "completed", f"{end.code}: {end.message}" if end.code else "")
         detail = ""
-        if not self.remote.publish(job.job_id, doc):
-            self._log(job, "another worker's result came first; kept it", level=logging.WARNING)
-            self.to_archive.append(archive)
-        elif self.shortage.held or not self._store_result(job.job_id, doc, archive):
-            self.shortage.held.append((job.job_id, doc, archive))  # in order, behind the others
+        if self.shortage.held or not self._store_result(job.job_id, doc, archive):
+            self.shortage.hold(job.job_id, doc, archive)  # in order, behind the others
             detail = " (its result waits for space)"
         if end.status == "completed":  # any other end keeps its dir for whoever looks into it
             self._recycle_workdir(job)
@@ -1016,17 +1038,23 @@ class Supervisor:
                     self._enqueue(other)
 
     def _store_result(self, job_id: str, doc: dict[str, Any], archive: tuple[Job, bool, str]) -> bool:
-        """Write the result of `job_id` (its job archived once it is durable); False when
-        there is no space for it."""
+        """Write the result of `job_id` here, then share it (a shared queue may hold another
+        worker's first: this one is then taken back); its job is archived once it is durable.
+        False, nothing shared, when there is no space for it."""
+        job = archive[0]
         try:
-            if not self.spool.publish_result(job_id, doc):
-                self._log(archive[0], "a result already existed; kept the first",
-                          level=logging.WARNING)
+            staged = self.spool.publish_result(job_id, doc)
         except OSError as e:
             if not out_of_space(e):
                 raise
             self.shortage.began(f"writing the result of job {job_id}", e)
             return False
+        if not self.remote.publish(job_id, doc):
+            if staged:
+                self.spool.unstage(job_id)
+            self._log(job, "another worker's result came first; kept it", level=logging.WARNING)
+        elif not staged:
+            self._log(job, "a result already existed; kept the first", level=logging.WARNING)
         self.to_archive.append(archive)
         return True
 
@@ -1054,15 +1082,28 @@ class Supervisor:
         """Once per pass, after its fork requests: make this pass's results durable, then
         archive and ack their jobs, then, when no job waits, give up the CPU once (the
         client a result woke runs first). A result's fsyncs never hold up the next job's fork."""
-        if not self._sync_results() or not self.to_archive:
+        if not self._sync_results() or not self.to_archive or not self._archive():
             return
-        for job, ok, reason in self.to_archive:
-            self.spool.archive(job.where, job.claimed, job.job_id, ok, reason)
-            if job.message_id:
-                self.remote.acknowledge(job.message_id, job.job_id, ok)
-        self.to_archive.clear()
         if not self.ready and not self.backlog:
             os.sched_yield()  # who waits for these results runs before the pass prepares for more
+
+    def _archive(self) -> bool:
+        """Archive and ack the jobs whose results are durable, in order; False when there is
+        no room for one (it and those after it wait)."""
+        done = 0
+        for job, ok, reason in self.to_archive:
+            try:
+                self.spool.archive(job.where, job.claimed, job.job_id, ok, reason)
+            except OSError as e:
+                if not out_of_space(e):
+                    raise
+                self.shortage.began(f"archiving job {job.job_id}", e)
+                break
+            if job.message_id:
+                self.remote.acknowledge(job.message_id, job.job_id, ok)
+            done += 1
+        del self.to_archive[:done]
+        return not self.to_archive
 
     def _reject_message(self, message_id: str) -> None:
         """Tell the shared queue its message was refused; it shares the result from its file."""

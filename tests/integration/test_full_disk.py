@@ -116,13 +116,16 @@ def test_jobs_found_on_a_full_disk_are_taken_and_started_once_there_is_room(
     assert w.proc is not None and w.proc.poll() is None
 
 
+@pytest.mark.parametrize("bad", ["invalid", "oversized"])
 def test_a_bad_file_that_finds_no_room_for_its_record_stays_in_the_inbox(
-        full_disk: tuple[Worker, Disk]) -> None:
+        full_disk: tuple[Worker, Disk], bad: str) -> None:
     w, disk = full_disk
     w.start()
-    bad = _staged(w, b'{"job_id": "worse", "version": "1.0"}', "worse.json")
+    doc = (b'{"job_id": "worse", "version": "1.0"}' if bad == "invalid"
+           else orjson.dumps(job("worse", data={"pad": "x" * (1 << 20)})))
+    staged = _staged(w, doc, "worse.json")
     disk.fill()
-    os.rename(bad, w.jobs / "worse.json")
+    os.rename(staged, w.jobs / "worse.json")
     _logged(w, "while taking job file worse.json", "the rejection that found no room")
     _dumped(w)
     assert (w.jobs / "worse.json").exists()  # back in the inbox, not claimed nor rejected
@@ -130,9 +133,33 @@ def test_a_bad_file_that_finds_no_room_for_its_record_stays_in_the_inbox(
     assert not [n for n in os.listdir(w.results) if not n.startswith(".next-result")]
 
     disk.free()
-    assert w.wait_result("worse")["error"]["code"] == "VALIDATION_ERROR"
-    assert (w.jobs / "rejected" / "worse.json.error.json").exists()
-    assert not (w.jobs / "worse.json").exists()
+    record = w.jobs / "rejected" / "worse.json.error.json"
+    wait_until(record.exists, [w.jobs / "rejected"], 30, "the rejection")
+    if bad == "invalid":
+        assert w.wait_result("worse")["error"]["code"] == "VALIDATION_ERROR"
+    else:
+        assert "over the limit" in orjson.loads(record.read_bytes())["message"]
+    assert not (w.jobs / "worse.json").exists() and not os.listdir(w.jobs / ".active")
+
+
+def test_an_id_whose_result_waits_for_space_is_not_taken_by_another_job(
+        full_disk: tuple[Worker, Disk]) -> None:
+    w, disk = full_disk
+    first = _staged(w, job("twice", "no.such.op"), "a.json")  # ends at once: unsupported
+    second = _staged(w, job("twice", "test.ledger"), "b.json")
+    w.jobs.mkdir()
+    disk.fill()
+    os.rename(first, w.jobs / "a.json")
+    os.rename(second, w.jobs / "b.json")
+    w.start()  # one start-up scan finds both
+    _logged(w, "[twice] failed (UNSUPPORTED_OPERATION", "the first's end")
+
+    disk.free()
+    assert w.wait_result("twice")["error"]["code"] == "UNSUPPORTED_OPERATION"
+    record = w.jobs / "rejected" / "b.json.error.json"
+    wait_until(record.exists, [w.jobs / "rejected"], 30, "the second's rejection")
+    assert orjson.loads(record.read_bytes())["duplicate_of"] == "twice"
+    assert w.runs("twice") == []
 
 
 def test_a_drain_gives_held_results_until_its_deadline_to_find_room(
