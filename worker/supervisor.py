@@ -732,11 +732,14 @@ class Supervisor:
         the same key, where this spool holds that one's document."""
         ended = [a[0] for a in self.to_archive] + [h[2][0] for h in self.shortage.held]
         pending = [j for j in ended if j.job_id == owner]  # not archived yet
-        first = (loads(self.spool.read(pending[0].where, pending[0].claimed)) if pending
-                 else self.spool.archived(owner))
+        try:  # only a warning depends on it: a file that cannot be read changes nothing
+            first = (loads(self.spool.read(pending[0].where, pending[0].claimed)) if pending
+                     else self.spool.archived(owner))
+            doc = loads(self.spool.read(job.where, job.claimed))
+        except (OSError, ValueError):
+            return []
         if first is None:
             return []
-        doc = loads(self.spool.read(job.where, job.claimed))
         return [f for f in ("operation", "payload") if doc.get(f) != first.get(f)]
 
     # -- running jobs ---------------------------------------------------------------------------
