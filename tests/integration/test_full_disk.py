@@ -15,6 +15,13 @@ from pathlib import Path
 import orjson
 import pytest
 from conftest import Disk, Worker, job, scratch_dir, small_disk, stop_workers, wait_until
+from redis_fixtures import (
+    PREFIX,
+    RedisServer,
+    poll_until,
+    redis_server_fixture,  # noqa: F401  (the redis_server fixture)
+    xadd_jobs,
+)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")]
@@ -178,3 +185,22 @@ def test_a_drain_gives_held_results_until_its_deadline_to_find_room(
     assert "space again after" in w.log()
     assert w.result("last")["status"] == "completed"  # type: ignore[index]
     assert (w.jobs / "done" / "last.json").exists()
+
+
+def test_with_redis_a_held_result_is_shared_only_once_it_is_written_here(
+        redis_server: RedisServer, full_disk: tuple[Worker, Disk]) -> None:
+    """Shared first, a result held at a stop would contradict what the next start decides."""
+    w, disk = full_disk
+    w.extra_args += ["--transport", "redis", "--redis-url", redis_server.url, "--worker-id", "rd"]
+    w.start()
+    r = redis_server.client()
+    xadd_jobs(r, [job("shared", "test.sleep", {"seconds": 2})])
+    _logged(w, "[shared] running", "the job to run")
+    disk.fill()
+    _logged(w, "[shared] completed (its result waits for space)", "its end without room")
+    assert r.get(f"{PREFIX}:result:shared") is None
+
+    disk.free()
+    local = w.wait_result("shared")
+    shared = poll_until(lambda: r.get(f"{PREFIX}:result:shared"), 30, "the shared result")
+    assert local["status"] == orjson.loads(shared)["status"] == "completed"
