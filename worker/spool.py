@@ -18,7 +18,7 @@ from worker import fsutil
 from worker.config import Settings
 from worker.errors import ConfigError, SpoolLocked
 from worker.shortage import out_of_space
-from worker.spec import JOB_ID_RE, JOB_ID_TEXT, dumps, dumps_pretty, loads, rfc3339
+from worker.spec import JOB_ID_RE, JOB_ID_TEXT, dumps, dumps_pretty, loads, rfc3339, safe_job_id
 
 #: What a probe for free space writes (more than a job's status or result usually needs).
 PROBE_BYTES = 64 << 10
@@ -350,16 +350,30 @@ class Spool:
             fd, self._next_result = self._make_result_file()
             os.close(fd)
 
-    def sweep_results(self) -> int:
-        """Remove every file made ahead for a result by an earlier run (one killed between
-        linking a result and unlinking this name leaves a second name of that result)."""
-        n = 0
+    def sweep_results(self) -> list[str]:
+        """Settle every file an earlier run made for a result: one holding a whole result
+        never put under its name (the run stopped between writing and linking it) is put
+        there now, durably; the rest (empty, torn, or a second name of a result, left by one
+        killed between linking and unlinking) are removed. Returns the ids linked."""
+        linked = []
         for name in os.listdir(self.results):
-            if name.startswith(_NEXT_RESULT) and name.endswith(".tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.results / name)
-                    n += 1
-        return n
+            if not (name.startswith(_NEXT_RESULT) and name.endswith(".tmp")):
+                continue
+            path = self.results / name
+            job_id = safe_job_id(_read_json(path))
+            try:
+                if job_id and fsutil.publish_noreplace(path, self.result_path(job_id),
+                                                       fsync=self.fsync):
+                    linked.append(job_id)
+                    continue
+            except OSError as e:  # kept for the next start
+                log.warning("result file %s could not be put under its name: %s", name, e)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if linked and self.fsync:
+            fsutil.fsync_dir(self.results)
+        return linked
 
     def read_result(self, job_id: str) -> dict[str, Any] | None:
         """The result of `job_id` (written in this loop pass, or under its name), or None."""

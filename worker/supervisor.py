@@ -157,7 +157,10 @@ class Supervisor:
         self._start_zygotes()
         self.service.open(self.sel, self._gauges)
         self.spool.sweep_tmp()
-        self.spool.sweep_results()
+        for job_id in self.spool.sweep_results():
+            log.warning("job %r: its result, written but not yet under its name when the last "
+                        "run stopped, is there now", job_id,
+                        extra={"job_id": job_id, "worker_id": self.settings.worker_id})
         self.workdirs.open()
         frozen = memory.freeze_startup()  # before any job: jobs come and go, and are collected
         log.debug("start-up: %d objects exempt from garbage collection", frozen)

@@ -67,10 +67,27 @@ def test_start_removes_what_a_killed_run_left_and_never_writes_into_it(tmp_path:
     # killed between linking x's result and unlinking the name it was written under
     os.link(spool.result_path("x"), spool.results / f".next-result-{os.getpid()}-1.tmp")
     (spool.results / ".next-result-99999-2.tmp").touch()  # another run's, never used
-    assert spool.sweep_results() == 2
+    assert spool.sweep_results() == []  # neither is a result waiting for its name
     assert _hidden(spool) == []
     assert spool.result_path("x").stat().st_nlink == 1
     assert orjson.loads(spool.result_path("x").read_bytes()) == {"first": True}
+
+
+def test_start_puts_a_result_a_stopped_run_wrote_but_never_linked_under_its_name(
+        tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    spool.premake_result()
+    assert spool.publish_result("done-1", {"job_id": "done-1", "status": "completed"})
+    assert spool.publish_result("twice", {"job_id": "twice", "status": "failed"})
+    spool.premake_result()  # the run stops here: nothing linked, an empty file made ahead
+    spool.result_path("twice").write_bytes(b'{"job_id": "twice", "status": "completed"}')
+    (spool.results / f".next-result-{os.getpid()}-9.tmp").write_bytes(b'{"job_id": "torn"')
+    again = _spool(tmp_path)
+    assert again.sweep_results() == ["done-1"]
+    assert orjson.loads(again.result_path("done-1").read_bytes())["status"] == "completed"
+    assert orjson.loads(again.result_path("twice").read_bytes())["status"] == "completed"
+    assert not again.result_path("torn").exists()
+    assert _hidden(again) == []
 
 
 def test_a_file_made_ahead_that_is_no_longer_empty_is_not_written_into(tmp_path: Path) -> None:
