@@ -96,6 +96,7 @@ class Intake:
 
     def _read_claimed(self, fd: int, st: os.stat_result, claimed: str, label: str
                       ) -> Accepted | None:
+        """Read and admit a file just claimed; an oversized one is moved aside."""
         try:
             data = fsutil.read_capped(fd, st.st_size, self.settings.max_job_bytes)
         except UnsafeFile as e:

@@ -74,6 +74,14 @@ class Shortage(Generic[T]):
                   "memory until they can be written (tried every %.0f s)",
                   doing, cause, RETRY_EVERY)
 
+    def noted(self, doing: str, e: OSError) -> bool:
+        """Whether `e` says there is no space: then noted, as by `began`; else the caller
+        raises it."""
+        if not out_of_space(e):
+            return False
+        self.began(doing, e)
+        return True
+
     def due(self, now: float) -> bool:
         """Whether it is time to try the held writes again (then not before RETRY_EVERY)."""
         if self.since is None or now < self.next_try:

@@ -307,14 +307,9 @@ class Spool:
         return os.open(path, flags, 0o644), path
 
     @property
-    def unlinked(self) -> int:
+    def unsynced(self) -> int:
         """How many results written wait for `sync_results`."""
         return len(self._staged)
-
-    @property
-    def unsynced(self) -> bool:
-        """Whether results written wait for `sync_results`."""
-        return bool(self._staged)
 
     def sync_results(self) -> list[str]:
         """Make every result written since the last call durable under its name (each file

@@ -41,7 +41,7 @@ from worker.logs import setup_logging
 from worker.registry import Registry
 from worker.results import Ending, build
 from worker.service import Service
-from worker.shortage import NoRoom, Shortage, out_of_space, room
+from worker.shortage import NoRoom, Shortage, room
 from worker.signals import SignalPipe
 from worker.spare import Spares
 from worker.spec import loads, parse_job
@@ -259,7 +259,7 @@ class Supervisor:
             log.error("stopping with %d ended job(s) not archived for lack of space (the results "
                       "of %d not durable); their files stay claimed, and the next start settles "
                       "them as after a crash", unarchived,
-                      len(self.shortage.held) + self.spool.unlinked)
+                      len(self.shortage.held) + self.spool.unsynced)
         self._remove_cgroups()
         self.remote.close()
         self.service.close()
@@ -401,8 +401,7 @@ class Supervisor:
             accepted = self.intake.take(name, seen)
         except OSError as e:  # never let one file stop the loop
             log.error("could not take %s from the inbox: %s", printable(name), e)
-            if out_of_space(e):  # it stays in the inbox, taken again once there is space
-                self.shortage.began(f"taking job file {printable(name)}", e)
+            self.shortage.noted(f"taking job file {printable(name)}", e)  # taken again then
             return
         except Exception:
             # A fault of ours. The file stays in the inbox, or in .active/ once claimed,
@@ -417,8 +416,7 @@ class Supervisor:
         try:
             claimed = self.spool.materialize(message_id, data)
         except OSError as e:
-            if out_of_space(e):
-                self.shortage.began(f"storing message {message_id}", e)
+            self.shortage.noted(f"storing message {message_id}", e)
             raise
         if running_attempt is not None:
             self._recover_one(ACTIVE, claimed, data, None, running_attempt, message_id)
@@ -426,8 +424,7 @@ class Supervisor:
         try:
             acc = self.intake.admit(ACTIVE, claimed, data, f"message {message_id}")
         except OSError as e:  # the message is delivered again: keep no copy of it
-            if out_of_space(e):
-                self.shortage.began(f"taking message {message_id}", e)
+            if self.shortage.noted(f"taking message {message_id}", e):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.spool.path(ACTIVE, claimed))
             raise
@@ -888,9 +885,8 @@ class Supervisor:
                 self.spool.move(job.claimed, ACTIVE, RETRY)
                 job.where = RETRY
             except OSError as e:  # it waits in .active instead (a restart sees the same)
-                if not out_of_space(e):
+                if not self.shortage.noted(f"moving job {job.job_id} to wait for its retry", e):
                     raise
-                self.shortage.began(f"moving job {job.job_id} to wait for its retry", e)
         self._write_status(job)
         heapq.heappush(self.retries, (job.not_before, job.job_id))
 
@@ -944,9 +940,8 @@ class Supervisor:
                 try:
                     self.spool.move(job.claimed, RETRY, ACTIVE)
                 except OSError as e:
-                    if not out_of_space(e):
+                    if not self.shortage.noted(f"moving job {job_id} back to run", e):
                         raise
-                    self.shortage.began(f"moving job {job_id} back to run", e)
                     heapq.heappush(self.retries, (now + 1.0, job_id))
                     return
                 job.where = ACTIVE
@@ -1051,9 +1046,8 @@ class Supervisor:
         try:
             staged = self.spool.publish_result(job_id, doc)
         except OSError as e:
-            if not out_of_space(e):
+            if not self.shortage.noted(f"writing the result of job {job_id}", e):
                 raise
-            self.shortage.began(f"writing the result of job {job_id}", e)
             return False
         if not self.remote.publish(job_id, doc):
             if staged:
@@ -1101,9 +1095,8 @@ class Supervisor:
             try:
                 self.spool.archive(job.where, job.claimed, job.job_id, ok, reason)
             except OSError as e:
-                if not out_of_space(e):
+                if not self.shortage.noted(f"archiving job {job.job_id}", e):
                     raise
-                self.shortage.began(f"archiving job {job.job_id}", e)
                 break
             if job.message_id:
                 self.remote.acknowledge(job.message_id, job.job_id, ok)
@@ -1122,9 +1115,8 @@ class Supervisor:
         try:
             taken = self.spool.sync_results()
         except OSError as e:
-            if not out_of_space(e):
+            if not self.shortage.noted("linking results under their names", e):
                 raise
-            self.shortage.began("linking results under their names", e)
             return False
         for job_id in taken:
             log.warning("job %r: a result already existed; kept the first", job_id,
@@ -1283,9 +1275,8 @@ class Supervisor:
         try:
             self.spool.write_status(job.job_id, doc)
         except OSError as e:
-            if required or not out_of_space(e):
+            if required or not self.shortage.noted(f"writing the status of job {job.job_id}", e):
                 raise
-            self.shortage.began(f"writing the status of job {job.job_id}", e)
         if job.message_id:
             self.remote.status(job.job_id, doc)
 
