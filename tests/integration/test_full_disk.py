@@ -105,10 +105,14 @@ def test_jobs_found_on_a_full_disk_are_taken_and_started_once_there_is_room(
     os.rename(good, w.jobs / "good.json")  # claimed (a rename), but its start has no room
     _logged(w, "no space left on the spool's disk while starting job good", "good held back")
     assert "0 running, 1 queued" in _dumped(w)
+    os.truncate(disk.ballast, os.stat(disk.ballast).st_size - (32 << 10))  # under the probe's
+    _dumped(w)
+    assert "0 running, 1 queued" in _dumped(w)  # room to start, but space is still short
     os.rename(bad, w.jobs / "bad.json")  # left in the inbox while there is no room
     _dumped(w)
     _dumped(w)
     assert (w.jobs / "bad.json").exists()
+    assert "could not take bad.json" not in w.log()  # not even tried while space is short
     assert w.result("good") is None and w.result("bad") is None
     assert not os.listdir(w.jobs / "rejected")
 
@@ -136,6 +140,7 @@ def test_a_bad_file_that_finds_no_room_for_its_record_stays_in_the_inbox(
     _logged(w, "while taking job file worse.json", "the rejection that found no room")
     _dumped(w)
     assert (w.jobs / "worse.json").exists()  # back in the inbox, not claimed nor rejected
+    assert w.log().count("could not take worse.json") == 1  # and not taken again meanwhile
     assert not os.listdir(w.jobs / ".active") and not os.listdir(w.jobs / "rejected")
     assert not [n for n in os.listdir(w.results) if not n.startswith(".next-result")]
 
@@ -158,7 +163,7 @@ def test_an_id_whose_result_waits_for_space_is_not_taken_by_another_job(
     disk.fill()
     os.rename(first, w.jobs / "a.json")
     os.rename(second, w.jobs / "b.json")
-    w.start()  # one start-up scan finds both
+    w.start()  # the start-up scan stops at the first: b.json waits for room
     _logged(w, "[twice] failed (UNSUPPORTED_OPERATION", "the first's end")
 
     disk.free()
@@ -167,6 +172,40 @@ def test_an_id_whose_result_waits_for_space_is_not_taken_by_another_job(
     wait_until(record.exists, [w.jobs / "rejected"], 30, "the second's rejection")
     assert orjson.loads(record.read_bytes())["duplicate_of"] == "twice"
     assert w.runs("twice") == []
+
+
+def test_a_claimed_job_whose_id_waits_for_space_is_not_recovered_as_another(
+        full_disk: tuple[Worker, Disk]) -> None:
+    """Recovery admits claimed files without a pause for space: a held result's id counts."""
+    w, disk = full_disk
+    first = _staged(w, job("twice", "no.such.op"), "a.json")  # ends at once: unsupported
+    second = _staged(w, job("twice", "test.ledger"), "b.json")
+    (w.jobs / ".active").mkdir(parents=True)
+    disk.fill()
+    os.rename(first, w.jobs / ".active" / "00000000000000000001-000000-a.json")
+    os.rename(second, w.jobs / ".active" / "00000000000000000002-000000-b.json")
+    w.start()
+    _logged(w, "[twice] failed (UNSUPPORTED_OPERATION", "the first's end")
+    disk.free()
+    assert w.wait_result("twice")["error"]["code"] == "UNSUPPORTED_OPERATION"
+    _dumped(w)
+    _dumped(w)
+    assert w.stop() == 0
+    assert w.runs("twice") == []
+
+
+def test_a_drain_ends_at_its_deadline_when_space_never_returns(
+        full_disk: tuple[Worker, Disk]) -> None:
+    w, disk = full_disk
+    w.start("--shutdown-timeout", "2")
+    w.drop(job("stuck", "test.sleep", {"seconds": 2}))
+    _logged(w, "[stuck] running", "stuck to run")
+    disk.fill()
+    _logged(w, "[stuck] completed (its result waits for space)", "its end without room")
+    w.signal(signal.SIGTERM)
+    assert w.proc is not None and w.proc.wait(30) == 0
+    assert "stopping with 1 ended job(s) not archived for lack of space" in w.log()
+    assert w.result("stuck") is None
 
 
 def test_a_drain_gives_held_results_until_its_deadline_to_find_room(

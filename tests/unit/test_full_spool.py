@@ -72,3 +72,4 @@ def test_a_result_staged_then_taken_back_leaves_nothing(disk: Disk) -> None:
     with pytest.raises(OSError) as failed:  # no room for the result: nothing is staged
         spool.publish_result("j2", {"job_id": "j2", "data": "x" * 8192})
     assert out_of_space(failed.value) and not spool.unsynced
+    assert os.listdir(spool.results) == []  # no torn file left taking space
