@@ -57,7 +57,9 @@ log = logging.getLogger("guestkit.supervisor")
 #: A queue that held this many jobs gives its memory back when it empties.
 COMPACT_AFTER = 1000
 
-ZYGOTE_PAUSE_MAX = 60.0  #: longest pause before starting a zygote after one that never got ready
+ZYGOTE_PAUSE_MAX = 60.0  #: longest pause before starting a zygote after one that failed
+#: A zygote that dies sooner than this after it got ready failed as one that never got ready.
+ZYGOTE_STEADY = 10.0
 HOUSEKEEPING = 1.0  #: longest the loop sleeps: retries, deadlines and waiting jobs are checked
 STOP_REAP = 2.0  #: longest a stop waits for killed spares and zygotes to leave their cgroups
 STATUS_EVERY = 0.25  #: at most this often a running job's progress is written to its status
@@ -219,17 +221,27 @@ class Supervisor:
                           "threads' locks", z.name, z.pid, rest[0])
 
     def _zygote_died(self, z: Zygote, status: int) -> None:
-        """Its children died with it (PDEATHSIG): end their runs as killed, start a new one,
-        after a pause that doubles while none gets as far as being ready (jobs wait)."""
-        if z.ready:
+        """Its children died with it (PDEATHSIG): end their runs as killed, start a new one;
+        after a pause that doubles while each dies before it was ready or soon after (jobs
+        wait), so that one dying on every fork is not restarted in a loop."""
+        lived = time.monotonic() - z.ready_at if z.ready else 0.0
+        steady = z.ready and lived >= ZYGOTE_STEADY
+        code = os.waitstatus_to_exitcode(status)
+        if steady:
+            self.zygote_failures.pop(z.name, None)
             log.error("%s %d died; its children were killed; starting a new one", z.name, z.pid)
         else:
             failures = self.zygote_failures[z.name] = self.zygote_failures.get(z.name, 0) + 1
             pause = min(ZYGOTE_PAUSE_MAX, 2.0 ** min(failures - 1, 16))
             self.zygotes_due[z.name] = time.monotonic() + pause
-            log.error("%s %d exited before it was ready (status %d; its error is above); "
-                      "starting another in %.0f s, jobs wait for it", z.name, z.pid,
-                      os.waitstatus_to_exitcode(status), pause)
+            if z.ready:
+                log.error("%s %d died %.1f s after it got ready (status %d); its children were "
+                          "killed; starting another in %.0f s, jobs wait for it", z.name, z.pid,
+                          lived, code, pause)
+            else:
+                log.error("%s %d exited before it was ready (status %d; its error is above); "
+                          "starting another in %.0f s, jobs wait for it", z.name, z.pid, code,
+                          pause)
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(z.fileno())
         z.close()
@@ -243,7 +255,7 @@ class Supervisor:
         for pid, job in list(self.running.items()):
             if job.run is not None and job.run.origin == z.pid:
                 self._ended(pid, signal.SIGKILL, None)
-        if z.ready:
+        if steady:
             self._start_zygotes()
 
     def _stop(self) -> None:
@@ -560,15 +572,14 @@ class Supervisor:
             return False
         heapq.heappop(self.ready)
         waiters.append(job.job_id)
-        self._wait(job, f"the {name} that forks it exited before it was ready "
-                        f"{self.zygote_failures[name]} time(s) in a row; it is started again "
-                        "after a pause (see the log)")
+        self._wait(job, f"the {name} that forks it exited before it was ready, or soon "
+                        f"after, {self.zygote_failures[name]} time(s) in a row; it is started "
+                        "again after a pause (see the log)")
         return True
 
     def _zygote_ready(self, z: Zygote) -> None:
         """`z` reported itself set up: the jobs held back for it queue again."""
-        z.ready = True
-        self.zygote_failures.pop(z.name, None)
+        z.ready, z.ready_at = True, time.monotonic()
         if z is self.forker:
             self.spares.zygote = z  # spares are asked of a forker that is set up
         for job_id in self.zygote_waiters.pop(z.name, []):

@@ -71,6 +71,7 @@ class Zygote:
         self.seccomp = seccomp  # the programs its children load, prepared once for them
         self.pid = 0
         self.ready = False  # it reported itself set up (a zygote that dies before never was)
+        self.ready_at = 0.0  # when (monotonic)
         self.sock: socket.socket | None = None
         self.pending: list[Report] = []  # reports read while waiting for a job's fork
         self._poller = select.poll()  # its socket, for a wait with a deadline

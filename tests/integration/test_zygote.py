@@ -72,8 +72,25 @@ def test_a_warm_zygote_that_cannot_prepare_holds_back_only_its_own_jobs(make_wor
     res = w.wait_result("warm-blocked", timeout=30)
     assert res["error"]["code"] == "DEADLINE_EXCEEDED", res["error"]
     assert re.search(r"its deadline passed while it waited \(the gkw-zygote that forks it "
-                     r"exited before it was ready \d+ time\(s\) in a row; it is started again "
-                     r"after a pause \(see the log\)\)", res["error"]["message"]), res["error"]
+                     r"exited before it was ready, or soon after, \d+ time\(s\) in a row; it "
+                     r"is started again after a pause \(see the log\)\)",
+                     res["error"]["message"]), res["error"]
+
+
+def test_a_zygote_that_dies_on_every_fork_is_restarted_ever_later_not_in_a_loop(
+        make_worker) -> None:
+    """The test plugin makes each zygote exit when it forks: the forker gets ready, forks its
+    first spare and dies. Each restart waits twice as long as the one before."""
+    w = make_worker(env={"GKW_TEST_ZYGOTES_DIE_ON_FORK": "1"}).start()
+    died = r"gkw-forker \d+ died \d+\.\d s after it got ready \(status 4\); its children " \
+           r"were killed; starting another in (\d+) s, jobs wait for it"
+    pauses = wait_until(lambda: (p := [int(m) for m in re.findall(died, w.log())])
+                        and p[-1] >= 4 and p, [w.base], 60, "pauses of 4 s")
+    assert pauses == [1, 2, 4], pauses
+    # one start and two restarts so far; a third is 4 s away (or just started)
+    assert len(re.findall(r"forker \d+ forks jobs and spares", w.log())) in (3, 4)
+    assert w.proc.poll() is None and "Traceback" not in w.log()
+    assert w.stop() == 0
 
 
 def test_kill_9_of_the_supervisor_takes_the_zygote_and_its_jobs(make_worker) -> None:

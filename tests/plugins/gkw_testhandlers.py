@@ -21,6 +21,8 @@ from worker.errors import HandlerError, RetryableError
 
 if os.environ.get("GKW_TEST_ZYGOTES_DIE") and sys.argv[:1] == ["-c"]:
     os._exit(3)  # imported in a zygote (`python -c`), as one that cannot set itself up
+if os.environ.get("GKW_TEST_ZYGOTES_DIE_ON_FORK") and sys.argv[:1] == ["-c"]:
+    os.register_at_fork(after_in_parent=lambda: os._exit(4))  # set up, then dies on each fork
 
 
 def _ledger(ctx: Context) -> None:
