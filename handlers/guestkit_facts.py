@@ -345,7 +345,7 @@ class GuestFacts:
         """Each firewall found (ufw, firewalld, nftables, iptables): present and enabled."""
         ufw = p.parse_env(self.text("/etc/ufw/ufw.conf"))
         found = {
-            "ufw": (bool(ufw), ufw.get("ENABLED", "").lower() == "yes"),
+            "ufw": (bool(ufw), ufw.get("ENABLED", "").lower() == "yes" and self._ufw_starts),
             "firewalld": (self.files.exists("/etc/firewalld"), self.unit_enabled("firewalld")),
             "nftables": (self.files.exists("/etc/nftables.conf")
                          or self.files.exists("/etc/sysconfig/nftables.conf"),
@@ -358,6 +358,12 @@ class GuestFacts:
                                for k, (pr, en) in found.items()}
         out["any_enabled"] = any(v["enabled"] for v in out.values())
         return out
+
+    @property
+    def _ufw_starts(self) -> bool:
+        """ufw.conf's ENABLED= takes effect only through its boot service (systemd or rcS.d)."""
+        return self.unit_enabled("ufw") or any(
+            re.fullmatch(r"S\d+ufw", n) for n in self.files.listdir("/etc/rcS.d"))
 
     # ---------------------------------------------------------------- network and storage
 

@@ -143,7 +143,7 @@ def test_facts_and_checks_on_a_rhel_like_tree_with_legacy_services(tmp_path: Pat
         "/etc/xinetd.d/tftp": "service tftp\n{\n\tdisable\t= yes\n}\n",
         "/etc/inetd.conf": "#telnet stream tcp nowait root /usr/sbin/in.telnetd\n"
                            "talk dgram udp wait nobody /usr/sbin/in.talkd in.talkd\n",
-        "/etc/rc3.d/S20rlogin": "", "/etc/ufw/ufw.conf": "ENABLED=yes\n",
+        "/etc/rc3.d/S20rlogin": "", "/etc/ufw/ufw.conf": "ENABLED=yes\n", "/etc/rcS.d/S12ufw": "",
         "/etc/default/grub": 'GRUB_CMDLINE_LINUX="quiet"\n',
     })
     facts = GuestFacts(files)
@@ -158,6 +158,21 @@ def test_facts_and_checks_on_a_rhel_like_tree_with_legacy_services(tmp_path: Pat
     assert ids["CIS-AUTH-002"]["affected"] == ["toor"]
     assert ids["CIS-SVC-001"]["affected"] == ["rlogin (rlogin, sysv)", "rsh (rsh, xinetd)",
                                               "talk (talk, inetd)"]
+
+
+def test_ufw_counts_as_enabled_only_when_its_boot_service_is(tmp_path: Path) -> None:
+    files = tree(tmp_path, {"/etc/ufw/ufw.conf": "ENABLED=yes\n",
+                            "/usr/lib/systemd/system/ufw.service": ""})
+    facts = GuestFacts(files)  # ENABLED=yes, but nothing starts ufw at boot
+    assert facts.firewall["ufw"] == {"present": True, "enabled": False}
+    [finding] = [f for f in run_profile("security", facts, None) if f["id"] == "CIS-FW-001"]
+    assert "configured but not enabled: ufw" in finding["description"]
+    wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "ufw.service").symlink_to("/usr/lib/systemd/system/ufw.service")
+    facts = GuestFacts(files)
+    assert facts.firewall["ufw"] == {"present": True, "enabled": True}
+    assert "CIS-FW-001" not in {f["id"] for f in run_profile("security", facts, None)}
 
 
 def test_masked_units_are_not_enabled_and_selinux_zero_on_the_cmdline_disables(
