@@ -62,9 +62,9 @@ def test_a_warm_zygote_that_cannot_prepare_holds_back_only_its_own_jobs(make_wor
     """Its error reaches the log; its jobs wait, saying why, and fail at their deadline; the
     forker's jobs run meanwhile."""
     w = make_worker(env={"GKW_TEST_PREPARE_FAILS": "1"}).start()
-    due = (datetime.now(UTC) + timedelta(seconds=3)).isoformat().replace("+00:00", "Z")
     wait_until(lambda: "gkw-zygote" in w.log() and "exited before it was ready" in w.log(),
                [w.base], 30, "the warm zygote's first failure")
+    due = (datetime.now(UTC) + timedelta(seconds=3)).isoformat().replace("+00:00", "Z")
     w.drop(job("warm-blocked", "test.warm", {}, deadline=due))
     w.drop(job("plain-after"))
     assert w.wait_result("plain-after")["status"] == "completed"
