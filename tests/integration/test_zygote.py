@@ -77,6 +77,23 @@ def test_a_warm_zygote_that_cannot_prepare_holds_back_only_its_own_jobs(make_wor
                      res["error"]["message"]), res["error"]
 
 
+def test_a_warm_zygote_ready_at_last_starts_the_jobs_held_back_for_it(make_worker,
+                                                                       tmp_path) -> None:
+    flag = tmp_path / "prepare-fails"
+    flag.touch()  # prepare() fails while it exists
+    w = make_worker(env={"GKW_TEST_PREPARE_FAILS": str(flag)}).start()
+    wait_until(lambda: "gkw-zygote" in w.log() and "exited before it was ready" in w.log(),
+               [w.base], 30, "the warm zygote's first failure")
+    w.drop(job("warm-later", "test.warm", {}))
+    wait_until(lambda: "[warm-later] waiting: the gkw-zygote that forks it" in w.log(),
+               [w.base, w.jobs / ".status"], 30, "the job to wait for the zygote")
+    flag.unlink()
+    res = w.wait_result("warm-later", timeout=60)  # the next zygote, after its pause
+    assert res["status"] == "completed", res
+    first, *_, last = (int(pid) for pid in re.findall(r"zygote (\d+) warms", w.log()))
+    assert res["data"]["prepared_in"] == [last] != [first]  # prepared once, by the new one
+
+
 def test_a_zygote_that_dies_on_every_fork_is_restarted_ever_later_not_in_a_loop(
         make_worker) -> None:
     """The test plugin makes each zygote exit when it forks: the forker gets ready, forks its

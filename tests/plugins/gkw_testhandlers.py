@@ -390,7 +390,8 @@ class WarmHandler(Handler):
     payload_types = ("test.warm.v1",)
 
     def prepare(self) -> None:
-        if os.environ.get("GKW_TEST_PREPARE_FAILS"):
+        fails = os.environ.get("GKW_TEST_PREPARE_FAILS")  # "1": always; a path: while it exists
+        if fails and (fails == "1" or os.path.exists(fails)):
             raise RuntimeError("prepare() failed on purpose")
         _PREPARED_IN.append(os.getpid())
         # variables set while preparing, through Python and behind its back in C
