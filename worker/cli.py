@@ -463,14 +463,18 @@ def _status_spool(spool: Spool, job_id: str | None) -> bool:
         return False
     res = spool.read_result(job_id)
     if res is not None:
-        click.echo(dumps_pretty({k: res.get(k) for k in ("job_id", "status", "error",
-                                                         "progress", "execution_summary")})
-                   .decode(), nl=False)
+        click.echo(dumps_pretty(_ended_view(res)).decode(), nl=False)
         return True
     if (spool.inbox / f"{job_id}.json").exists():
         click.echo(f"{job_id}: pending (in the inbox, not yet claimed)")
         return False
     raise click.ClickException(f"no job {job_id!r} in {spool.inbox} or {spool.results}")
+
+
+def _ended_view(res: dict[str, Any]) -> dict[str, Any]:
+    """What `status` shows of an ended job, from its result: `state` as for a live one."""
+    return {"job_id": res.get("job_id"), "state": res.get("status"),
+            **{k: res.get(k) for k in ("status", "error", "progress", "execution_summary")}}
 
 
 def _status_redis(queue: Any, job_id: str | None) -> bool:
@@ -485,7 +489,7 @@ def _status_redis(queue: Any, job_id: str | None) -> bool:
         res = _redis_call(queue, lambda: queue.result(job_id))
         if res is None:
             raise click.ClickException(f"no job {job_id!r} in redis at {queue.settings.redis_url}")
-        st = {k: res.get(k) for k in ("job_id", "status", "error", "progress", "execution_summary")}
+        st = _ended_view(res)
         ended = True
     click.echo(dumps_pretty(st).decode(), nl=False)
     return ended or _ended(st.get("state"))

@@ -41,7 +41,8 @@ def test_submit_from_a_file_and_fetch_result_status_list(worker: Worker, tmp_pat
     assert out.returncode == 1 and out.stderr == (
         f"Error: job 'no-such-job' has no result yet in {worker.results} (nor is it queued "
         f"or running in {worker.jobs})\n")
-    assert '"status": "completed"' in worker.cli("status", "from-file").stdout
+    shown = orjson.loads(worker.cli("status", "from-file").stdout)  # from its result
+    assert shown["state"] == shown["status"] == "completed"  # `state`, as while it ran
     table = worker.cli("list", "--state", "completed").stdout
     assert "from-file" in table and "completed" in table
     assert "from-file" not in worker.cli("list", "--state", "failed").stdout
