@@ -708,7 +708,7 @@ def _gone(pid: int, timeout: float = 5.0) -> bool:
 @pytest.mark.slow
 def test_prepare_leaves_nothing_to_import_when_jobs_run(images: Path, dissect_ready: None) -> None:
     script = (
-        "import sys, time\n"
+        "import sys\n"
         "from pathlib import Path\n"
         "from handlers.base import Context\n"
         "from handlers.guestkit_inspect import InspectHandler\n"
@@ -719,10 +719,8 @@ def test_prepare_leaves_nothing_to_import_when_jobs_run(images: Path, dissect_re
         "              limits={}, settings={}, send=lambda m: None)\n"
         "InspectHandler(settings).prepare()\n"
         "before = set(sys.modules)\n"
-        "t = time.perf_counter()\n"
         "h = InspectHandler(settings)\n"
         "h.execute(ctx, h.validate({'image': {'path': str(images / 'rocky-xfs.qcow2')}}))\n"
-        "print(time.perf_counter() - t)\n"
         "h = ProfileHandler(settings)\n"
         "h.execute(ctx, h.validate({'image': {'path': str(images / 'deb-gpt.qcow2')},\n"
         "                           'profiles': ['security', 'compliance', 'hardening']}))\n"
@@ -732,9 +730,7 @@ def test_prepare_leaves_nothing_to_import_when_jobs_run(images: Path, dissect_re
     out.mkdir(exist_ok=True)
     proc = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
                           text=True, cwd=ROOT, check=True)
-    seconds, new_modules = proc.stdout.splitlines()
-    assert new_modules == "[]"
-    assert float(seconds) < 0.5  # cold, the first job costs about a second of imports
+    assert proc.stdout == "[]\n"  # an inspect and a profile imported nothing prepare() had not
 
 
 @pytest.mark.timeout(120, method="thread")
