@@ -222,10 +222,10 @@ class Supervisor:
 
     def _zygote_died(self, z: Zygote, status: int) -> None:
         """Its children died with it (PDEATHSIG): end their runs as killed, start a new one;
-        after a pause that doubles while each dies before it was ready or soon after (jobs
-        wait), so that one dying on every fork is not restarted in a loop."""
+        after a pause that doubles while each dies before it was ready, soon after or hung
+        (jobs wait), so that one dying or hanging on every fork is not restarted in a loop."""
         lived = time.monotonic() - z.ready_at if z.ready else 0.0
-        steady = z.ready and lived >= ZYGOTE_STEADY
+        steady = z.ready and lived >= ZYGOTE_STEADY and not z.hung
         code = os.waitstatus_to_exitcode(status)
         if steady:
             self.zygote_failures.pop(z.name, None)
@@ -234,7 +234,11 @@ class Supervisor:
             failures = self.zygote_failures[z.name] = self.zygote_failures.get(z.name, 0) + 1
             pause = min(ZYGOTE_PAUSE_MAX, 2.0 ** min(failures - 1, 16))
             self.zygotes_due[z.name] = time.monotonic() + pause
-            if z.ready:
+            if z.hung:
+                log.error("%s %d was killed for not answering a fork; its children were "
+                          "killed; starting another in %.0f s, jobs wait for it", z.name, z.pid,
+                          pause)
+            elif z.ready:
                 log.error("%s %d died %.1f s after it got ready (status %d); its children were "
                           "killed; starting another in %.0f s, jobs wait for it", z.name, z.pid,
                           lived, code, pause)
@@ -573,8 +577,8 @@ class Supervisor:
         heapq.heappop(self.ready)
         waiters.append(job.job_id)
         self._wait(job, f"the {name} that forks it exited before it was ready, or soon "
-                        f"after, {self.zygote_failures[name]} time(s) in a row; it is started "
-                        "again after a pause (see the log)")
+                        f"after, or hung, {self.zygote_failures[name]} time(s) in a row; it is "
+                        "started again after a pause (see the log)")
         return True
 
     def _zygote_ready(self, z: Zygote) -> None:

@@ -72,6 +72,7 @@ class Zygote:
         self.pid = 0
         self.ready = False  # it reported itself set up (a zygote that dies before never was)
         self.ready_at = 0.0  # when (monotonic)
+        self.hung = False  # killed for not answering a fork: its death is a failure
         self.sock: socket.socket | None = None
         self.pending: list[Report] = []  # reports read while waiting for a job's fork
         self._poller = select.poll()  # its socket, for a wait with a deadline
@@ -130,6 +131,7 @@ class Zygote:
         deadline = time.monotonic() + FORK_REPLY_TIMEOUT
         while True:
             if not self._readable_by(deadline):
+                self.hung = True
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
                 raise OSError(f"the {self.name} did not answer in {FORK_REPLY_TIMEOUT:.0f} s; "

@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from datetime import UTC, datetime, timedelta
 
+import orjson
+import pytest
 from conftest import Worker, job, wait_gone, wait_until
+
+from worker.supervisor import ZYGOTE_STEADY
 
 
 def _zygote(w: Worker) -> int:
@@ -72,8 +77,8 @@ def test_a_warm_zygote_that_cannot_prepare_holds_back_only_its_own_jobs(make_wor
     res = w.wait_result("warm-blocked", timeout=30)
     assert res["error"]["code"] == "DEADLINE_EXCEEDED", res["error"]
     assert re.search(r"its deadline passed while it waited \(the gkw-zygote that forks it "
-                     r"exited before it was ready, or soon after, \d+ time\(s\) in a row; it "
-                     r"is started again after a pause \(see the log\)\)",
+                     r"exited before it was ready, or soon after, or hung, \d+ time\(s\) in a "
+                     r"row; it is started again after a pause \(see the log\)\)",
                      res["error"]["message"]), res["error"]
 
 
@@ -94,20 +99,50 @@ def test_a_warm_zygote_ready_at_last_starts_the_jobs_held_back_for_it(make_worke
     assert res["data"]["prepared_in"] == [last] != [first]  # prepared once, by the new one
 
 
+def _events(w: Worker) -> list[tuple[datetime, str]]:
+    """(time, message) of each line of a worker started with --log-format json."""
+    lines = [orjson.loads(line) for line in w.log().splitlines() if line.startswith("{")]
+    return [(datetime.fromisoformat(d["ts"].replace("Z", "+00:00")), d["msg"]) for d in lines]
+
+
 def test_a_zygote_that_dies_on_every_fork_is_restarted_ever_later_not_in_a_loop(
         make_worker) -> None:
     """The test plugin makes each zygote exit when it forks: the forker gets ready, forks its
     first spare and dies. Each restart waits twice as long as the one before."""
-    w = make_worker(env={"GKW_TEST_ZYGOTES_DIE_ON_FORK": "1"}).start()
-    died = r"gkw-forker \d+ died \d+\.\d s after it got ready \(status 4\); its children " \
-           r"were killed; starting another in (\d+) s, jobs wait for it"
-    pauses = wait_until(lambda: (p := [int(m) for m in re.findall(died, w.log())])
-                        and p[-1] >= 4 and p, [w.base], 60, "pauses of 4 s")
-    assert pauses == [1, 2, 4], pauses
-    # one start and two restarts so far; a third is 4 s away (or just started)
-    assert len(re.findall(r"forker \d+ forks jobs and spares", w.log())) in (3, 4)
+    w = make_worker(env={"GKW_TEST_ZYGOTES_DIE_ON_FORK": "1"}).start("--log-format", "json")
+    died = re.compile(r"gkw-forker \d+ died \d+\.\d s after it got ready \(status 4\); its "
+                      r"children were killed; starting another in (\d+) s, jobs wait for it")
+    wait_until(lambda: "starting another in 4 s" in w.log(), [w.base], 60, "a pause of 4 s")
+    events = _events(w)
+    starts = [t for t, msg in events if re.fullmatch(r"forker \d+ forks jobs and spares", msg)]
+    deaths = [(t, int(m[1])) for t, msg in events if (m := died.fullmatch(msg))]
+    assert [pause for _, pause in deaths] == [1, 2, 4], deaths
+    assert len(starts) in (3, 4)  # one start and two restarts; a third is 4 s away
+    for (died_at, pause), started in zip(deaths, starts[1:], strict=False):
+        assert (started - died_at).total_seconds() >= pause - 0.1  # it waited its pause
     assert w.proc.poll() is None and "Traceback" not in w.log()
     assert w.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_zygote_that_ran_steadily_is_replaced_at_once_and_its_failures_forgotten(
+        make_worker) -> None:
+    """A forker that dies after ZYGOTE_STEADY of being ready is replaced without a pause; one
+    that dies soon after (the replacement, here) waits the first pause again, 1 s."""
+    w = make_worker("--log-level", "debug").start()
+    old = int(wait_until(lambda: re.search(r"gkw-forker (\d+) ready:", w.log()), [w.base], 20,
+                         "the forker to be ready")[1])
+    time.sleep(ZYGOTE_STEADY + 0.5)  # what is tested is that much time alive, not an event
+    os.kill(old, signal.SIGKILL)
+    new = int(wait_until(lambda: re.search(rf"gkw-forker (?!{old}\b)(\d+) ready:", w.log()),
+                         [w.base], 20, "a new forker to be ready")[1])
+    assert f"gkw-forker {old} died; its children were killed; starting a new one" in w.log()
+    os.kill(new, signal.SIGKILL)
+    wait_until(lambda: f"gkw-forker {new} died" in w.log(), [w.base], 20, "its death noted")
+    assert re.search(rf"gkw-forker {new} died \d+\.\d s after it got ready \(status -9\); its "
+                     r"children were killed; starting another in 1 s", w.log()), w.log()
+    w.drop(job("after-both"))  # served by the third, after the pause
+    assert w.wait_result("after-both")["status"] == "completed"
 
 
 def test_kill_9_of_the_supervisor_takes_the_zygote_and_its_jobs(make_worker) -> None:
