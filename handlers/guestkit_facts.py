@@ -361,7 +361,10 @@ class GuestFacts:
 
     @property
     def _ufw_starts(self) -> bool:
-        """ufw.conf's ENABLED= takes effect only through its boot service (systemd or rcS.d)."""
+        """ufw.conf's ENABLED= takes effect only through its boot service (systemd or rcS.d),
+        not once masked (systemd then ignores the rcS.d link too)."""
+        if "ufw.service" in self.masked_units:
+            return False
         return self.unit_enabled("ufw") or any(
             re.fullmatch(r"S\d+ufw", n) for n in self.files.listdir("/etc/rcS.d"))
 

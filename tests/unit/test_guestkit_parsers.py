@@ -173,6 +173,13 @@ def test_ufw_counts_as_enabled_only_when_its_boot_service_is(tmp_path: Path) -> 
     facts = GuestFacts(files)
     assert facts.firewall["ufw"] == {"present": True, "enabled": True}
     assert "CIS-FW-001" not in {f["id"] for f in run_profile("security", facts, None)}
+    (wants / "ufw.service").unlink()
+    rcs = tmp_path / "etc/rcS.d"
+    rcs.mkdir()
+    (rcs / "S01ufw").write_text("")  # sysv's link: it starts ufw...
+    assert GuestFacts(files).firewall["ufw"]["enabled"] is True
+    (tmp_path / "etc/systemd/system/ufw.service").symlink_to("/dev/null/masked")  # ...unless masked
+    assert GuestFacts(files).firewall["ufw"]["enabled"] is False
 
 
 def test_masked_units_are_not_enabled_and_selinux_zero_on_the_cmdline_disables(
