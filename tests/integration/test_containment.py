@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from conftest import Worker, job, wait_gone
 
@@ -15,15 +13,13 @@ def _still_serving(w: Worker, tag: str) -> None:
 
 @pytest.mark.slow
 def test_a_job_that_sleeps_forever_times_out_within_timeout_plus_grace(worker: Worker) -> None:
-    t0 = time.monotonic()
     worker.drop(job("sleepy", "test.sleep", {}, timeout_seconds=1))
     res = worker.wait_result("sleepy", timeout=20)
-    elapsed = time.monotonic() - t0
     assert res["status"] == "timeout"
     assert res["error"]["code"] == "TIMEOUT"
     assert "wall-clock limit of 1 s" in res["error"]["message"]
-    assert elapsed < 1 + 1 + 3  # timeout + kill grace + scheduling slack
-    assert res["metrics"]["wall_seconds"] >= 1.0
+    # from its start to its end, as the supervisor timed it (not this test's own delays)
+    assert 1.0 <= res["metrics"]["wall_seconds"] < 1 + 1 + 1  # timeout + kill grace + slack
     _still_serving(worker, "timeout")
 
 
