@@ -23,6 +23,7 @@ from inotify_simple import INotify, flags
 
 from worker import cgroups, isolation
 from worker.config import Settings
+from worker.spool import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = ROOT / "tests" / "plugins"
@@ -248,6 +249,14 @@ def make_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
 
     yield make
     stop_workers(made, base)
+
+
+def spool_at(base: Path) -> Spool:
+    """A spool set up under `base` (jobs, results, work and out dirs), served by no one."""
+    spool = Spool(Settings(jobs_dir=base / "jobs", results_dir=base / "results",
+                           work_dir=base / "work", output_dir=base / "out"))
+    spool.setup()
+    return spool
 
 
 def scratch_dir() -> Path:

@@ -9,12 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Disk, scratch_dir, small_disk
+from conftest import Disk, scratch_dir, small_disk, spool_at
 
 from worker import fsutil
-from worker.config import Settings
 from worker.shortage import out_of_space
-from worker.spool import ACTIVE, Spool
+from worker.spool import ACTIVE
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -25,15 +24,8 @@ def disk() -> Iterator[Disk]:
         yield d
 
 
-def _spool(base: Path) -> Spool:
-    spool = Spool(Settings(jobs_dir=base / "jobs", results_dir=base / "results",
-                           work_dir=base / "work", output_dir=base / "out"))
-    spool.setup()
-    return spool
-
-
 def test_a_rejection_without_room_for_its_record_leaves_the_file_where_it_was(disk: Disk) -> None:
-    spool = _spool(disk.mount)
+    spool = spool_at(disk.mount)
     src = spool.path(ACTIVE, "0001-000000-bad.json")
     Path(src).write_bytes(b"{")
     disk.fill()
@@ -61,7 +53,7 @@ def test_a_result_that_cannot_be_linked_stays_written_for_another_try(disk: Disk
 
 
 def test_a_result_staged_then_taken_back_leaves_nothing(disk: Disk) -> None:
-    spool = _spool(disk.mount)
+    spool = spool_at(disk.mount)
     spool.premake_result()
     assert spool.publish_result("j1", {"job_id": "j1"})
     spool.unstage("j1")

@@ -10,16 +10,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+from conftest import spool_at
 
-from worker.config import Settings
 from worker.spool import Spool
-
-
-def _spool(tmp_path: Path) -> Spool:
-    spool = Spool(Settings(jobs_dir=tmp_path / "jobs", results_dir=tmp_path / "results",
-                           work_dir=tmp_path / "work", output_dir=tmp_path / "out"))
-    spool.setup()
-    return spool
 
 
 def _hidden(spool: Spool) -> list[str]:
@@ -27,7 +20,7 @@ def _hidden(spool: Spool) -> list[str]:
 
 
 def test_the_next_result_is_written_into_the_file_made_ahead(tmp_path: Path) -> None:
-    spool = _spool(tmp_path)
+    spool = spool_at(tmp_path)
     spool.premake_result()
     [ahead] = _hidden(spool)
     inode = (spool.results / ahead).stat().st_ino
@@ -46,7 +39,7 @@ def test_the_next_result_is_written_into_the_file_made_ahead(tmp_path: Path) -> 
 
 def test_an_existing_result_is_kept_and_the_file_made_ahead_waits_for_the_next(
         tmp_path: Path) -> None:
-    spool = _spool(tmp_path)
+    spool = spool_at(tmp_path)
     assert spool.publish_result("j1", {"first": True})
     spool.sync_results()
     spool.premake_result()
@@ -61,7 +54,7 @@ def test_an_existing_result_is_kept_and_the_file_made_ahead_waits_for_the_next(
 
 
 def test_start_removes_what_a_killed_run_left_and_never_writes_into_it(tmp_path: Path) -> None:
-    spool = _spool(tmp_path)
+    spool = spool_at(tmp_path)
     assert spool.publish_result("x", {"first": True})
     spool.sync_results()
     # killed between linking x's result and unlinking the name it was written under
@@ -75,14 +68,14 @@ def test_start_removes_what_a_killed_run_left_and_never_writes_into_it(tmp_path:
 
 def test_start_puts_a_result_a_stopped_run_wrote_but_never_linked_under_its_name(
         tmp_path: Path) -> None:
-    spool = _spool(tmp_path)
+    spool = spool_at(tmp_path)
     spool.premake_result()
     assert spool.publish_result("done-1", {"job_id": "done-1", "status": "completed"})
     assert spool.publish_result("twice", {"job_id": "twice", "status": "failed"})
     spool.premake_result()  # the run stops here: nothing linked, an empty file made ahead
     spool.result_path("twice").write_bytes(b'{"job_id": "twice", "status": "completed"}')
     (spool.results / f".next-result-{os.getpid()}-9.tmp").write_bytes(b'{"job_id": "torn"')
-    again = _spool(tmp_path)
+    again = spool_at(tmp_path)
     assert again.sweep_results() == ["done-1"]
     assert orjson.loads(again.result_path("done-1").read_bytes())["status"] == "completed"
     assert orjson.loads(again.result_path("twice").read_bytes())["status"] == "completed"
@@ -91,7 +84,7 @@ def test_start_puts_a_result_a_stopped_run_wrote_but_never_linked_under_its_name
 
 
 def test_a_file_made_ahead_that_is_no_longer_empty_is_not_written_into(tmp_path: Path) -> None:
-    spool = _spool(tmp_path)
+    spool = spool_at(tmp_path)
     spool.premake_result()
     [ahead] = _hidden(spool)
     os.link(spool.results / ahead, tmp_path / "another-name")  # not ours alone any more
@@ -103,7 +96,7 @@ def test_a_file_made_ahead_that_is_no_longer_empty_is_not_written_into(tmp_path:
 
 def test_a_result_is_under_its_name_only_once_synced_and_counts_as_there_before(
         tmp_path: Path) -> None:
-    spool = _spool(tmp_path)
+    spool = spool_at(tmp_path)
     spool.premake_result()
     assert spool.publish_result("j1", {"n": 1})
     assert not spool.result_path("j1").exists()  # written, fsync'd and linked by sync_results
@@ -116,7 +109,7 @@ def test_a_result_is_under_its_name_only_once_synced_and_counts_as_there_before(
 
 
 def test_a_name_taken_before_the_sync_keeps_its_file(tmp_path: Path) -> None:
-    spool = _spool(tmp_path)
+    spool = spool_at(tmp_path)
     assert spool.publish_result("j1", {"ours": True})
     spool.result_path("j1").write_bytes(b'{"theirs": true}')  # another writer, meanwhile
     assert spool.sync_results() == ["j1"]
@@ -132,7 +125,7 @@ def _immutable(path: Path, on: bool) -> None:
                     reason="makes the results dir immutable: needs root and chattr (CI has both)")
 def test_a_sync_that_fails_keeps_every_result_not_yet_linked_for_the_next(
         tmp_path: Path) -> None:
-    spool = _spool(tmp_path)
+    spool = spool_at(tmp_path)
     assert spool.publish_result("a", {"a": 1}) and spool.publish_result("b", {"b": 2})
     try:
         _immutable(spool.results, True)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from worker.config import Settings
+from conftest import spool_at
+
 from worker.spool import Spool
 
 
 def _spool(tmp_path: Path, names: list[str]) -> Spool:
-    settings = Settings(jobs_dir=tmp_path / "jobs", results_dir=tmp_path / "results",
-                        work_dir=tmp_path / "work", output_dir=tmp_path / "out")
-    spool = Spool(settings)
-    spool.setup()
+    spool = spool_at(tmp_path)
     for name in names:
         (spool.inbox / name).write_bytes(b"{}")
     (spool.inbox / ".hidden.json").write_bytes(b"{}")
