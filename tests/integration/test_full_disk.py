@@ -7,8 +7,10 @@ The spool is a small tmpfs filled to the last page by a ballast file (mounting i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from redis_fixtures import (
     redis_server_fixture,  # noqa: F401  (the redis_server fixture)
     xadd_jobs,
 )
+
+from worker import metrics
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")]
@@ -68,7 +72,9 @@ def _dumped(w: Worker) -> str:
 def test_a_result_waits_for_space_and_no_job_starts_meanwhile(full_disk: tuple[Worker, Disk]
                                                                 ) -> None:
     w, disk = full_disk
-    w.start()
+    w.start("--metrics-addr", "127.0.0.1:0")
+    port = int(re.search(r"metrics and health on http://127.0.0.1:(\d+)/", w.log())[1])
+    assert metrics.fetch("127.0.0.1", port, "/readyz")[0] == 200
     later = _staged(w, job("later"), "later.json")
     w.drop(job("nap", "test.sleep", {"seconds": 2}))
     wait_until(lambda: (w.jobs / ".status" / "nap.json").exists()
@@ -85,6 +91,8 @@ def test_a_result_waits_for_space_and_no_job_starts_meanwhile(full_disk: tuple[W
     assert w.result("nap") is None
     assert [n for n in os.listdir(w.jobs / ".active") if n.endswith("-nap.json")]
     assert (w.jobs / "later.json").exists()  # not taken while there is no space
+    status, body = metrics.fetch("127.0.0.1", port, "/readyz")
+    assert status == 503 and b"no space left on the spool's disk" in body, body
 
     disk.free()
     nap = w.wait_result("nap")
@@ -93,6 +101,7 @@ def test_a_result_waits_for_space_and_no_job_starts_meanwhile(full_disk: tuple[W
     assert "space again after" in w.log() and "1 held result(s) written" in w.log()
     wait_until(lambda: (w.jobs / "done" / "nap.json").exists(), [w.jobs / "done"], 10,
                "nap archived")
+    assert metrics.fetch("127.0.0.1", port, "/readyz")[0] == 200
 
 
 def test_jobs_found_on_a_full_disk_are_taken_and_started_once_there_is_room(
@@ -202,8 +211,10 @@ def test_a_drain_ends_at_its_deadline_when_space_never_returns(
     _logged(w, "[stuck] running", "stuck to run")
     disk.fill()
     _logged(w, "[stuck] completed (its result waits for space)", "its end without room")
+    asked = time.monotonic()
     w.signal(signal.SIGTERM)
     assert w.proc is not None and w.proc.wait(30) == 0
+    assert time.monotonic() - asked >= 2.0 - 0.1  # it gave the result its 2 s to find room
     assert "stopping with 1 ended job(s) not archived for lack of space" in w.log()
     assert w.result("stuck") is None
 
@@ -213,7 +224,7 @@ def test_a_drain_gives_held_results_until_its_deadline_to_find_room(
     w, disk = full_disk
     w.start("--shutdown-timeout", "120")
     w.drop(job("last", "test.sleep", {"seconds": 2}))
-    wait_until(lambda: "[last] running" in w.log(), [w.log_path.parent], 30, "last to run")
+    _logged(w, "[last] running", "last to run")
     disk.fill()
     _logged(w, "[last] completed (its result waits for space)", "last's end without room")
     w.signal(signal.SIGTERM)
