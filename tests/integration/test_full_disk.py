@@ -60,6 +60,16 @@ def _logged(w: Worker, text: str, what: str) -> None:
     assert w.proc.poll() is None, f"the supervisor died:\n{w.log()}"
 
 
+def _held(w: Worker, disk: Disk, job_id: str, drop: bool = True) -> None:
+    """Drop a 2 s sleep job `job_id` (unless it comes another way) and once it runs, fill the
+    disk; return when its result is held."""
+    if drop:
+        w.drop(job(job_id, "test.sleep", {"seconds": 2}))
+    _logged(w, f"[{job_id}] running", f"{job_id} to run")
+    disk.fill()
+    _logged(w, f"[{job_id}] completed (its result waits for space)", f"{job_id}'s end without room")
+
+
 def _dumped(w: Worker) -> str:
     """The supervisor's next SIGUSR1 status line (each is a full loop pass after the last)."""
     before = w.log().count("status: ")
@@ -76,12 +86,7 @@ def test_a_result_waits_for_space_and_no_job_starts_meanwhile(full_disk: tuple[W
     port = int(re.search(r"metrics and health on http://127.0.0.1:(\d+)/", w.log())[1])
     assert metrics.fetch("127.0.0.1", port, "/readyz")[0] == 200
     later = _staged(w, job("later"), "later.json")
-    w.drop(job("nap", "test.sleep", {"seconds": 2}))
-    wait_until(lambda: (w.jobs / ".status" / "nap.json").exists()
-               and b'"running"' in (w.jobs / ".status" / "nap.json").read_bytes(),
-               [w.jobs / ".status"], 30, "nap to run")
-    disk.fill()
-    _logged(w, "[nap] completed (its result waits for space)", "nap's end without room")
+    _held(w, disk, "nap")
     assert "no space left on the spool's disk while" in w.log()
     os.rename(later, w.jobs / "later.json")
     _dumped(w)
@@ -207,10 +212,7 @@ def test_a_drain_ends_at_its_deadline_when_space_never_returns(
         full_disk: tuple[Worker, Disk]) -> None:
     w, disk = full_disk
     w.start("--shutdown-timeout", "2")
-    w.drop(job("stuck", "test.sleep", {"seconds": 2}))
-    _logged(w, "[stuck] running", "stuck to run")
-    disk.fill()
-    _logged(w, "[stuck] completed (its result waits for space)", "its end without room")
+    _held(w, disk, "stuck")
     asked = time.monotonic()
     w.signal(signal.SIGTERM)
     assert w.proc is not None and w.proc.wait(30) == 0
@@ -223,10 +225,7 @@ def test_a_drain_gives_held_results_until_its_deadline_to_find_room(
         full_disk: tuple[Worker, Disk]) -> None:
     w, disk = full_disk
     w.start("--shutdown-timeout", "120")
-    w.drop(job("last", "test.sleep", {"seconds": 2}))
-    _logged(w, "[last] running", "last to run")
-    disk.fill()
-    _logged(w, "[last] completed (its result waits for space)", "last's end without room")
+    _held(w, disk, "last")
     w.signal(signal.SIGTERM)
     _logged(w, "SIGTERM: draining", "the drain")
     assert "1 result(s) held" in _dumped(w)  # nothing runs, and it still serves
@@ -245,9 +244,7 @@ def test_with_redis_a_held_result_is_shared_only_once_it_is_written_here(
     w.start()
     r = redis_server.client()
     xadd_jobs(r, [job("shared", "test.sleep", {"seconds": 2})])
-    _logged(w, "[shared] running", "the job to run")
-    disk.fill()
-    _logged(w, "[shared] completed (its result waits for space)", "its end without room")
+    _held(w, disk, "shared", drop=False)
     assert r.get(f"{PREFIX}:result:shared") is None
 
     disk.free()
