@@ -660,7 +660,7 @@ def _verdict(path: Path, intake: Intake, spool: Spool, settings: config.Settings
                 f"a job with this id has finished (its result is {spool.result_path(doc.job_id)})")
     if (problem := intake.problem(doc)) is not None:
         return f"INVALID {problem[0]}: {problem[1]}"
-    wait = routing.unsatisfied(doc, settings, intake.capabilities, intake.features, __version__)
+    wait = routing.unsatisfied(doc, intake.profile)
     return f"OK ({doc.job_id}, {doc.operation})" + (f"; it would wait: {wait}" if wait else "")
 
 

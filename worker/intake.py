@@ -59,6 +59,7 @@ class Intake:
         self.known = known
         self.capabilities = registry.capabilities()
         self.features = registry.features()
+        self.profile = routing.Profile.of(settings, self.capabilities, self.features, version)
         self.last_rejection: dict[str, Any] | None = None
         #: inbox names left because a writer had them open (or may have: then with a Mark):
         #: looked at again now and then, as the writer's close is seen only when it opened
@@ -148,9 +149,7 @@ class Intake:
         )
         ending = self._check(doc, job)
         if ending is None:
-            job.waiting_for = routing.unsatisfied(
-                doc, self.settings, self.capabilities, self.features, self.version
-            )
+            job.waiting_for = routing.unsatisfied(doc, self.profile)
         return Accepted(job, doc, ending)
 
     def _check(self, doc: JobDocument, job: Job) -> Ending | None:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from handlers.base import Handler
-from worker import cgroups, isolation, memory, sandbox
+from worker import cgroups, isolation, memory, routing, sandbox
 from worker.backlog import Backlog, Entry
 from worker.child import ChildSpec, Order
 from worker.config import RESTART_ONLY, Settings
-from worker.errors import ErrorCode, UnsafeFile
+from worker.errors import ErrorCode, JobRejected, UnsafeFile
 from worker.fsutil import printable
 from worker.intake import Accepted, Intake, Seen
 from worker.job import (
@@ -44,7 +44,7 @@ from worker.service import Service
 from worker.shortage import NoRoom, Shortage, room
 from worker.signals import SignalPipe
 from worker.spare import Spares
-from worker.spec import loads, parse_job
+from worker.spec import JobDocument, loads, parse_job
 from worker.spool import ACTIVE, RETRY, Spool, job_name
 from worker.states import JobState
 from worker.transports import Remote
@@ -83,6 +83,9 @@ class Supervisor:
         self.retries: list[tuple[float, str]] = []  # (not_before epoch, job_id)
         self.key_waiters: dict[str, list[str]] = {}
         self.waiting: set[str] = set()
+        #: jobs from the shared queue that no live worker could take: job id -> why not here
+        self.unroutable: dict[str, str] = {}
+        self._peers_seen = 0  # the remote's peers_seen when they were last offered
         self.draining = False
         self.drain_deadline: float | None = None
         self.to_archive: list[tuple[Job, bool, str]] = []  # ended; archived once results are synced
@@ -169,7 +172,7 @@ class Supervisor:
         self._recover()
         self._scan()
         self._sync_results()  # the queue's own recovery reads them from their files
-        self.remote.open(self.sel, self._deliver, self._on_cancel)
+        self.remote.open(self.sel, self._deliver, self._on_cancel, self.intake.profile.to_json())
         self.service.ready(self._status_text())
         log.info("ready: worker %s, pool %s, %d slot(s), spool %s, %d job(s) queued",
                  self.settings.worker_id, self.settings.pool, self.settings.max_concurrent,
@@ -324,6 +327,8 @@ class Supervisor:
         free = self.settings.max_concurrent - len(self.running) - len(self.ready)
         self.remote.poll(now, 0 if self.draining or self.shortage.active else max(0, free),
                          [j.message_id for j in self.running.values() if j.message_id])
+        if self.unroutable and self.remote.peers_seen != self._peers_seen and not self.draining:
+            self._pass_on_waiting()
         self.service.heartbeat(now, self._status_text())
 
     def _premake_result(self) -> None:
@@ -448,6 +453,8 @@ class Supervisor:
             self._reject_message(message_id)
             return
         acc.job.message_id = message_id
+        if acc.ending is None and acc.job.waiting_for and self._pass_on(acc.job, acc.doc):
+            return
         self._admit(acc)
 
     def _admit(self, acc: Accepted, seq: int | None = None) -> None:
@@ -514,6 +521,58 @@ class Supervisor:
         acc = self.intake.admit(ACTIVE, entry.claimed, data, entry.claimed, attempt=entry.attempt)
         if acc is not None:
             self._admit(acc, seq=entry.seq)
+
+    def _pass_on(self, job: Job, doc: JobDocument) -> bool:
+        """Hand a job from the shared queue that this worker cannot take (`job.waiting_for`)
+        to a live worker that can. True when it went, its local copy dropped; else its wait
+        reason also says why no other live worker can take it."""
+        why = self.unroutable.pop(job.job_id, None) or job.waiting_for or ""
+
+        def fits(profile: dict[str, Any]) -> str | None:
+            peer = routing.Profile.from_json(profile)
+            if peer is None:
+                return f"worker {profile.get('worker_id')!r} shows a profile this one cannot read"
+            return routing.unsatisfied(doc, peer, f"worker {peer.worker_id!r}")
+
+        shared = {k: v for k, v in job.status_doc(self.settings.worker_id).items()
+                  if k not in ("file", "waiting_for", "worker_id")}
+        assert job.message_id is not None
+        to, others = self.remote.offer(job.message_id, fits,
+                                       {**shared, "detail": f"handed over by "
+                                        f"{self.settings.worker_id!r}: {why}"})
+        if to is None:
+            self.unroutable[job.job_id] = why
+            job.waiting_for = why + (f"; no other live worker can take it either "
+                                     f"({'; '.join(others.values())})" if others else "")
+            return False
+        self._log(job, "handed to worker %s, as %s", to, why)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.spool.path(job.where, job.claimed))
+        if self.spool.has_status(job.job_id):
+            self.spool.remove_status(job.job_id)
+        return True
+
+    def _pass_on_waiting(self) -> None:
+        """The pool's live workers changed: offer the jobs none of them could take again."""
+        self._peers_seen = self.remote.peers_seen
+        for job_id in list(self.unroutable):
+            job = self.jobs.get(job_id)
+            if job is None or job.state is not JobState.QUEUED or not job.waiting_for:
+                del self.unroutable[job_id]
+                continue
+            try:
+                doc, _ = parse_job(self.spool.read(job.where, job.claimed), job.claimed)
+            except (OSError, JobRejected) as e:
+                log.error("job %r: its claimed file %s could not be read back (%s); it stays",
+                          job_id, job.claimed, e)
+                del self.unroutable[job_id]
+                continue
+            before = job.waiting_for
+            if self._pass_on(job, doc):
+                del self.jobs[job_id]
+                self.waiting.discard(job_id)
+            elif job.waiting_for != before:
+                self._write_status(job)
 
     def _wait(self, job: Job, why: str, level: int = logging.WARNING) -> None:
         """Hold `job` back until what it waits for changes, or fail it at its deadline."""
@@ -1219,6 +1278,8 @@ class Supervisor:
                       job.max_attempts, level=logging.WARNING)
             self._write_status(job)
         job.not_before = float(status.get("not_before") or 0.0)
+        if message_id and acc.ending is None and job.waiting_for and self._pass_on(job, acc.doc):
+            return
         self._admit(acc)
 
     # -- signals' work ------------------------------------------------------------------------

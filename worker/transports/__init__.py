@@ -17,15 +17,21 @@ from typing import Any
 Deliver = Callable[[str, bytes, "int | None"], None]
 #: cancel(job_id): a client asked through the queue to cancel this job.
 Cancel = Callable[[str], None]
+#: fits(profile): why the worker with this profile (`routing.Profile.to_json`) cannot take
+#: the job at hand, or None when it can.
+Fits = Callable[[dict[str, Any]], "str | None"]
 
 
 class Remote:
     """The hooks the supervisor calls; this base class is the spool-only worker's (no-op)."""
 
     name = "spool"
+    peers_seen = 0  #: grows each time the live workers of the pool, or their profiles, change
 
-    def open(self, selector: selectors.BaseSelector, deliver: Deliver, cancel: Cancel) -> None:
-        """Connect, register any fd with `selector`, and recover what this worker had claimed."""
+    def open(self, selector: selectors.BaseSelector, deliver: Deliver, cancel: Cancel,
+             profile: dict[str, Any] | None = None) -> None:
+        """Connect, register any fd with `selector`, recover what this worker had claimed,
+        and show the other workers `profile` (what jobs it can take)."""
 
     def poll(self, now: float, free_slots: int, running: list[str]) -> None:
         """Once per loop pass: claim up to `free_slots` jobs, renew the leases of `running`
@@ -50,6 +56,13 @@ class Remote:
 
     def acknowledge(self, message_id: str, job_id: str, ok: bool) -> None:
         """The job's result is durably stored: the queue may forget the message."""
+
+    def offer(self, message_id: str, fits: Fits,
+              status: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
+        """Hand a delivered job this worker cannot take to a live worker that `fits` finds
+        able to; return that worker's id (the message is no longer this worker's, `status` is
+        its shared status), or None, and why each other live worker cannot take it."""
+        return None, {}
 
     def reject(self, message_id: str, record: dict[str, Any]) -> None:
         """A delivered message could not be accepted: record why and never deliver it again."""

@@ -13,6 +13,11 @@ Names (all under `redis_stream_prefix`, `P`):
 | `P:cancel:<id>` | a cancel request; `P:cancel` is the channel that tells the workers |
 | `P:events:<id>` | channel: every status write of the job, for clients that follow it |
 | `P:idem:<key>` | the job that holds an idempotency key |
+| `P:owner:<id>` | the message that carries job `<id>` |
+| `P:workers:<pool>` | the live workers (sorted set: when each one's profile expires, in ms) |
+| `P:profiles:<pool>` | each live worker's profile: what jobs it can take (hash by worker id) |
+| `P:declined:<id>` | the workers that handed job `<id>` on: it never goes back to them |
+| `P:handed:<pool>:<worker>` | messages handed to that worker; `P:handoff:<pool>:<worker>` tells it |
 
 A message is a *delivery* each time an execution of it starts anywhere: the first read, a takeover
 and a local retry all count, so a job that crashes its child or its worker every time is moved to
@@ -23,6 +28,7 @@ deleted from the stream) only after its result is stored in Redis and in the loc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
 import re
@@ -42,7 +48,7 @@ from worker.errors import ErrorCode
 from worker.results import Ending, build
 from worker.spec import dumps, loads, rfc3339, safe_job_id
 from worker.spool import Spool
-from worker.transports import Cancel, Deliver, Remote
+from worker.transports import Cancel, Deliver, Fits, Remote
 
 log = logging.getLogger("guestkit.redis")
 
@@ -96,6 +102,55 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return id
 """
+#: Show profile ARGV[2] of worker ARGV[1] until ARGV[3] ms from now (ARGV[2] empty: withdraw
+#: it), forget the expired ones, and return the live workers' profiles.
+_ADVERTISE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+end
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+if #live == 0 then return {} end
+return redis.call('HMGET', KEYS[2], unpack(live))
+"""
+#: Worker ARGV[2] declines message ARGV[3]: KEYS[2], the job's decliners, gets ARGV[10] (the
+#: worker and its profile's fingerprint, so that a worker set up anew counts as another). The
+#: message goes to the first worker of ARGV[11..] ("<worker> <fingerprint>") that has not
+#: declined it: it becomes that worker's (noted in the set ARGV[7]..worker, announced on
+#: ARGV[8]..worker), and the job's status KEYS[3] is ARGV[6] with that worker_id (published
+#: on ARGV[9]). Return the worker, '' when every one declined it, false when the message is
+#: not ARGV[2]'s any more.
+_HAND_OFF = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return false end
+redis.call('SADD', KEYS[2], ARGV[10])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+for i = 11, #ARGV do
+  local w = string.match(ARGV[i], '^(.*) [^ ]*$')
+  if w ~= ARGV[2] and redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], w, 0, ARGV[3], 'JUSTID')
+    local status = cjson.decode(ARGV[6])
+    status['worker_id'] = w
+    local doc = cjson.encode(status)
+    redis.call('SET', KEYS[3], doc, 'EX', ARGV[5])
+    redis.call('PUBLISH', ARGV[9], doc)
+    redis.call('SADD', ARGV[7] .. w, ARGV[3])
+    redis.call('EXPIRE', ARGV[7] .. w, ARGV[4])
+    redis.call('PUBLISH', ARGV[8] .. w, ARGV[3])
+    return w
+  end
+end
+return ''
+"""
 #: Make ARGV[1] the holder of the key unless another job holds it that has not failed.
 _TAKE_KEY = """
 local h = redis.call('GET', KEYS[1])
@@ -114,6 +169,12 @@ return ARGV[1]
 #: status, the id of the message that carries the job id, or None)
 Probe = tuple[bool, bool, dict[str, Any] | None, str | None]
 PROBE_OPS = 5  #: the commands `RedisRemote._probe_into` queues for one message
+
+
+def fingerprint(profile: bytes) -> str:
+    """A short digest of a worker's profile as it shows it: the same worker set up anew
+    (other features, labels, version) gets another."""
+    return hashlib.blake2b(profile, digest_size=6).hexdigest()
 
 
 def _not_an_object(raw: bytes) -> str:
@@ -176,6 +237,28 @@ class Keys:
     def owner(self, job_id: str) -> str:
         """The key naming the message that carries job `job_id`: the first one seen with it."""
         return f"{self.prefix}:owner:{job_id}"
+
+    @property
+    def workers(self) -> str:
+        """The pool's live workers: a sorted set, scored by when each one's profile expires."""
+        return f"{self.prefix}:workers:{self.pool}"
+
+    @property
+    def profiles(self) -> str:
+        """The profiles of the pool's workers, by worker id."""
+        return f"{self.prefix}:profiles:{self.pool}"
+
+    def declined(self, job_id: str) -> str:
+        """The set of workers that handed job `job_id` on."""
+        return f"{self.prefix}:declined:{job_id}"
+
+    def handed(self, worker: str = "") -> str:
+        """The set of messages handed to `worker` (without it: the names' common prefix)."""
+        return f"{self.prefix}:handed:{self.pool}:{worker}"
+
+    def handoff(self, worker: str = "") -> str:
+        """The channel that tells `worker` of a message handed to it (without it: the prefix)."""
+        return f"{self.prefix}:handoff:{self.pool}:{worker}"
 
 
 def connect(url: str, timeout: float = COMMAND_TIMEOUT) -> redis.Redis:
@@ -295,12 +378,19 @@ class RedisRemote(Remote):
         self.takeover_after = 0.0
         self.next_takeover = 0.0
         self.cursor = "0-0"
+        self.profile = b""  # what this worker shows the others (JSON; empty: nothing)
+        #: the other live workers, by id: their profile and its fingerprint
+        self.peers: dict[str, tuple[dict[str, Any], str]] = {}
+        self.peers_seen = 0
+        self.handed_here = False  # a worker announced a message handed to this one
 
     # -- the seam ------------------------------------------------------------------------------
 
-    def open(self, selector: selectors.BaseSelector, deliver: Deliver, cancel: Cancel) -> None:
+    def open(self, selector: selectors.BaseSelector, deliver: Deliver, cancel: Cancel,
+             profile: dict[str, Any] | None = None) -> None:
         """Connect (or schedule reconnects), then recover the messages this worker held."""
         self.sel, self._deliver, self._cancel = selector, deliver, cancel
+        self.profile = dumps(profile) if profile else b""
         self._connect(time.monotonic())
 
     def poll(self, now: float, free_slots: int, running: list[str]) -> None:
@@ -317,6 +407,8 @@ class RedisRemote(Remote):
                 self._ack_adopted()
             if self.parked:
                 self._unpark()
+            if self.handed_here:
+                self._take_handed()
             self._claim(now, free_slots - len(self.parked))
         except ERRORS as e:
             self._down(e, now)
@@ -334,11 +426,14 @@ class RedisRemote(Remote):
         return min(times)
 
     def stop_intake(self) -> None:
-        """Claim nothing more; wake the read in flight so its answer comes back now."""
+        """Claim nothing more, and take none handed on; wake the read in flight so its answer
+        comes back now."""
         self.intake = False
-        if self.reading and self.client is not None:
+        if self.client is not None and self.connected:
             try:
-                self.client.client_unblock(self.reader_id)
+                self._advertise()
+                if self.reading:
+                    self.client.client_unblock(self.reader_id)
             except ERRORS as e:
                 self._down(e, time.monotonic())
 
@@ -350,6 +445,8 @@ class RedisRemote(Remote):
                 self._finish_read()
                 self._flush()
                 self._give_back_unstarted()
+                self._advertise()
+                self._take_handed()
             except ERRORS as e:
                 log.warning("redis: could not finish cleanly (%s); held messages will be taken "
                             "over after %.0f s", e, self.settings.redis_claim_idle_seconds)
@@ -404,6 +501,42 @@ class RedisRemote(Remote):
             self.unsent_acks.add(message_id)
         else:
             self.acks.append(message_id)
+
+    def offer(self, message_id: str, fits: Fits,
+              status: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
+        """Hand the message to a live worker that fits the job (in random order, skipping those
+        that declined it before); this worker is noted as one that declined it."""
+        held = self.held.get(message_id)
+        if held is None or held.lost or held.dead or held.gone or not self.connected:
+            return None, {}
+        why_not: dict[str, str] = {}
+        able = []
+        for worker, (profile, mark) in self.peers.items():
+            if (why := fits(profile)) is None:
+                able.append(f"{worker} {mark}")
+            else:
+                why_not[worker] = why
+        if not able:
+            return None, why_not
+        random.shuffle(able)
+        doc = {**status, "job_id": held.job_id, "state": "queued", "updated_at": rfc3339(),
+               "message_id": message_id, "handed_by": self.me}
+        try:
+            to = self.scripts["hand_off"](
+                keys=[self.keys.stream, self.keys.declined(held.job_id), self.keys.status(held.job_id)],
+                args=[self.group, self.me, message_id, self.settings.redis_status_ttl_seconds,
+                      self.settings.redis_status_ttl_seconds, dumps(doc), self.keys.handed(),
+                      self.keys.handoff(), self.keys.events(held.job_id),
+                      f"{self.me} {fingerprint(self.profile)}", *able])
+        except ERRORS as e:
+            self._down(e, time.monotonic())
+            return None, why_not
+        if not to:  # every able one declined it already (or it is not ours any more: see _renew)
+            return None, {**why_not, **{w: f"worker {w!r} handed it on before"
+                                        for w in (a.rsplit(" ", 1)[0] for a in able)}}
+        self._forget(message_id)
+        self.dirty.pop(held.job_id, None)
+        return _text(to), why_not
 
     def reject(self, message_id: str, record: dict[str, Any]) -> None:
         """The supervisor refused the job: dead-letter it with why, share its result, XACK it."""
@@ -475,7 +608,7 @@ class RedisRemote(Remote):
                 client.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
             self.scripts = {name: client.register_script(src) for name, src in (
                 ("renew", _RENEW), ("count", _COUNT), ("publish", _PUBLISH), ("take_key", _TAKE_KEY),
-                ("give_back", _GIVE_BACK))}
+                ("give_back", _GIVE_BACK), ("advertise", _ADVERTISE), ("hand_off", _HAND_OFF))}
             self._open_reader(client)
             self._open_sub(client)
         except ERRORS as e:
@@ -494,6 +627,8 @@ class RedisRemote(Remote):
             if self.first:
                 self._recover_own()
                 self.first = False
+            self._advertise()
+            self.handed_here = True  # announced while away, or before this worker started
             self._check_cancels([h.job_id for h in self.held.values()] + list(self.adopted))
         except ERRORS as e:
             self._down(e, now)
@@ -511,7 +646,7 @@ class RedisRemote(Remote):
     def _open_sub(self, client: redis.Redis) -> None:
         sub: Any = PubSub(client.connection_pool, ignore_subscribe_messages=True)
         self.sub = sub
-        sub.subscribe(self.keys.cancel_channel)
+        sub.subscribe(self.keys.cancel_channel, self.keys.handoff(self.me))
         self._register(sub.connection._sock.fileno(), self._on_sub)
 
     def _register(self, fd: int, callback: Callable[[], None]) -> None:
@@ -661,7 +796,7 @@ class RedisRemote(Remote):
         if how and deliveries > self.settings.redis_max_deliveries:
             self._bury_poison(mid, job_id, raw, doc, deliveries, status)
             return
-        held = Held(job_id or "", deliveries, fresh=how is None)
+        held = Held(job_id or "", deliveries, fresh=how is None or ran_before(status) is None)
         key = _idempotency_key(doc)
         if job_id and key and not cancelled and not self._key_free(key, job_id):
             self.held[mid] = held
@@ -746,6 +881,8 @@ class RedisRemote(Remote):
         """Reset the idle time of every message held here; stop what another worker took."""
         assert self.client is not None
         self.next_renew = now + self.settings.redis_renew_seconds
+        self._advertise()
+        self._take_handed()  # an announcement can be missed: the set is the record
         ids = [m for m, h in self.held.items() if not (h.lost or h.dead or h.gone)] + \
             list(self.adopted.values())
         if not ids:
@@ -755,6 +892,45 @@ class RedisRemote(Remote):
             self._lose(mid)
         for mid in map(_text, gone):
             self._gone(mid)
+
+    def _advertise(self) -> None:
+        """Show this worker's profile while it takes jobs (withdraw it otherwise) for
+        claim_idle_seconds, and read the other live workers' profiles."""
+        assert self.client is not None
+        shown = self.profile if self.intake else b""
+        ttl_ms = int(self.settings.redis_claim_idle_seconds * 1000)
+        reply: Any = self.scripts["advertise"](keys=[self.keys.workers, self.keys.profiles],
+                                               args=[self.me, shown, ttl_ms])
+        peers = {}
+        for raw in reply:
+            doc = _json(raw)
+            if doc is not None and doc.get("worker_id") != self.me:
+                peers[str(doc.get("worker_id"))] = doc, fingerprint(raw)
+        if peers != self.peers:
+            self.peers, self.peers_seen = peers, self.peers_seen + 1
+
+    def _take_handed(self) -> None:
+        """Take the messages other workers handed to this one, like new ones (while draining,
+        give them back to the stream)."""
+        assert self.client is not None
+        self.handed_here = False
+        for mid in map(_text, self.client.spop(self.keys.handed(self.me), 1000) or []):
+            if mid in self.held or mid in self.adopted.values():
+                continue
+            pending: Any = self.client.xpending_range(self.keys.stream, self.group, min=mid,
+                                                      max=mid, count=1)
+            rows: Any = self.client.xrange(self.keys.stream, mid, mid)
+            if not pending or _text(pending[0]["consumer"]) != self.me or not rows:
+                continue  # taken over, or finished, meanwhile
+            if not self.intake:
+                self._give_back(mid, rows[0][1])
+                continue
+            if (job := self._parse(mid, rows[0][1])) is not None:
+                log.info("redis: job %s: handed to this worker by another", job[2],
+                         extra={"job_id": job[2]})
+                self._settle(mid, job, self._probe(job[2], mid),
+                             int(pending[0]["times_delivered"]), "handoff")
+                self.wake = True
 
     def _gone(self, mid: str) -> None:
         """A message held here is in no worker's hands any more: acknowledged by the worker
@@ -823,7 +999,10 @@ class RedisRemote(Remote):
                 msg = sub.get_message(timeout=0.0)
                 if msg is None and not sub.connection.can_read(timeout=0):
                     break
-                if msg and msg.get("type") == "message":
+                if msg and msg.get("type") == "message" and \
+                        _text(msg["channel"]) == self.keys.handoff(self.me):
+                    self.handed_here = True
+                elif msg and msg.get("type") == "message":
                     job_id = _text(msg["data"])
                     if job_id in self.by_job or job_id in self.adopted:
                         self.cancels.append(job_id)

@@ -1,0 +1,135 @@
+"""Redis: a job the worker that read it cannot take goes to a live worker that can (PROTOCOL §1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from conftest import job
+from redis_fixtures import (
+    PREFIX,
+    executions,
+    lease_env,
+    poll_until,
+    redis_server_fixture,  # noqa: F401  (the redis_server fixture)
+    redis_workers_fixture,  # noqa: F401  (the redis_workers fixture)
+    settled,
+    shared_results,
+    xadd_jobs,
+)
+
+from worker.transports.redis import fingerprint
+
+#: short leases: a worker reads the others' profiles every second
+FAST = lease_env(claim_idle=4, renew=1)
+
+
+def _needs_gpu(job_id: str) -> dict[str, Any]:
+    doc = job(job_id, "test.sleep", {"seconds": 0.1})
+    doc["constraints"] = {"required_features": ["gpu-x"]}
+    return doc
+
+
+def _status(r: Any, job_id: str) -> dict[str, Any]:
+    raw = r.get(f"{PREFIX}:status:{job_id}")
+    return orjson.loads(raw) if raw else {}
+
+
+def _blocked_reads(r: Any) -> int:
+    """How many XREADGROUP calls wait on the server now."""
+    return sum(1 for c in r.client_list() if c["cmd"] == "xreadgroup" and "b" in c["flags"])
+
+
+def _peers(r: Any) -> set[str]:
+    return {w.decode() for w in r.zrange(f"{PREFIX}:workers:default", 0, -1)}
+
+
+@pytest.mark.timeout(120)
+def test_a_job_read_by_a_worker_that_cannot_take_it_goes_straight_to_one_that_can(
+        redis_server, redis_workers) -> None:
+    r = redis_server.client()
+    able = redis_workers("able", "--max-concurrent", "1", "--feature", "gpu-x", env=FAST).start()
+    busy = job("keeps-able-busy", "test.sleep", {"seconds": 8})
+    busy["routing"] = {"worker_id": "able"}
+    xadd_jobs(r, [busy])
+    poll_until(lambda: _status(r, "keeps-able-busy").get("state") == "running", 30,
+               "the worker with the feature to be busy")
+    # the read asked for while its slot was free ends after BLOCK_MS; none follows it
+    poll_until(lambda: _blocked_reads(r) == 0, 30, "the busy worker to stop reading")
+    plain = redis_workers("plain", env=FAST).start()  # reads the others' profiles as it connects
+    xadd_jobs(r, [_needs_gpu("gpu-job-1")])
+    poll_until(lambda: _status(r, "gpu-job-1").get("handed_by") == "plain", 30,
+               "the worker without the feature to hand the job on")
+    handed = _status(r, "gpu-job-1")
+    assert handed["worker_id"] == "able" and handed["state"] == "queued"
+    assert "required_features" in handed["detail"]
+    poll_until(lambda: settled(r) and len(shared_results(r)) == 2, 30, "both jobs to end")
+    assert shared_results(r)["gpu-job-1"]["worker_id"] == "able"
+    assert executions([able, plain]) == {"keeps-able-busy": 1, "gpu-job-1": 1}
+    log = plain.log()
+    assert "handed to worker able" in log and "waiting:" not in log  # never held back here
+    assert plain.result("gpu-job-1") is None
+    assert not any((plain.jobs / ".active").iterdir())  # no local copy left behind
+    assert not (plain.jobs / ".status" / "gpu-job-1.json").exists()
+    shown = r.hget(f"{PREFIX}:profiles:default", "plain")
+    assert r.smembers(f"{PREFIX}:declined:gpu-job-1") == {f"plain {fingerprint(shown)}".encode()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_job_no_live_worker_can_take_says_why_and_goes_to_a_worker_that_joins(
+        redis_server, redis_workers) -> None:
+    r = redis_server.client()
+    first = redis_workers("first", env=FAST).start()
+    second = redis_workers("second", env=FAST).start()
+    poll_until(lambda: _peers(r) == {"first", "second"}, 30, "both workers to show their profiles")
+    xadd_jobs(r, [_needs_gpu("gpu-job-2")])
+    why = poll_until(lambda: "either" in _status(r, "gpu-job-2").get("waiting_for", "")
+                     and _status(r, "gpu-job-2"), 30, "the status to say why no worker takes it")
+    holder = why["worker_id"]
+    other = ({"first", "second"} - {holder}).pop()
+    assert why["waiting_for"] == (
+        f"constraints.required_features: this worker lacks ['gpu-x']; no other live worker can "
+        f"take it either (constraints.required_features: worker '{other}' lacks ['gpu-x'])")
+    late = redis_workers("late", "--feature", "gpu-x", env=FAST).start()
+    poll_until(lambda: settled(r) and shared_results(r), 30, "the job to run on the late worker")
+    assert shared_results(r)["gpu-job-2"]["worker_id"] == "late"
+    assert executions([first, second, late]) == {"gpu-job-2": 1}
+    holder_worker = first if holder == "first" else second
+    assert "handed to worker late" in holder_worker.log()
+    assert holder_worker.result("gpu-job-2") is None
+
+
+def _show(r: Any, profile: dict[str, Any]) -> bytes:
+    """Make `profile` a live worker's, as the worker would show it; return its bytes."""
+    raw = orjson.dumps(profile)
+    r.zadd(f"{PREFIX}:workers:default", {profile["worker_id"]: 2**50})
+    r.hset(f"{PREFIX}:profiles:default", profile["worker_id"], raw)
+    return raw
+
+
+@pytest.mark.timeout(120)
+def test_a_job_never_goes_back_to_a_worker_that_handed_it_on_unless_set_up_anew(
+        redis_server, redis_workers) -> None:
+    r = redis_server.client()
+    # a worker that would fit, but handed this job on before (as it is set up now)
+    ghost = {"worker_id": "ghost", "pool": "default", "privileged": False,
+             "labels": {"host": "elsewhere", "worker_id": "ghost", "pool": "default"},
+             "capabilities": ["test.sleep"], "features": ["gpu-x"], "version": "9.9.9"}
+    r.sadd(f"{PREFIX}:declined:gpu-job-3", f"ghost {fingerprint(_show(r, ghost))}")
+    plain = redis_workers("plain", env=FAST).start()
+    xadd_jobs(r, [_needs_gpu("gpu-job-3")])
+    status = poll_until(lambda: _status(r, "gpu-job-3").get("waiting_for") and
+                        _status(r, "gpu-job-3"), 30, "the job to wait on the worker that read it")
+    assert status["worker_id"] == "plain"
+    assert status["waiting_for"].endswith("(worker 'ghost' handed it on before)")
+    pending = r.xpending(f"{PREFIX}:jobs:default", "guestkit-workers")
+    assert pending["consumers"] == [{"name": b"plain", "pending": 1}]
+    _show(r, {**ghost, "version": "9.9.10"})  # set up anew: it may take the job now
+    poll_until(lambda: _status(r, "gpu-job-3").get("handed_by") == "plain", 30,
+               "the job to go to the worker set up anew")
+    pending = r.xpending(f"{PREFIX}:jobs:default", "guestkit-workers")
+    assert pending["consumers"] == [{"name": b"ghost", "pending": 1}]
+    assert plain.stop() == 0
+    assert "plain" not in _peers(r)  # a stopped worker is no longer offered jobs
