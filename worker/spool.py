@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ ACTIVE, RETRY = ".active", ".retry"
 
 log = logging.getLogger("guestkit.spool")
 
+
+_QUEUE_FILE = re.compile(r"-queue-(\d+-\d+)\.json$")  #: a Redis stream id, as materialize names it
 
 class Spool:
     """One jobs directory and its results directory; only the supervisor writes outside the inbox."""
@@ -151,6 +154,12 @@ class Spool:
         claimed = f"{time.time_ns():020d}-{next(self._seq):06d}-queue-{safe}.json"
         fsutil.write_atomic(Path(self.path(ACTIVE, claimed)), data, fsync=self.fsync)
         return claimed
+
+    @staticmethod
+    def message_of(claimed: str) -> str | None:
+        """The shared queue's message id in a claimed name `materialize` made, else None."""
+        m = _QUEUE_FILE.search(claimed)
+        return m.group(1) if m else None
 
     def path(self, where: str, claimed: str) -> str:
         """Where a claimed job file lives (`where` is .active or .retry).

@@ -1245,7 +1245,8 @@ class Supervisor:
             first = self.spool.read_result(doc.job_id) or {}
             self.spool.archive(where, claimed, doc.job_id, first.get("status") == "completed")
             return
-        self._recover_one(where, claimed, data, doc.job_id)
+        self._recover_one(where, claimed, data, doc.job_id,
+                          message_id=self.spool.message_of(claimed))  # a queue's, adopted
 
     def _recover_one(self, where: str, claimed: str, data: bytes, job_id: str | None,
                      running_attempt: int | None = None, message_id: str | None = None) -> None:

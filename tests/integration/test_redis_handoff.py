@@ -23,6 +23,8 @@ from worker.transports.redis import fingerprint
 
 #: short leases: a worker reads the others' profiles every second
 FAST = lease_env(claim_idle=4, renew=1)
+#: a worker reads the others' profiles as it connects, then every 20 s; no takeover in a test
+SLOW = lease_env(claim_idle=60, renew=20)
 
 
 def _needs_gpu(job_id: str) -> dict[str, Any]:
@@ -45,11 +47,9 @@ def _peers(r: Any) -> set[str]:
     return {w.decode() for w in r.zrange(f"{PREFIX}:workers:default", 0, -1)}
 
 
-@pytest.mark.timeout(120)
-def test_a_job_read_by_a_worker_that_cannot_take_it_goes_straight_to_one_that_can(
-        redis_server, redis_workers) -> None:
-    r = redis_server.client()
-    able = redis_workers("able", "--max-concurrent", "1", "--feature", "gpu-x", env=FAST).start()
+def _busy_able(r: Any, redis_workers: Any) -> Any:
+    """Start worker "able" (feature gpu-x, one slot) and keep it busy 8 s, reading nothing."""
+    able = redis_workers("able", "--max-concurrent", "1", "--feature", "gpu-x", env=SLOW).start()
     busy = job("keeps-able-busy", "test.sleep", {"seconds": 8})
     busy["routing"] = {"worker_id": "able"}
     xadd_jobs(r, [busy])
@@ -57,23 +57,59 @@ def test_a_job_read_by_a_worker_that_cannot_take_it_goes_straight_to_one_that_ca
                "the worker with the feature to be busy")
     # the read asked for while its slot was free ends after BLOCK_MS; none follows it
     poll_until(lambda: _blocked_reads(r) == 0, 30, "the busy worker to stop reading")
-    plain = redis_workers("plain", env=FAST).start()  # reads the others' profiles as it connects
-    xadd_jobs(r, [_needs_gpu("gpu-job-1")])
-    poll_until(lambda: _status(r, "gpu-job-1").get("handed_by") == "plain", 30,
+    return able
+
+
+def _hand_to_able(r: Any, redis_workers: Any, job_id: str) -> Any:
+    """Start worker "plain" (it reads able's profile as it connects), put a job only able can
+    take on the stream, and return plain once it handed the job to able."""
+    plain = redis_workers("plain", env=SLOW).start()
+    xadd_jobs(r, [_needs_gpu(job_id)])
+    poll_until(lambda: _status(r, job_id).get("handed_by") == "plain", 30,
                "the worker without the feature to hand the job on")
-    handed = _status(r, "gpu-job-1")
+    handed = _status(r, job_id)
     assert handed["worker_id"] == "able" and handed["state"] == "queued"
     assert "required_features" in handed["detail"]
+    return plain
+
+
+@pytest.mark.timeout(120)
+def test_a_job_read_by_a_worker_that_cannot_take_it_goes_straight_to_one_that_can(
+        redis_server, redis_workers) -> None:
+    r = redis_server.client()
+    able = _busy_able(r, redis_workers)
+    plain = _hand_to_able(r, redis_workers, "gpu-job-1")
+    shown = r.hget(f"{PREFIX}:profiles:default", "plain")
+    assert plain.stop() == 0  # the job is able's now: plain gives nothing back
     poll_until(lambda: settled(r) and len(shared_results(r)) == 2, 30, "both jobs to end")
     assert shared_results(r)["gpu-job-1"]["worker_id"] == "able"
     assert executions([able, plain]) == {"keeps-able-busy": 1, "gpu-job-1": 1}
     log = plain.log()
     assert "handed to worker able" in log and "waiting:" not in log  # never held back here
+    assert "went back to the stream" not in log
     assert plain.result("gpu-job-1") is None
     assert not any((plain.jobs / ".active").iterdir())  # no local copy left behind
     assert not (plain.jobs / ".status" / "gpu-job-1.json").exists()
-    shown = r.hget(f"{PREFIX}:profiles:default", "plain")
     assert r.smembers(f"{PREFIX}:declined:gpu-job-1") == {f"plain {fingerprint(shown)}".encode()}
+    # able took it as it was told, not at its next renewal (20 s on): while still busy
+    log = able.log()
+    assert log.index("handed to this worker") < log.index("[keeps-able-busy] completed")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_worker_that_drains_gives_back_a_job_handed_to_it_that_it_never_started(
+        redis_server, redis_workers) -> None:
+    r = redis_server.client()
+    able = _busy_able(r, redis_workers)
+    plain = _hand_to_able(r, redis_workers, "gpu-job-6")
+    assert able.stop() == 0  # its busy job ends first; the handed one never started
+    assert "job gpu-job-6 went back to the stream unstarted" in able.log()
+    status = poll_until(lambda: _status(r, "gpu-job-6").get("waiting_for") and
+                        _status(r, "gpu-job-6"), 30, "the job to wait on plain again")
+    assert status["worker_id"] == "plain"
+    assert status["waiting_for"].endswith("(worker 'able' has stopped)")
+    assert executions([able, plain]) == {"keeps-able-busy": 1}
 
 
 @pytest.mark.slow
@@ -133,3 +169,40 @@ def test_a_job_never_goes_back_to_a_worker_that_handed_it_on_unless_set_up_anew(
     assert pending["consumers"] == [{"name": b"ghost", "pending": 1}]
     assert plain.stop() == 0
     assert "plain" not in _peers(r)  # a stopped worker is no longer offered jobs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_waiting_job_a_worker_recovers_after_kill_9_still_goes_to_one_that_can(
+        redis_server, redis_workers) -> None:
+    r = redis_server.client()
+    no_takeover = lease_env(claim_idle=60, renew=1)  # within the test only recovery can move it
+    plain = redis_workers("plain", env=no_takeover).start()
+    xadd_jobs(r, [_needs_gpu("gpu-job-4")])
+    poll_until(lambda: _status(r, "gpu-job-4").get("waiting_for"), 30, "the job to wait")
+    plain.kill()
+    able = redis_workers("able", "--feature", "gpu-x", env=no_takeover).start()
+    plain.start()  # its spool brings the job back; its message is still plain's
+    poll_until(lambda: settled(r) and shared_results(r), 30, "the job to run on the able worker")
+    assert shared_results(r)["gpu-job-4"]["worker_id"] == "able"
+    assert executions([plain, able]) == {"gpu-job-4": 1}
+    assert "handed to worker able" in plain.log()
+    assert not any((plain.jobs / ".active").iterdir())
+
+
+@pytest.mark.timeout(120)
+def test_a_job_is_not_handed_to_a_worker_that_has_just_stopped(redis_server, redis_workers) -> None:
+    r = redis_server.client()
+    able = redis_workers("able", "--feature", "gpu-x", env=SLOW).start()
+    plain = redis_workers("plain", env=SLOW).start()  # reads able's profile as it connects
+    assert _peers(r) == {"able", "plain"}
+    assert able.stop() == 0  # withdraws its profile; plain has not read the others since
+    assert _peers(r) == {"plain"}
+    xadd_jobs(r, [_needs_gpu("gpu-job-5")])
+    status = poll_until(lambda: _status(r, "gpu-job-5").get("waiting_for") and
+                        _status(r, "gpu-job-5"), 30, "the job to wait on the worker that read it")
+    assert status["worker_id"] == "plain"
+    assert status["waiting_for"].endswith("(worker 'able' has stopped)")
+    pending = r.xpending(f"{PREFIX}:jobs:default", "guestkit-workers")
+    assert pending["consumers"] == [{"name": b"plain", "pending": 1}]
+    assert "handed to worker" not in plain.log()

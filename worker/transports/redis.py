@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import logging
 import random
-import re
 import selectors
 import time
 from collections.abc import Callable, Iterator
@@ -59,7 +58,6 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.25, 2.0  #: reconnect back-off, doubling, with ji
 DEAD_MAXLEN = 100_000  #: the dead-letter stream keeps about this many entries
 UNREACHABLE = "<redis unreachable>"  #: the key holder reported while Redis cannot be asked
 ERRORS = (redis.RedisError, OSError)
-_QUEUE_FILE = re.compile(r"-queue-(\d+-\d+)\.json$")
 
 #: Renew the leases of ARGV[3..] for consumer ARGV[2]; return those it no longer holds.
 _RENEW = """
@@ -124,19 +122,25 @@ return redis.call('HMGET', KEYS[2], unpack(live))
 """
 #: Worker ARGV[2] declines message ARGV[3]: KEYS[2], the job's decliners, gets ARGV[10] (the
 #: worker and its profile's fingerprint, so that a worker set up anew counts as another). The
-#: message goes to the first worker of ARGV[11..] ("<worker> <fingerprint>") that has not
-#: declined it: it becomes that worker's (noted in the set ARGV[7]..worker, announced on
-#: ARGV[8]..worker), and the job's status KEYS[3] is ARGV[6] with that worker_id (published
-#: on ARGV[9]). Return the worker, '' when every one declined it, false when the message is
-#: not ARGV[2]'s any more.
+#: message goes to the first worker of ARGV[11..] ("<worker> <fingerprint>") that is still
+#: live (KEYS[4]) and has not declined it: it becomes that worker's (noted in the set
+#: ARGV[7]..worker, announced on ARGV[8]..worker), and the job's status KEYS[3] is ARGV[6]
+#: with that worker_id (published on ARGV[9]). Return {that worker, or '' for none, then the
+#: workers skipped as no longer live}; false when the message is not ARGV[2]'s any more.
 _HAND_OFF = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 or p[1][2] ~= ARGV[2] then return false end
 redis.call('SADD', KEYS[2], ARGV[10])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stopped = {''}
 for i = 11, #ARGV do
   local w = string.match(ARGV[i], '^(.*) [^ ]*$')
-  if w ~= ARGV[2] and redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then
+  local until_ms = redis.call('ZSCORE', KEYS[4], w)
+  if not until_ms or tonumber(until_ms) <= now then
+    stopped[#stopped + 1] = w
+  elseif w ~= ARGV[2] and redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then
     redis.call('XCLAIM', KEYS[1], ARGV[1], w, 0, ARGV[3], 'JUSTID')
     local status = cjson.decode(ARGV[6])
     status['worker_id'] = w
@@ -146,10 +150,11 @@ for i = 11, #ARGV do
     redis.call('SADD', ARGV[7] .. w, ARGV[3])
     redis.call('EXPIRE', ARGV[7] .. w, ARGV[4])
     redis.call('PUBLISH', ARGV[8] .. w, ARGV[3])
-    return w
+    stopped[1] = w
+    return stopped
   end
 end
-return ''
+return stopped
 """
 #: Make ARGV[1] the holder of the key unless another job holds it that has not failed.
 _TAKE_KEY = """
@@ -399,17 +404,18 @@ class RedisRemote(Remote):
         self._run_cancels()
         if not self.connected and (now < self.retry_at or not self._connect(now)):
             return
-        try:
+        try:  # a step whose delivery failed on Redis (see _down) ends the pass
             self._flush()
-            if now >= self.next_renew:
+            if self.connected and now >= self.next_renew:
                 self._renew(now)
-            if self.to_ack:
+            if self.connected and self.to_ack:
                 self._ack_adopted()
-            if self.parked:
+            if self.connected and self.parked:
                 self._unpark()
-            if self.handed_here:
+            if self.connected and self.handed_here:
                 self._take_handed()
-            self._claim(now, free_slots - len(self.parked))
+            if self.connected:
+                self._claim(now, free_slots - len(self.parked))
         except ERRORS as e:
             self._down(e, now)
         self._run_cancels()
@@ -495,8 +501,8 @@ class RedisRemote(Remote):
         """The result is stored here and in Redis: XACK and delete the entry at the end of the loop
         pass (unless it is not ours any more)."""
         held = self._forget(message_id)
-        if held is not None and (held.lost or held.dead):
-            return
+        if (held is not None and (held.lost or held.dead)) or job_id in self.foreign:
+            return  # another worker's message now
         if not self.connected or job_id in self.unsent_results:
             self.unsent_acks.add(message_id)
         else:
@@ -507,7 +513,9 @@ class RedisRemote(Remote):
         """Hand the message to a live worker that fits the job (in random order, skipping those
         that declined it before); this worker is noted as one that declined it."""
         held = self.held.get(message_id)
-        if held is None or held.lost or held.dead or held.gone or not self.connected:
+        job_id = held.job_id if held else next(
+            (j for j, m in self.adopted.items() if m == message_id), None)
+        if not job_id or not self.connected or (held and (held.lost or held.dead or held.gone)):
             return None, {}
         why_not: dict[str, str] = {}
         able = []
@@ -519,24 +527,31 @@ class RedisRemote(Remote):
         if not able:
             return None, why_not
         random.shuffle(able)
-        doc = {**status, "job_id": held.job_id, "state": "queued", "updated_at": rfc3339(),
+        doc = {**status, "job_id": job_id, "state": "queued", "updated_at": rfc3339(),
                "message_id": message_id, "handed_by": self.me}
         try:
-            to = self.scripts["hand_off"](
-                keys=[self.keys.stream, self.keys.declined(held.job_id), self.keys.status(held.job_id)],
+            reply: Any = self.scripts["hand_off"](
+                keys=[self.keys.stream, self.keys.declined(job_id), self.keys.status(job_id),
+                      self.keys.workers],
                 args=[self.group, self.me, message_id, self.settings.redis_status_ttl_seconds,
                       self.settings.redis_status_ttl_seconds, dumps(doc), self.keys.handed(),
-                      self.keys.handoff(), self.keys.events(held.job_id),
+                      self.keys.handoff(), self.keys.events(job_id),
                       f"{self.me} {fingerprint(self.profile)}", *able])
         except ERRORS as e:
             self._down(e, time.monotonic())
             return None, why_not
-        if not to:  # every able one declined it already (or it is not ours any more: see _renew)
-            return None, {**why_not, **{w: f"worker {w!r} handed it on before"
-                                        for w in (a.rsplit(" ", 1)[0] for a in able)}}
+        if reply is None:  # not ours any more: the next renewal says so and stops the copy
+            return None, why_not
+        to, *stopped = map(_text, reply)
+        if not to:
+            for worker in (a.rsplit(" ", 1)[0] for a in able):
+                why_not[worker] = (f"worker {worker!r} has stopped" if worker in stopped else
+                                   f"worker {worker!r} handed it on before")
+            return None, why_not
         self._forget(message_id)
-        self.dirty.pop(held.job_id, None)
-        return _text(to), why_not
+        self.adopted.pop(job_id, None)
+        self.dirty.pop(job_id, None)
+        return to, why_not
 
     def reject(self, message_id: str, record: dict[str, Any]) -> None:
         """The supervisor refused the job: dead-letter it with why, share its result, XACK it."""
@@ -628,6 +643,7 @@ class RedisRemote(Remote):
                 self._recover_own()
                 self.first = False
             self._advertise()
+            self.peers_seen += 1  # what could not be offered while away is offered again
             self.handed_here = True  # announced while away, or before this worker started
             self._check_cancels([h.job_id for h in self.held.values()] + list(self.adopted))
         except ERRORS as e:
@@ -883,6 +899,8 @@ class RedisRemote(Remote):
         self.next_renew = now + self.settings.redis_renew_seconds
         self._advertise()
         self._take_handed()  # an announcement can be missed: the set is the record
+        if not self.connected:
+            return
         ids = [m for m, h in self.held.items() if not (h.lost or h.dead or h.gone)] + \
             list(self.adopted.values())
         if not ids:
@@ -894,11 +912,12 @@ class RedisRemote(Remote):
             self._gone(mid)
 
     def _advertise(self) -> None:
-        """Show this worker's profile while it takes jobs (withdraw it otherwise) for
-        claim_idle_seconds, and read the other live workers' profiles."""
+        """Show this worker's profile while it takes jobs (withdraw it otherwise) for three
+        renewal periods (at most claim_idle_seconds), and read the other live workers'."""
         assert self.client is not None
         shown = self.profile if self.intake else b""
-        ttl_ms = int(self.settings.redis_claim_idle_seconds * 1000)
+        ttl_ms = int(min(self.settings.redis_claim_idle_seconds,
+                         3 * self.settings.redis_renew_seconds) * 1000)
         reply: Any = self.scripts["advertise"](keys=[self.keys.workers, self.keys.profiles],
                                                args=[self.me, shown, ttl_ms])
         peers = {}
@@ -914,23 +933,30 @@ class RedisRemote(Remote):
         give them back to the stream)."""
         assert self.client is not None
         self.handed_here = False
-        for mid in map(_text, self.client.spop(self.keys.handed(self.me), 1000) or []):
-            if mid in self.held or mid in self.adopted.values():
-                continue
-            pending: Any = self.client.xpending_range(self.keys.stream, self.group, min=mid,
-                                                      max=mid, count=1)
-            rows: Any = self.client.xrange(self.keys.stream, mid, mid)
-            if not pending or _text(pending[0]["consumer"]) != self.me or not rows:
-                continue  # taken over, or finished, meanwhile
-            if not self.intake:
-                self._give_back(mid, rows[0][1])
-                continue
-            if (job := self._parse(mid, rows[0][1])) is not None:
-                log.info("redis: job %s: handed to this worker by another", job[2],
-                         extra={"job_id": job[2]})
-                self._settle(mid, job, self._probe(job[2], mid),
-                             int(pending[0]["times_delivered"]), "handoff")
-                self.wake = True
+        key = self.keys.handed(self.me)
+        for mid in sorted(map(_text, self.client.smembers(key))):
+            if mid not in self.held and mid not in self.adopted.values():
+                self._take_one_handed(mid)
+            if not self.connected or self.client is None:
+                return  # the rest stay noted; a reconnection looks again
+            self.client.srem(key, mid)
+
+    def _take_one_handed(self, mid: str) -> None:
+        assert self.client is not None
+        pending: Any = self.client.xpending_range(self.keys.stream, self.group, min=mid, max=mid,
+                                                  count=1)
+        rows: Any = self.client.xrange(self.keys.stream, mid, mid)
+        if not pending or _text(pending[0]["consumer"]) != self.me or not rows:
+            return  # taken over, or finished, meanwhile
+        if not self.intake:
+            self._give_back(mid, rows[0][1])
+            return
+        if (job := self._parse(mid, rows[0][1])) is not None:
+            log.info("redis: job %s: handed to this worker by another", job[2],
+                     extra={"job_id": job[2]})
+            self._settle(mid, job, self._probe(job[2], mid), int(pending[0]["times_delivered"]),
+                         "handoff")
+            self.wake = True
 
     def _gone(self, mid: str) -> None:
         """A message held here is in no worker's hands any more: acknowledged by the worker
@@ -1257,14 +1283,14 @@ class RedisRemote(Remote):
         out: dict[str, str] = {}
         with contextlib.suppress(FileNotFoundError):
             for where, claimed in self.spool.claimed():
-                m = _QUEUE_FILE.search(claimed)
-                if m is None:
+                mid = self.spool.message_of(claimed)
+                if mid is None:
                     continue
                 try:
                     doc = _json(self.spool.read(where, claimed))
                 except OSError:
                     continue
-                out[m.group(1)] = safe_job_id(doc or {}) or ""
+                out[mid] = safe_job_id(doc or {}) or ""
         return out
 
     # -- small reads -----------------------------------------------------------------------------
