@@ -1210,7 +1210,11 @@ class Supervisor:
             if self.spool.has_result(job_id):
                 self.spool.clear_cancel(job_id)
             return  # it may not have arrived yet: the request waits for it
-        if not job.cancellable:
+        if job.state is JobState.QUEUED and self.remote.disowned(job_id):
+            self._conclude(job, self._ending(job, "cancelled", ErrorCode.CANCELLED,
+                                             f"job {job_id!r}: its message went to another "
+                                             "worker, or back to the queue; this copy is dropped"))
+        elif not job.cancellable:
             self._refuse_cancel(job)
         elif job.state is JobState.QUEUED:
             self._cancel_queued(job)

@@ -281,11 +281,12 @@ def test_a_worker_started_without_redis_is_not_ready_and_catches_up(tmp_path, re
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("cancellable", [True, False])  # a copy elsewhere is no client's cancel
 def test_a_drained_worker_gives_back_what_it_never_started_and_drops_it_after_a_restart(
-        redis_server, redis_workers) -> None:
+        redis_server, redis_workers, cancellable: bool) -> None:
     first = redis_workers("d0", "--max-concurrent", "2").start()
     r = redis_server.client()
-    doc = job("needs-feature-1", "test.sleep", {"seconds": 0.1})
+    doc = job("needs-feature-1", "test.sleep", {"seconds": 0.1}, cancellable=cancellable)
     doc["constraints"] = {"required_features": ["gpu-nope"]}
     xadd_jobs(r, [doc])
     poll_until(lambda: b"waiting_for" in (r.get("guestkit:status:needs-feature-1") or b""), 30,

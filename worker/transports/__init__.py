@@ -64,6 +64,11 @@ class Remote:
         its shared status), or None, and why each other live worker cannot take it."""
         return None, {}
 
+    def disowned(self, job_id: str) -> bool:
+        """Whether the job's message went to another worker or back to the queue: a local
+        copy not started yet is dropped, cancellable or not."""
+        return False
+
     def reject(self, message_id: str, record: dict[str, Any]) -> None:
         """A delivered message could not be accepted: record why and never deliver it again."""
 

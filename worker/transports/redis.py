@@ -553,6 +553,11 @@ class RedisRemote(Remote):
         self.dirty.pop(job_id, None)
         return to, why_not
 
+    def disowned(self, job_id: str) -> bool:
+        """Whether another worker (or the stream) has the job's message now."""
+        held = self.held.get(self.by_job.get(job_id, ""))
+        return job_id in self.foreign or (held is not None and held.lost)
+
     def reject(self, message_id: str, record: dict[str, Any]) -> None:
         """The supervisor refused the job: dead-letter it with why, share its result, XACK it."""
         held = self._forget(message_id)
