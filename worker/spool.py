@@ -29,9 +29,8 @@ SORTED_SCAN = 10_000
 ACTIVE, RETRY = ".active", ".retry"
 
 log = logging.getLogger("guestkit.spool")
-
-
 _QUEUE_FILE = re.compile(r"-queue-(\d+-\d+)\.json$")  #: a Redis stream id, as materialize names it
+
 
 class Spool:
     """One jobs directory and its results directory; only the supervisor writes outside the inbox."""

@@ -43,6 +43,20 @@ def _blocked_reads(r: Any) -> int:
     return sum(1 for c in r.client_list() if c["cmd"] == "xreadgroup" and "b" in c["flags"])
 
 
+def _holders(r: Any) -> dict[str, int]:
+    """How many messages each worker holds."""
+    consumers = r.xpending(f"{PREFIX}:jobs:default", "guestkit-workers")["consumers"]
+    return {c["name"].decode(): c["pending"] for c in consumers}
+
+
+def _waits_on(r: Any, job_id: str, worker: str, why_ends: str) -> None:
+    """Wait until `job_id` waits on `worker`, which holds its message, for a reason ending so."""
+    status = poll_until(lambda: _status(r, job_id).get("waiting_for") and _status(r, job_id), 30,
+                        f"{job_id} to wait on {worker}")
+    assert status["worker_id"] == worker and _holders(r) == {worker: 1}
+    assert status["waiting_for"].endswith(why_ends)
+
+
 def _peers(r: Any) -> set[str]:
     return {w.decode() for w in r.zrange(f"{PREFIX}:workers:default", 0, -1)}
 
@@ -105,10 +119,7 @@ def test_a_worker_that_drains_gives_back_a_job_handed_to_it_that_it_never_starte
     plain = _hand_to_able(r, redis_workers, "gpu-job-6")
     assert able.stop() == 0  # its busy job ends first; the handed one never started
     assert "job gpu-job-6 went back to the stream unstarted" in able.log()
-    status = poll_until(lambda: _status(r, "gpu-job-6").get("waiting_for") and
-                        _status(r, "gpu-job-6"), 30, "the job to wait on plain again")
-    assert status["worker_id"] == "plain"
-    assert status["waiting_for"].endswith("(worker 'able' has stopped)")
+    _waits_on(r, "gpu-job-6", "plain", "(worker 'able' has stopped)")
     assert executions([able, plain]) == {"keeps-able-busy": 1}
 
 
@@ -156,17 +167,11 @@ def test_a_job_never_goes_back_to_a_worker_that_handed_it_on_unless_set_up_anew(
     r.sadd(f"{PREFIX}:declined:gpu-job-3", f"ghost {fingerprint(_show(r, ghost))}")
     plain = redis_workers("plain", env=FAST).start()
     xadd_jobs(r, [_needs_gpu("gpu-job-3")])
-    status = poll_until(lambda: _status(r, "gpu-job-3").get("waiting_for") and
-                        _status(r, "gpu-job-3"), 30, "the job to wait on the worker that read it")
-    assert status["worker_id"] == "plain"
-    assert status["waiting_for"].endswith("(worker 'ghost' handed it on before)")
-    pending = r.xpending(f"{PREFIX}:jobs:default", "guestkit-workers")
-    assert pending["consumers"] == [{"name": b"plain", "pending": 1}]
+    _waits_on(r, "gpu-job-3", "plain", "(worker 'ghost' handed it on before)")
     _show(r, {**ghost, "version": "9.9.10"})  # set up anew: it may take the job now
     poll_until(lambda: _status(r, "gpu-job-3").get("handed_by") == "plain", 30,
                "the job to go to the worker set up anew")
-    pending = r.xpending(f"{PREFIX}:jobs:default", "guestkit-workers")
-    assert pending["consumers"] == [{"name": b"ghost", "pending": 1}]
+    assert _holders(r) == {"ghost": 1}
     assert plain.stop() == 0
     assert "plain" not in _peers(r)  # a stopped worker is no longer offered jobs
 
@@ -199,10 +204,5 @@ def test_a_job_is_not_handed_to_a_worker_that_has_just_stopped(redis_server, red
     assert able.stop() == 0  # withdraws its profile; plain has not read the others since
     assert _peers(r) == {"plain"}
     xadd_jobs(r, [_needs_gpu("gpu-job-5")])
-    status = poll_until(lambda: _status(r, "gpu-job-5").get("waiting_for") and
-                        _status(r, "gpu-job-5"), 30, "the job to wait on the worker that read it")
-    assert status["worker_id"] == "plain"
-    assert status["waiting_for"].endswith("(worker 'able' has stopped)")
-    pending = r.xpending(f"{PREFIX}:jobs:default", "guestkit-workers")
-    assert pending["consumers"] == [{"name": b"plain", "pending": 1}]
+    _waits_on(r, "gpu-job-5", "plain", "(worker 'able' has stopped)")
     assert "handed to worker" not in plain.log()
