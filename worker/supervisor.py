@@ -523,9 +523,10 @@ class Supervisor:
             self._admit(acc, seq=entry.seq)
 
     def _pass_on(self, job: Job, doc: JobDocument) -> bool:
-        """Hand a job from the shared queue that this worker cannot take (`job.waiting_for`)
-        to a live worker that can. True when it went, its local copy dropped; else its wait
-        reason also says why no other live worker can take it."""
+        """Pass on a job from the shared queue that this worker cannot take (`job.waiting_for`):
+        to the queue of the pool its routing names, else to a live worker that can take it.
+        True when it went, its local copy dropped; else its wait reason also says why no
+        other live worker can take it."""
         why = self.unroutable.pop(job.job_id, None) or job.waiting_for or ""
 
         def fits(profile: dict[str, Any]) -> str | None:
@@ -536,16 +537,19 @@ class Supervisor:
 
         shared = {k: v for k, v in job.status_doc(self.settings.worker_id).items()
                   if k not in ("file", "waiting_for", "worker_id")}
+        shared["detail"] = f"passed on by {self.settings.worker_id!r}: {why}"
         assert job.message_id is not None
-        to, others = self.remote.offer(job.message_id, fits,
-                                       {**shared, "detail": f"handed over by "
-                                        f"{self.settings.worker_id!r}: {why}"})
-        if to is None:
-            self.unroutable[job.job_id] = why
-            job.waiting_for = why + (f"; no other live worker can take it either "
-                                     f"({'; '.join(others.values())})" if others else "")
-            return False
-        self._log(job, "handed to worker %s, as %s", to, why)
+        pool = doc.routing.worker_pool
+        if pool and pool != self.settings.pool and self.remote.forward(job.message_id, pool, shared):
+            self._log(job, "moved to the queue of pool %s", pool)
+        else:
+            to, others = self.remote.offer(job.message_id, fits, shared)
+            if to is None:
+                self.unroutable[job.job_id] = why
+                job.waiting_for = why + (f"; no other live worker can take it either "
+                                         f"({'; '.join(others.values())})" if others else "")
+                return False
+            self._log(job, "handed to worker %s, as %s", to, why)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.spool.path(job.where, job.claimed))
         if self.spool.has_status(job.job_id):

@@ -206,3 +206,19 @@ def test_a_job_is_not_handed_to_a_worker_that_has_just_stopped(redis_server, red
     xadd_jobs(r, [_needs_gpu("gpu-job-5")])
     _waits_on(r, "gpu-job-5", "plain", "(worker 'able' has stopped)")
     assert "handed to worker" not in plain.log()
+
+
+@pytest.mark.timeout(120)
+def test_a_job_routed_to_another_pool_moves_to_that_pools_stream(redis_server, redis_workers) -> None:
+    r = redis_server.client()
+    here = redis_workers("here", env=FAST).start()
+    there = redis_workers("there", "--pool", "gpu", env=FAST).start()
+    doc = job("pool-job-1", "test.sleep", {"seconds": 0.1})
+    doc["routing"] = {"worker_pool": "gpu"}
+    xadd_jobs(r, [doc])  # on the default pool's stream
+    poll_until(lambda: shared_results(r), 30, "the job to run in pool gpu")
+    assert shared_results(r)["pool-job-1"]["worker_id"] == "there"
+    assert executions([here, there]) == {"pool-job-1": 1}
+    assert "moved to the queue of pool gpu" in here.log()
+    poll_until(lambda: r.xlen(f"{PREFIX}:jobs:gpu") == 0, 30, "the gpu pool's entry to be acked")
+    assert settled(r) and not any((here.jobs / ".active").iterdir())

@@ -64,6 +64,11 @@ class Remote:
         its shared status), or None, and why each other live worker cannot take it."""
         return None, {}
 
+    def forward(self, message_id: str, pool: str, status: dict[str, Any]) -> bool:
+        """Move a delivered job to the queue of pool `pool` (its routing.worker_pool); False
+        when it could not be (it stays here). `status` is its shared status from then on."""
+        return False
+
     def disowned(self, job_id: str) -> bool:
         """Whether the job's message went to another worker or back to the queue: a local
         copy not started yet is dropped, cancellable or not."""

@@ -89,12 +89,13 @@ redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[3])
 return 1
 """
-#: Return message ARGV[2] to the stream KEYS[1] as a new entry (fields ARGV[3..]) and move
-#: the job id's owner KEYS[2] (when given and ARGV[2] held it) to the new entry.
+#: Take message ARGV[2] off the stream KEYS[1] and add it to the stream KEYS[2] (the same
+#: one, or another pool's) as a new entry (fields ARGV[3..]); move the job id's owner KEYS[3]
+#: (when given and ARGV[2] held it) to the new entry.
 _GIVE_BACK = """
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
-if KEYS[2] and redis.call('GET', KEYS[2]) == ARGV[2] then
-  redis.call('SET', KEYS[2], id, 'KEEPTTL')
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+if KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[2] then
+  redis.call('SET', KEYS[3], id, 'KEEPTTL')
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
@@ -508,14 +509,35 @@ class RedisRemote(Remote):
         else:
             self.acks.append(message_id)
 
+    def forward(self, message_id: str, pool: str, status: dict[str, Any]) -> bool:
+        """Put the message on pool `pool`'s stream as a new entry and take it off this one."""
+        job_id = self._passable(message_id)
+        if job_id is None or self.client is None:
+            return False
+        stream = Keys(self.keys.prefix, pool).stream
+        doc = dumps({**status, "job_id": job_id, "state": "queued", "updated_at": rfc3339(),
+                     "stream": stream, "moved_by": self.me})
+        try:
+            rows: Any = self.client.xrange(self.keys.stream, message_id, message_id)
+            if not rows:
+                return False
+            self._give_back(message_id, rows[0][1], stream)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(self.keys.status(job_id), doc, ex=self.settings.redis_status_ttl_seconds)
+            pipe.publish(self.keys.events(job_id), doc)
+            pipe.execute()
+        except ERRORS as e:
+            self._down(e, time.monotonic())
+            return False
+        self._let_go(message_id, job_id)
+        return True
+
     def offer(self, message_id: str, fits: Fits,
               status: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
         """Hand the message to a live worker that fits the job (in random order, skipping those
         that declined it before); this worker is noted as one that declined it."""
-        held = self.held.get(message_id)
-        job_id = held.job_id if held else next(
-            (j for j, m in self.adopted.items() if m == message_id), None)
-        if not job_id or not self.connected or (held and (held.lost or held.dead or held.gone)):
+        job_id = self._passable(message_id)
+        if job_id is None:
             return None, {}
         why_not: dict[str, str] = {}
         able = []
@@ -548,10 +570,23 @@ class RedisRemote(Remote):
                 why_not[worker] = (f"worker {worker!r} has stopped" if worker in stopped else
                                    f"worker {worker!r} handed it on before")
             return None, why_not
+        self._let_go(message_id, job_id)
+        return to, why_not
+
+    def _passable(self, message_id: str) -> str | None:
+        """The job id of a message this worker holds and may pass on now, else None."""
+        held = self.held.get(message_id)
+        job_id = held.job_id if held else next(
+            (j for j, m in self.adopted.items() if m == message_id), None)
+        if not job_id or not self.connected or (held and (held.lost or held.dead or held.gone)):
+            return None
+        return job_id
+
+    def _let_go(self, message_id: str, job_id: str) -> None:
+        """The message went to another worker or stream: forget it here."""
         self._forget(message_id)
         self.adopted.pop(job_id, None)
         self.dirty.pop(job_id, None)
-        return to, why_not
 
     def disowned(self, job_id: str) -> bool:
         """Whether another worker (or the stream) has the job's message now."""
@@ -875,11 +910,12 @@ class RedisRemote(Remote):
                       "will take it after %.0f s", mid, e, self.settings.redis_claim_idle_seconds)
             self._forget(mid)
 
-    def _give_back(self, mid: str, fields: dict[bytes, bytes]) -> None:
-        """Return a message this worker will not run to the stream, as a new entry, at once;
-        the new entry carries its job id from then on."""
+    def _give_back(self, mid: str, fields: dict[bytes, bytes], stream: str | None = None) -> None:
+        """Return a message this worker will not run to the stream (or put it on `stream`), as
+        a new entry, at once; the new entry carries its job id from then on."""
         job_id = safe_job_id(_json(fields.get(b"job")) or {})
-        keys = [self.keys.stream, *([self.keys.owner(job_id)] if job_id else [])]
+        keys = [self.keys.stream, stream or self.keys.stream,
+                *([self.keys.owner(job_id)] if job_id else [])]
         self.scripts["give_back"](
             keys=keys, args=[self.group, mid, *(x for kv in fields.items() for x in kv)])
 
