@@ -29,7 +29,9 @@ SORTED_SCAN = 10_000
 ACTIVE, RETRY = ".active", ".retry"
 
 log = logging.getLogger("guestkit.spool")
-_QUEUE_FILE = re.compile(r"-queue-(\d+-\d+)\.json$")  #: a Redis stream id, as materialize names it
+#: the claimed name `materialize` gives a message (a claim always puts "-" after the sequence
+#: number; before ".queue-" came in, "-queue-" was used, and is still read)
+_QUEUE_FILE = re.compile(r"^\d{20}-\d{6}[.-]queue-(\d+-\d+)\.json$")
 
 
 class Spool:
@@ -150,14 +152,14 @@ class Spool:
     def materialize(self, message_id: str, data: bytes) -> str:
         """Store a job delivered by a shared queue as a claimed file; return its claimed name."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in message_id)
-        claimed = f"{time.time_ns():020d}-{next(self._seq):06d}-queue-{safe}.json"
+        claimed = f"{time.time_ns():020d}-{next(self._seq):06d}.queue-{safe}.json"
         fsutil.write_atomic(Path(self.path(ACTIVE, claimed)), data, fsync=self.fsync)
         return claimed
 
     @staticmethod
     def message_of(claimed: str) -> str | None:
         """The shared queue's message id in a claimed name `materialize` made, else None."""
-        m = _QUEUE_FILE.search(claimed)
+        m = _QUEUE_FILE.match(claimed)
         return m.group(1) if m else None
 
     def path(self, where: str, claimed: str) -> str:

@@ -392,3 +392,17 @@ def test_a_worker_paused_past_its_lease_loses_its_job_and_the_record_says_so(
     assert "stopped renewing its lease" in res["error"]["message"], res["error"]
     poll_until(lambda: "stopping this copy" in holder.log(), 30, "the paused copy to stop")
     assert shared_results(r)["paused-job"] == res
+
+
+@pytest.mark.timeout(120)
+def test_a_dropped_file_named_like_a_queue_message_is_recovered_as_a_dropped_job(
+        redis_server, redis_workers) -> None:
+    w = redis_workers("q0").start()
+    w.drop(job("looks-queued-1", "test.sleep", {"seconds": 3}, max_attempts=2),
+           name="nightly-queue-2024-12.json")
+    poll_until(lambda: w.runs("looks-queued-1"), 30, "the job to start")
+    w.kill()
+    w.start()  # no message 2024-12 is this worker's: that is no reason to drop the job
+    res = w.wait_result("looks-queued-1", 60)
+    assert res["status"] == "completed" and res["execution_summary"]["attempt"] == 2
+    assert "went back to the stream or to another worker" not in w.log()

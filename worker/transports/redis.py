@@ -89,13 +89,20 @@ redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[3])
 return 1
 """
-#: Take message ARGV[2] off the stream KEYS[1] and add it to the stream KEYS[2] (the same
-#: one, or another pool's) as a new entry (fields ARGV[3..]); move the job id's owner KEYS[3]
-#: (when given and ARGV[2] held it) to the new entry.
+#: If consumer ARGV[3] holds message ARGV[2], take it off the stream KEYS[1] and add it to the
+#: stream KEYS[2] (the same one, or another pool's) as a new entry (fields ARGV[7..]); move the
+#: job id's owner KEYS[3] to the new entry when ARGV[2] held it; when ARGV[4] is a status,
+#: make it the job's (KEYS[4], for ARGV[5] s) and publish it on ARGV[6]. False: not held.
 _GIVE_BACK = """
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
-if KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[2] then
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[3] then return false end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 7))
+if redis.call('GET', KEYS[3]) == ARGV[2] then
   redis.call('SET', KEYS[3], id, 'KEEPTTL')
+end
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5])
+  redis.call('PUBLISH', ARGV[6], ARGV[4])
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
@@ -504,6 +511,9 @@ class RedisRemote(Remote):
         held = self._forget(message_id)
         if (held is not None and (held.lost or held.dead)) or job_id in self.foreign:
             return  # another worker's message now
+        if self.adopted.get(job_id) == message_id:  # acknowledged here, not by _ack_adopted
+            del self.adopted[job_id]
+            self.to_ack.discard(message_id)
         if not self.connected or job_id in self.unsent_results:
             self.unsent_acks.add(message_id)
         else:
@@ -519,14 +529,9 @@ class RedisRemote(Remote):
                      "stream": stream, "moved_by": self.me})
         try:
             rows: Any = self.client.xrange(self.keys.stream, message_id, message_id)
-            if not rows:
-                return False
-            self._give_back(message_id, rows[0][1], stream)
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(self.keys.status(job_id), doc, ex=self.settings.redis_status_ttl_seconds)
-            pipe.publish(self.keys.events(job_id), doc)
-            pipe.execute()
-        except ERRORS as e:
+            if not rows or not self._give_back(message_id, rows[0][1], stream, doc):
+                return False  # gone or not ours any more: the next renewal says which
+        except ERRORS as e:  # moved or not: the owner key tells (see _gone)
             self._down(e, time.monotonic())
             return False
         self._let_go(message_id, job_id)
@@ -910,14 +915,18 @@ class RedisRemote(Remote):
                       "will take it after %.0f s", mid, e, self.settings.redis_claim_idle_seconds)
             self._forget(mid)
 
-    def _give_back(self, mid: str, fields: dict[bytes, bytes], stream: str | None = None) -> None:
-        """Return a message this worker will not run to the stream (or put it on `stream`), as
-        a new entry, at once; the new entry carries its job id from then on."""
-        job_id = safe_job_id(_json(fields.get(b"job")) or {})
-        keys = [self.keys.stream, stream or self.keys.stream,
-                *([self.keys.owner(job_id)] if job_id else [])]
-        self.scripts["give_back"](
-            keys=keys, args=[self.group, mid, *(x for kv in fields.items() for x in kv)])
+    def _give_back(self, mid: str, fields: dict[bytes, bytes], stream: str | None = None,
+                   status: bytes = b"") -> bool:
+        """Return a message this worker holds and will not run to the stream (or put it on
+        `stream`, with the job's new `status`), as a new entry, at once; the new entry carries
+        its job id from then on. False when this worker does not hold it (nothing changed)."""
+        job_id = safe_job_id(_json(fields.get(b"job")) or {}) or "-"
+        moved = self.scripts["give_back"](
+            keys=[self.keys.stream, stream or self.keys.stream, self.keys.owner(job_id),
+                  self.keys.status(job_id)],
+            args=[self.group, mid, self.me, status, self.settings.redis_status_ttl_seconds,
+                  self.keys.events(job_id), *(x for kv in fields.items() for x in kv)])
+        return moved is not None
 
     def _give_back_unstarted(self) -> None:
         """At close: messages delivered but never started here go back for the other workers."""
@@ -1001,11 +1010,14 @@ class RedisRemote(Remote):
 
     def _gone(self, mid: str) -> None:
         """A message held here is in no worker's hands any more: acknowledged by the worker
-        that finished its job (which then has a result), or deleted from the stream (XTRIM,
-        XADD MAXLEN, XDEL, FLUSHALL), after which nobody else can run it: finish it here."""
+        that finished its job (which then has a result), moved on by this one (a reply lost:
+        the job's owner key names the new entry), or deleted from the stream (XTRIM, XADD
+        MAXLEN, XDEL, FLUSHALL), after which nobody else can run it: finish it here."""
+        assert self.client is not None
         held = self.held.get(mid)
         job_id = held.job_id if held else next((j for j, m in self.adopted.items() if m == mid), "")
-        if job_id and self._has_result(job_id):
+        owner = self.client.get(self.keys.owner(job_id)) if job_id else None
+        if job_id and (self._has_result(job_id) or (owner is not None and _text(owner) != mid)):
             self._lose(mid)
             return
         if held is not None:
