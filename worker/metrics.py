@@ -335,6 +335,7 @@ class WorkerMetrics:
     running_jobs: Gauge  #: job children alive now
     kills: Counter  #: jobs killed by the supervisor {reason}
     retries: Counter  #: jobs sent back for another attempt
+    passed_on: Counter  #: jobs from the shared queue passed on unrun {to: worker, pool}
     spawn_latency: Histogram  #: seconds from claiming a job to its child running
     oldest_queued_age: Gauge  #: age in seconds of the oldest waiting job (0 when none)
     descendants_reaped: Counter  #: orphaned job descendants the supervisor (a subreaper) reaped
@@ -360,6 +361,10 @@ def worker_metrics(registry: Registry) -> WorkerMetrics:
         running_jobs=registry.gauge(prefix + "running_jobs", "Jobs running now."),
         kills=registry.counter(prefix + "kills", "Jobs killed, by reason.", ("reason",)),
         retries=registry.counter(prefix + "retries", "Jobs requeued for another attempt."),
+        passed_on=registry.counter(
+            prefix + "passed_on", "Jobs from the shared queue this worker could not take, "
+            "passed on unrun to another worker or to their pool's queue.", ("to",)
+        ),
         spawn_latency=registry.histogram(
             prefix + "spawn_latency_seconds",
             "Time from claiming a job to its child process running.",

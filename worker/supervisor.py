@@ -542,6 +542,7 @@ class Supervisor:
         pool = doc.routing.worker_pool
         if pool and pool != self.settings.pool and self.remote.forward(job.message_id, pool, shared):
             self._log(job, "moved to the queue of pool %s", pool)
+            self.service.m.passed_on.labels(to="pool").inc()
         else:
             to, others = self.remote.offer(job.message_id, fits, shared)
             if to is None:
@@ -550,6 +551,7 @@ class Supervisor:
                                          f"({'; '.join(others.values())})" if others else "")
                 return False
             self._log(job, "handed to worker %s, as %s", to, why)
+            self.service.m.passed_on.labels(to="worker").inc()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.spool.path(job.where, job.claimed))
         if self.spool.has_status(job.job_id):

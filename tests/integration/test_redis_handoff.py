@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from redis_fixtures import (
     xadd_jobs,
 )
 
+from worker import metrics
 from worker.transports.redis import fingerprint
 
 #: short leases: a worker reads the others' profiles every second
@@ -57,6 +59,14 @@ def _waits_on(r: Any, job_id: str, worker: str, why_ends: str) -> None:
     assert status["waiting_for"].endswith(why_ends)
 
 
+def _passed_on(w: Any) -> str:
+    """The lines of guestkit_worker_passed_on_total that worker `w` (with --metrics-addr) shows."""
+    port = int(re.search(r"metrics and health on http://127.0.0.1:(\d+)/", w.log())[1])
+    _, body = metrics.fetch("127.0.0.1", port, "/metrics")
+    return "".join(line + "\n" for line in body.decode().splitlines()
+                   if line.startswith("guestkit_worker_passed_on_total{"))
+
+
 def _peers(r: Any) -> set[str]:
     return {w.decode() for w in r.zrange(f"{PREFIX}:workers:default", 0, -1)}
 
@@ -77,7 +87,7 @@ def _busy_able(r: Any, redis_workers: Any) -> Any:
 def _hand_to_able(r: Any, redis_workers: Any, job_id: str) -> Any:
     """Start worker "plain" (it reads able's profile as it connects), put a job only able can
     take on the stream, and return plain once it handed the job to able."""
-    plain = redis_workers("plain", env=SLOW).start()
+    plain = redis_workers("plain", "--metrics-addr", "127.0.0.1:0", env=SLOW).start()
     xadd_jobs(r, [_needs_gpu(job_id)])
     poll_until(lambda: _status(r, job_id).get("handed_by") == "plain", 30,
                "the worker without the feature to hand the job on")
@@ -94,6 +104,7 @@ def test_a_job_read_by_a_worker_that_cannot_take_it_goes_straight_to_one_that_ca
     able = _busy_able(r, redis_workers)
     plain = _hand_to_able(r, redis_workers, "gpu-job-1")
     shown = r.hget(f"{PREFIX}:profiles:default", "plain")
+    assert _passed_on(plain) == 'guestkit_worker_passed_on_total{to="worker"} 1\n'
     assert plain.stop() == 0  # the job is able's now: plain gives nothing back
     poll_until(lambda: settled(r) and len(shared_results(r)) == 2, 30, "both jobs to end")
     assert shared_results(r)["gpu-job-1"]["worker_id"] == "able"
@@ -211,7 +222,7 @@ def test_a_job_is_not_handed_to_a_worker_that_has_just_stopped(redis_server, red
 @pytest.mark.timeout(120)
 def test_a_job_routed_to_another_pool_moves_to_that_pools_stream(redis_server, redis_workers) -> None:
     r = redis_server.client()
-    here = redis_workers("here", env=FAST).start()
+    here = redis_workers("here", "--metrics-addr", "127.0.0.1:0", env=FAST).start()
     there = redis_workers("there", "--pool", "gpu", env=FAST).start()
     doc = job("pool-job-1", "test.sleep", {"seconds": 0.1})
     doc["routing"] = {"worker_pool": "gpu"}
@@ -220,5 +231,6 @@ def test_a_job_routed_to_another_pool_moves_to_that_pools_stream(redis_server, r
     assert shared_results(r)["pool-job-1"]["worker_id"] == "there"
     assert executions([here, there]) == {"pool-job-1": 1}
     assert "moved to the queue of pool gpu" in here.log()
+    assert _passed_on(here) == 'guestkit_worker_passed_on_total{to="pool"} 1\n'
     poll_until(lambda: r.xlen(f"{PREFIX}:jobs:gpu") == 0, 30, "the gpu pool's entry to be acked")
     assert settled(r) and not any((here.jobs / ".active").iterdir())
