@@ -29,9 +29,9 @@ SORTED_SCAN = 10_000
 ACTIVE, RETRY = ".active", ".retry"
 
 log = logging.getLogger("guestkit.spool")
-#: the claimed name `materialize` gives a message (a claim always puts "-" after the sequence
-#: number; before ".queue-" came in, "-queue-" was used, and is still read)
-_QUEUE_FILE = re.compile(r"^\d{20}-\d{6}[.-]queue-(\d+-\d+)\.json$")
+#: the claimed name `materialize` gives a message: a claim always puts "-" after the sequence
+#: number, so no inbox file name can pass for one
+_QUEUE_FILE = re.compile(r"^\d+-\d+\.queue-(\d+-\d+)\.json$")
 
 
 class Spool:

@@ -399,7 +399,7 @@ def test_a_dropped_file_named_like_a_queue_message_is_recovered_as_a_dropped_job
         redis_server, redis_workers) -> None:
     w = redis_workers("q0").start()
     w.drop(job("looks-queued-1", "test.sleep", {"seconds": 3}, max_attempts=2),
-           name="nightly-queue-2024-12.json")
+           name="queue-2024-12.json")
     poll_until(lambda: w.runs("looks-queued-1"), 30, "the job to start")
     w.kill()
     w.start()  # no message 2024-12 is this worker's: that is no reason to drop the job

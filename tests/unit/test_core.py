@@ -14,7 +14,7 @@ from worker import config, fsutil
 from worker.errors import ConfigError, ErrorCode, IllegalTransition, JobRejected, UnsafeFile
 from worker.progress import MessageReader, MessageTooLarge, MessageWriter
 from worker.spec import parse_job
-from worker.spool import original_name
+from worker.spool import Spool, original_name
 from worker.states import TERMINAL, TRANSITIONS, JobState, advance
 
 # -- states ---------------------------------------------------------------------------------
@@ -237,3 +237,12 @@ def test_a_misspelt_environment_variable_is_an_error_with_a_suggestion() -> None
 def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         config.load({}, tmp_path / "nope.toml", {})
+
+
+def test_only_a_name_materialize_gives_reads_as_a_queue_message() -> None:
+    assert Spool.message_of("01733600000000000000-000042.queue-1733600000000-7.json") == \
+        "1733600000000-7"
+    assert Spool.message_of("01733600000000000000-1000000.queue-1-2.json") == "1-2"  # seq 7 digits
+    # what a claim makes of inbox files named like one: never a message
+    for inbox_name in ("queue-1-2.json", "x.queue-1-2.json", "nightly-queue-2024-12.json"):
+        assert Spool.message_of(f"01733600000000000000-000042-{inbox_name}") is None

@@ -935,9 +935,11 @@ class RedisRemote(Remote):
             if held.started is not None or not held.fresh or held.lost or held.dead:
                 continue
             rows: Any = self.client.xrange(self.keys.stream, mid, mid)
-            if rows:
-                self._give_back(mid, rows[0][1])
+            if rows and self._give_back(mid, rows[0][1]):
                 log.info("redis: job %s went back to the stream unstarted", held.job_id,
+                         extra={"job_id": held.job_id})
+            elif rows:
+                log.info("redis: job %s: another worker took its message over", held.job_id,
                          extra={"job_id": held.job_id})
             self._forget(mid)
 
@@ -1017,8 +1019,11 @@ class RedisRemote(Remote):
         held = self.held.get(mid)
         job_id = held.job_id if held else next((j for j, m in self.adopted.items() if m == mid), "")
         owner = self.client.get(self.keys.owner(job_id)) if job_id else None
-        if job_id and (self._has_result(job_id) or (owner is not None and _text(owner) != mid)):
-            self._lose(mid)
+        if job_id and self._has_result(job_id):
+            self._lose(mid, f"another worker finished it (message {mid})")
+            return
+        if job_id and owner is not None and _text(owner) != mid:
+            self._lose(mid, f"its message {mid} was moved on, as entry {_text(owner)}")
             return
         if held is not None:
             held.gone = True
@@ -1028,7 +1033,8 @@ class RedisRemote(Remote):
                     "deleted); it finishes here and its result is stored", job_id, mid,
                     extra={"job_id": job_id})
 
-    def _lose(self, mid: str) -> None:
+    def _lose(self, mid: str, why: str = "") -> None:
+        """Message `mid` is not this worker's any more (`why`): stop the local copy."""
         if mid in self.parked:  # never delivered here: nothing to stop
             self._forget(mid)
             return
@@ -1039,8 +1045,9 @@ class RedisRemote(Remote):
         elif job_id:
             self.foreign.add(job_id)
             del self.adopted[job_id]
-        log.warning("redis: job %s: another worker holds message %s now (this worker was taken for "
-                    "dead); stopping this copy", job_id, mid, extra={"job_id": job_id})
+        why = why or (f"another worker holds message {mid} now (this worker was taken for "
+                      "dead)")
+        log.warning("redis: job %s: %s; stopping this copy", job_id, why, extra={"job_id": job_id})
         if job_id:
             self.cancels.append(job_id)
 
