@@ -55,11 +55,10 @@ class Intake:
         self.spool = spool
         self.registry = registry
         self.settings = settings
-        self.version = version
         self.known = known
-        self.capabilities = registry.capabilities()
-        self.features = registry.features()
-        self.profile = routing.Profile.of(settings, self.capabilities, self.features, version)
+        #: what routing and constraints are judged against, here and by the other workers
+        self.profile = routing.Profile.of(settings, registry.capabilities(), registry.features(),
+                                          version)
         self.last_rejection: dict[str, Any] | None = None
         #: inbox names left because a writer had them open (or may have: then with a Mark):
         #: looked at again now and then, as the writer's close is seen only when it opened

@@ -453,13 +453,13 @@ class Supervisor:
             self._reject_message(message_id)
             return
         acc.job.message_id = message_id
-        if acc.ending is None and acc.job.waiting_for and self._pass_on(acc.job, acc.doc):
-            return
         self._admit(acc)
 
     def _admit(self, acc: Accepted, seq: int | None = None) -> None:
         """Take a valid job into the queue; `seq`: its rank kept in the backlog (no new log)."""
         job = acc.job
+        if acc.ending is None and job.waiting_for and job.message_id and self._pass_on(job, acc.doc):
+            return  # a queue's job this worker cannot take: it went to one that can
         job.observability = acc.doc.observability.model_dump() if acc.doc.observability else None
         self.jobs[job.job_id] = job
         self.held = max(self.held, len(self.jobs) + len(self.backlog))
@@ -1289,8 +1289,6 @@ class Supervisor:
                       job.max_attempts, level=logging.WARNING)
             self._write_status(job)
         job.not_before = float(status.get("not_before") or 0.0)
-        if message_id and acc.ending is None and job.waiting_for and self._pass_on(job, acc.doc):
-            return
         self._admit(acc)
 
     # -- signals' work ------------------------------------------------------------------------
