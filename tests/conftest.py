@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import select
 import shutil
 import signal
@@ -219,6 +220,10 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+    def metrics_port(self) -> int:
+        """The port of a worker started with --metrics-addr host:0, from its log."""
+        return int(re.search(r"metrics and health on http://[^:]+:(\d+)/", self.log())[1])
 
     def kill(self) -> None:
         assert self.proc is not None

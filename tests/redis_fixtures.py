@@ -136,9 +136,9 @@ def shared_results(r: redis.Redis) -> dict[str, dict[str, Any]]:
     return out
 
 
-def settled(r: redis.Redis) -> bool:
+def settled(r: redis.Redis, stream: str = STREAM) -> bool:
     """True when the stream is empty and nothing is pending: every message was acknowledged."""
-    return r.xlen(STREAM) == 0 and int(r.xpending(STREAM, GROUP)["pending"]) == 0
+    return r.xlen(stream) == 0 and int(r.xpending(stream, GROUP)["pending"]) == 0
 
 
 def local_results(workers: list[Worker]) -> collections.Counter[str]:

@@ -7,7 +7,6 @@ The spool is a small tmpfs filled to the last page by a ballast file (mounting i
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import time
@@ -83,7 +82,7 @@ def test_a_result_waits_for_space_and_no_job_starts_meanwhile(full_disk: tuple[W
                                                                 ) -> None:
     w, disk = full_disk
     w.start("--metrics-addr", "127.0.0.1:0")
-    port = int(re.search(r"metrics and health on http://127.0.0.1:(\d+)/", w.log())[1])
+    port = w.metrics_port()
     assert metrics.fetch("127.0.0.1", port, "/readyz")[0] == 200
     later = _staged(w, job("later"), "later.json")
     _held(w, disk, "nap")

@@ -192,9 +192,14 @@ def test_a_stale_slot_that_cannot_be_removed_yet_is_skipped() -> None:
         fresh = cgroups.Pool(h).take("next")
         assert fresh.dirs and all(d.name == "slot-1" for d in fresh.dirs)
         assert all(d.exists() for d in stale.dirs)
-    finally:
         for d in held:
             d.rmdir()
+        again = cgroups.Pool(h).take("again")  # removable now: cleared and taken again
+        assert again.dirs and all(d.name == "slot-0" for d in again.dirs)
+    finally:
+        for d in held:
+            if d.exists():
+                d.rmdir()
         cgroups.sweep(h)
     assert not any(d.exists() for d in stale.dirs)
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
 import pytest
-from conftest import job
+from conftest import job, wait_until
 from redis_fixtures import (
+    GROUP,
     PREFIX,
+    STREAM,
     executions,
     lease_env,
     poll_until,
@@ -47,13 +48,13 @@ def _blocked_reads(r: Any) -> int:
 
 def _holders(r: Any) -> dict[str, int]:
     """How many messages each worker holds."""
-    consumers = r.xpending(f"{PREFIX}:jobs:default", "guestkit-workers")["consumers"]
+    consumers = r.xpending(STREAM, GROUP)["consumers"]
     return {c["name"].decode(): c["pending"] for c in consumers}
 
 
 def _waits_on(r: Any, job_id: str, worker: str, why_ends: str) -> None:
     """Wait until `job_id` waits on `worker`, which holds its message, for a reason ending so."""
-    status = poll_until(lambda: _status(r, job_id).get("waiting_for") and _status(r, job_id), 30,
+    status = poll_until(lambda: (s := _status(r, job_id)).get("waiting_for") and s, 30,
                         f"{job_id} to wait on {worker}")
     assert status["worker_id"] == worker and _holders(r) == {worker: 1}
     assert status["waiting_for"].endswith(why_ends)
@@ -61,8 +62,7 @@ def _waits_on(r: Any, job_id: str, worker: str, why_ends: str) -> None:
 
 def _passed_on(w: Any) -> str:
     """The lines of guestkit_worker_passed_on_total that worker `w` (with --metrics-addr) shows."""
-    port = int(re.search(r"metrics and health on http://127.0.0.1:(\d+)/", w.log())[1])
-    _, body = metrics.fetch("127.0.0.1", port, "/metrics")
+    _, body = metrics.fetch("127.0.0.1", w.metrics_port(), "/metrics")
     return "".join(line + "\n" for line in body.decode().splitlines()
                    if line.startswith("guestkit_worker_passed_on_total{"))
 
@@ -71,10 +71,11 @@ def _peers(r: Any) -> set[str]:
     return {w.decode() for w in r.zrange(f"{PREFIX}:workers:default", 0, -1)}
 
 
-def _busy_able(r: Any, redis_workers: Any) -> Any:
-    """Start worker "able" (feature gpu-x, one slot) and keep it busy 8 s, reading nothing."""
-    able = redis_workers("able", "--max-concurrent", "1", "--feature", "gpu-x", env=SLOW).start()
-    busy = job("keeps-able-busy", "test.sleep", {"seconds": 8})
+def _busy_able(r: Any, redis_workers: Any, seconds: float, env: dict[str, str]) -> Any:
+    """Start worker "able" (feature gpu-x, one slot) and keep it busy `seconds`, reading
+    nothing."""
+    able = redis_workers("able", "--max-concurrent", "1", "--feature", "gpu-x", env=env).start()
+    busy = job("keeps-able-busy", "test.sleep", {"seconds": seconds})
     busy["routing"] = {"worker_id": "able"}
     xadd_jobs(r, [busy])
     poll_until(lambda: _status(r, "keeps-able-busy").get("state") == "running", 30,
@@ -89,9 +90,8 @@ def _hand_to_able(r: Any, redis_workers: Any, job_id: str) -> Any:
     take on the stream, and return plain once it handed the job to able."""
     plain = redis_workers("plain", "--metrics-addr", "127.0.0.1:0", env=SLOW).start()
     xadd_jobs(r, [_needs_gpu(job_id)])
-    poll_until(lambda: _status(r, job_id).get("handed_by") == "plain", 30,
-               "the worker without the feature to hand the job on")
-    handed = _status(r, job_id)
+    handed = poll_until(lambda: (s := _status(r, job_id)).get("handed_by") == "plain" and s, 30,
+                        "the worker without the feature to hand the job on")
     assert handed["worker_id"] == "able" and handed["state"] == "queued"
     assert "required_features" in handed["detail"]
     return plain
@@ -101,8 +101,15 @@ def _hand_to_able(r: Any, redis_workers: Any, job_id: str) -> Any:
 def test_a_job_read_by_a_worker_that_cannot_take_it_goes_straight_to_one_that_can(
         redis_server, redis_workers) -> None:
     r = redis_server.client()
-    able = _busy_able(r, redis_workers)
+    able = _busy_able(r, redis_workers, 30, lease_env(claim_idle=120, renew=60))
     plain = _hand_to_able(r, redis_workers, "gpu-job-1")
+    # able takes it as it is told, not at its next renewal (60 s on): while still busy
+    wait_until(lambda: "handed to this worker" in able.log() or
+               "[keeps-able-busy] completed" in able.log(), [able.base], 40, "able to take it")
+    log = able.log()
+    assert "handed to this worker" in log and "[keeps-able-busy] completed" not in log
+    r.set(f"{PREFIX}:cancel:keeps-able-busy", "now")  # no need to wait for it any longer
+    r.publish(f"{PREFIX}:cancel", "keeps-able-busy")
     shown = r.hget(f"{PREFIX}:profiles:default", "plain")
     assert _passed_on(plain) == 'guestkit_worker_passed_on_total{to="worker"} 1\n'
     assert plain.stop() == 0  # the job is able's now: plain gives nothing back
@@ -116,9 +123,6 @@ def test_a_job_read_by_a_worker_that_cannot_take_it_goes_straight_to_one_that_ca
     assert not any((plain.jobs / ".active").iterdir())  # no local copy left behind
     assert not (plain.jobs / ".status" / "gpu-job-1.json").exists()
     assert r.smembers(f"{PREFIX}:declined:gpu-job-1") == {f"plain {fingerprint(shown)}".encode()}
-    # able took it as it was told, not at its next renewal (20 s on): while still busy
-    log = able.log()
-    assert log.index("handed to this worker") < log.index("[keeps-able-busy] completed")
 
 
 @pytest.mark.slow
@@ -126,7 +130,7 @@ def test_a_job_read_by_a_worker_that_cannot_take_it_goes_straight_to_one_that_ca
 def test_a_worker_that_drains_gives_back_a_job_handed_to_it_that_it_never_started(
         redis_server, redis_workers) -> None:
     r = redis_server.client()
-    able = _busy_able(r, redis_workers)
+    able = _busy_able(r, redis_workers, 8, SLOW)
     plain = _hand_to_able(r, redis_workers, "gpu-job-6")
     assert able.stop() == 0  # its busy job ends first; the handed one never started
     assert "job gpu-job-6 went back to the stream unstarted" in able.log()
@@ -143,8 +147,8 @@ def test_a_job_no_live_worker_can_take_says_why_and_goes_to_a_worker_that_joins(
     second = redis_workers("second", env=FAST).start()
     poll_until(lambda: _peers(r) == {"first", "second"}, 30, "both workers to show their profiles")
     xadd_jobs(r, [_needs_gpu("gpu-job-2")])
-    why = poll_until(lambda: "either" in _status(r, "gpu-job-2").get("waiting_for", "")
-                     and _status(r, "gpu-job-2"), 30, "the status to say why no worker takes it")
+    why = poll_until(lambda: "either" in (s := _status(r, "gpu-job-2")).get("waiting_for", "")
+                     and s, 30, "the status to say why no worker takes it")
     holder = why["worker_id"]
     other = ({"first", "second"} - {holder}).pop()
     assert why["waiting_for"] == (
@@ -195,7 +199,7 @@ def test_a_waiting_job_a_worker_recovers_after_kill_9_still_goes_to_one_that_can
     no_takeover = lease_env(claim_idle=60, renew=1)  # within the test only recovery can move it
     plain = redis_workers("plain", env=no_takeover).start()
     xadd_jobs(r, [_needs_gpu("gpu-job-4")])
-    poll_until(lambda: _status(r, "gpu-job-4").get("waiting_for"), 30, "the job to wait")
+    _waits_on(r, "gpu-job-4", "plain", "lacks ['gpu-x']")
     plain.kill()
     able = redis_workers("able", "--feature", "gpu-x", env=no_takeover).start()
     plain.start()  # its spool brings the job back; its message is still plain's
@@ -232,5 +236,5 @@ def test_a_job_routed_to_another_pool_moves_to_that_pools_stream(redis_server, r
     assert executions([here, there]) == {"pool-job-1": 1}
     assert "moved to the queue of pool gpu" in here.log()
     assert _passed_on(here) == 'guestkit_worker_passed_on_total{to="pool"} 1\n'
-    poll_until(lambda: r.xlen(f"{PREFIX}:jobs:gpu") == 0, 30, "the gpu pool's entry to be acked")
+    poll_until(lambda: settled(r, f"{PREFIX}:jobs:gpu"), 30, "the gpu pool's entry to be acked")
     assert settled(r) and not any((here.jobs / ".active").iterdir())

@@ -68,7 +68,7 @@ def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(make_worker,
 
 def _metrics_worker(make_worker) -> tuple[Worker, str, int]:
     w = make_worker("--metrics-addr", "127.0.0.1:0", "--kill-grace", "1").start()
-    port = int(re.search(r"metrics and health on http://127.0.0.1:(\d+)/", w.log()).group(1))
+    port = w.metrics_port()
     return w, "127.0.0.1", port
 
 

@@ -20,7 +20,7 @@ def _zygote(w: Worker) -> int:
 
 
 def _first_failure(w: Worker) -> None:
-    wait_until(lambda: "gkw-zygote" in w.log() and "exited before it was ready" in w.log(),
+    wait_until(lambda: re.search(r"gkw-zygote \d+ exited before it was ready", w.log()),
                [w.base], 30, "the warm zygote's first failure")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from conftest import spool_at
 
 from worker import config, fsutil
 from worker.errors import ConfigError, ErrorCode, IllegalTransition, JobRejected, UnsafeFile
@@ -239,7 +240,9 @@ def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
         config.load({}, tmp_path / "nope.toml", {})
 
 
-def test_only_a_name_materialize_gives_reads_as_a_queue_message() -> None:
+def test_only_a_name_materialize_gives_reads_as_a_queue_message(tmp_path: Path) -> None:
+    assert Spool.message_of(spool_at(tmp_path).materialize("1733600000000-7", b"{}")) == \
+        "1733600000000-7"
     assert Spool.message_of("01733600000000000000-000042.queue-1733600000000-7.json") == \
         "1733600000000-7"
     assert Spool.message_of("01733600000000000000-1000000.queue-1-2.json") == "1-2"  # seq 7 digits
