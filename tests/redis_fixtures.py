@@ -136,6 +136,11 @@ def shared_results(r: redis.Redis) -> dict[str, dict[str, Any]]:
     return out
 
 
+def blocked_reads(r: redis.Redis) -> int:
+    """How many XREADGROUP calls wait on the server now."""
+    return sum(1 for c in r.client_list() if c["cmd"] == "xreadgroup" and "b" in c["flags"])
+
+
 def settled(r: redis.Redis, stream: str = STREAM) -> bool:
     """True when the stream is empty and nothing is pending: every message was acknowledged."""
     return r.xlen(stream) == 0 and int(r.xpending(stream, GROUP)["pending"]) == 0

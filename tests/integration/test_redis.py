@@ -15,6 +15,7 @@ from redis_fixtures import (
     GROUP,
     STREAM,
     RedisServer,
+    blocked_reads,
     executions,
     free_port,
     lease_env,
@@ -407,3 +408,23 @@ def test_a_dropped_file_named_like_a_queue_message_is_recovered_as_a_dropped_job
     res = w.wait_result("looks-queued-1", 60)
     assert res["status"] == "completed" and res["execution_summary"]["attempt"] == 2
     assert "went back to the stream or to another worker" not in w.log()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_whose_slots_fill_while_it_reads_leaves_the_next_message_to_others(
+        redis_server, redis_workers) -> None:
+    r = redis_server.client()
+    no_takeover = lease_env(claim_idle=60, renew=20)
+    full = redis_workers("full", "--max-concurrent", "1", env=no_takeover).start()
+    poll_until(lambda: blocked_reads(r) == 1, 30, "the worker to wait on a read")
+    full.drop(job("local-busy", "test.sleep", {"seconds": 60}))  # its one slot, from the inbox
+    status = full.jobs / ".status" / "local-busy.json"
+    wait_until(lambda: status.exists() and b'"running"' in status.read_bytes(),
+               [status.parent], 30, "the inbox's job to run")
+    xadd_jobs(r, [job("queue-next")])  # while the read asked for before the slot filled could wait
+    other = redis_workers("other", env=no_takeover).start()
+    poll_until(lambda: shared_results(r).get("queue-next"), 30, "the message to run elsewhere")
+    assert shared_results(r)["queue-next"]["worker_id"] == "other"
+    assert full.result("local-busy") is None  # still busy: the message never waited behind it
+    assert "queue-next" not in full.log() and full.result("queue-next") is None
+    assert other.result("queue-next") is not None

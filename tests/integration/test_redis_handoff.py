@@ -11,6 +11,7 @@ from redis_fixtures import (
     GROUP,
     PREFIX,
     STREAM,
+    blocked_reads,
     executions,
     lease_env,
     poll_until,
@@ -39,11 +40,6 @@ def _needs_gpu(job_id: str) -> dict[str, Any]:
 def _status(r: Any, job_id: str) -> dict[str, Any]:
     raw = r.get(f"{PREFIX}:status:{job_id}")
     return orjson.loads(raw) if raw else {}
-
-
-def _blocked_reads(r: Any) -> int:
-    """How many XREADGROUP calls wait on the server now."""
-    return sum(1 for c in r.client_list() if c["cmd"] == "xreadgroup" and "b" in c["flags"])
 
 
 def _holders(r: Any) -> dict[str, int]:
@@ -81,7 +77,7 @@ def _busy_able(r: Any, redis_workers: Any, seconds: float, env: dict[str, str]) 
     poll_until(lambda: _status(r, "keeps-able-busy").get("state") == "running", 30,
                "the worker with the feature to be busy")
     # the read asked for while its slot was free ends after BLOCK_MS; none follows it
-    poll_until(lambda: _blocked_reads(r) == 0, 30, "the busy worker to stop reading")
+    poll_until(lambda: blocked_reads(r) == 0, 30, "the busy worker to stop reading")
     return able
 
 

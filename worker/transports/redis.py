@@ -387,6 +387,7 @@ class RedisRemote(Remote):
         self.retry_at = 0.0
         self.reading = 0  # entries asked for by the XREADGROUP in flight
         self.read_sent = 0.0
+        self.read_cut = False  # the read in flight asked for more than there is room for now
         self.next_renew = 0.0
         self.takeover_after = 0.0
         self.next_takeover = 0.0
@@ -447,7 +448,7 @@ class RedisRemote(Remote):
             try:
                 self._advertise()
                 if self.reading:
-                    self.client.client_unblock(self.reader_id)
+                    self._cut_read()
             except ERRORS as e:
                 self._down(e, time.monotonic())
 
@@ -768,13 +769,23 @@ class RedisRemote(Remote):
         if not self.intake or self.reading or free <= 0:
             if self.reading and now > self.read_sent + BLOCK_MS / 1000 + REPLY_SLACK:
                 raise redis.ConnectionError("no reply to XREADGROUP")
+            if self.reading > max(free, 0) and not self.read_cut:
+                self._cut_read()
             return
         if now >= self.takeover_after and now >= self.next_takeover:
             free -= self._take_over(now, free)
         if free > 0 and self.intake and self.reader is not None:
             self.reader.send_command("XREADGROUP", "GROUP", self.group, self.me, "COUNT", free,
                                      "BLOCK", BLOCK_MS, "STREAMS", self.keys.stream, ">")
-            self.reading, self.read_sent = free, now
+            self.reading, self.read_sent, self.read_cut = free, now, False
+
+    def _cut_read(self) -> None:
+        """Slots filled while the read waited (a file job, a retry, a handed message): wake it,
+        so that what arrives next goes to a worker with room; the next read asks for the room
+        there is then. Entries the server already sent still come, as before."""
+        assert self.client is not None
+        self.client.client_unblock(self.reader_id)
+        self.read_cut = True
 
     def _on_reader(self) -> None:
         """The XREADGROUP in flight answered: its entries are checked and delivered by the
