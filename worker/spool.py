@@ -482,7 +482,10 @@ def _short(name: str) -> str:
 
 
 def original_name(claimed: str) -> str:
-    """The inbox name a claimed file had (claiming prefixes a time and a sequence number)."""
+    """The inbox name a claimed file had (claiming prefixes a time and a sequence number);
+    `queue-<message id>.json` for a job a shared queue delivered."""
+    if (message_id := Spool.message_of(claimed)) is not None:
+        return f"queue-{message_id}.json"
     parts = claimed.split("-", 2)
     if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
         return parts[2]

@@ -179,7 +179,7 @@ def test_malformed_messages_get_a_clear_record_and_are_acked(redis_server, redis
     r.xadd(STREAM, {"job": b"[1, 2]"})
     bad = job("badkind-job-1")
     bad["kind"] = "Nope"
-    r.xadd(STREAM, {"job": orjson.dumps(bad)})
+    bad_id = r.xadd(STREAM, {"job": orjson.dumps(bad)}).decode()
     xadd_jobs(r, [job("after-bad-1")])
     poll_until(lambda: "after-bad-1" in shared_results(r) and settled(r), 30, "the good job")
     letters = {d["message"][:40]: d for d in _dead_letters(redis_server)}
@@ -196,6 +196,8 @@ def test_malformed_messages_get_a_clear_record_and_are_acked(redis_server, redis
     assert res["status"] == "failed" and res["error"]["code"] == "VALIDATION_ERROR"
     assert res == orjson.loads(w.results.joinpath("badkind-job-1-result.json").read_bytes())
     assert r.xpending(STREAM, GROUP)["pending"] == 0
+    kept = sorted(p.name for p in (w.jobs / "rejected").iterdir())  # named by its message id
+    assert kept == [f"queue-{bad_id}.json", f"queue-{bad_id}.json.error.json"]
 
 
 @pytest.mark.slow

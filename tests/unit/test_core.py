@@ -149,6 +149,8 @@ def test_has_writer_sees_an_open_writer(tmp_path: Path) -> None:
 def test_original_name_undoes_the_claim_prefix() -> None:
     assert original_name("01795789305222795077-000003-my-job.json") == "my-job.json"
     assert original_name("plain.json") == "plain.json"
+    assert original_name("01795789305222795077-000004.queue-1733600000000-7.json") == \
+        "queue-1733600000000-7.json"
 
 
 # -- pipe framing --------------------------------------------------------------------------------
