@@ -234,3 +234,19 @@ def test_a_job_routed_to_another_pool_moves_to_that_pools_stream(redis_server, r
     assert _passed_on(here) == 'guestkit_worker_passed_on_total{to="pool"} 1\n'
     poll_until(lambda: settled(r, f"{PREFIX}:jobs:gpu"), 30, "the gpu pool's entry to be acked")
     assert settled(r) and not any((here.jobs / ".active").iterdir())
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_workers_profile_lapses_while_a_live_ones_is_renewed(
+        redis_server, redis_workers) -> None:
+    r = redis_server.client()
+    workers = f"{PREFIX}:workers:default"
+    stays = redis_workers("stays", env=FAST).start()  # profiles shown for 3 s, renewed every 1 s
+    dies = redis_workers("dies", env=FAST).start()
+    poll_until(lambda: _peers(r) == {"stays", "dies"}, 30, "both workers to show their profiles")
+    shown_until = r.zscore(workers, "stays")
+    dies.kill()  # no withdrawal: its profile must lapse on its own
+    poll_until(lambda: _peers(r) == {"stays"}, 30, "the killed worker's profile to lapse")
+    assert not r.hexists(f"{PREFIX}:profiles:default", "dies")
+    assert r.zscore(workers, "stays") > shown_until  # renewed meanwhile
+    assert stays.stop() == 0 and _peers(r) == set()
