@@ -146,9 +146,10 @@ class Intake:
             cancellable=ex.cancellable, idempotency_key=ex.idempotency_key,
             asked_limits=ex.limits.model_dump(exclude_none=True) if ex.limits else None,
         )
-        ending = self._check(doc, job)
-        if ending is None:
-            job.waiting_for = routing.unsatisfied(doc, self.profile)
+        # routing first: a job meant for another worker is judged by that worker's handlers,
+        # image roots and output dir, not by this one's
+        job.waiting_for = routing.unsatisfied(doc, self.profile)
+        ending = None if job.waiting_for else self._check(doc, job)
         return Accepted(job, doc, ending)
 
     def _check(self, doc: JobDocument, job: Job) -> Ending | None:

@@ -104,7 +104,8 @@ def test_validate_takes_files_as_the_supervisor_does(worker: Worker, tmp_path: P
                                  "bytes, over the limit of 1048576 bytes")
     assert lines["away"].endswith("away.json: OK (v-away, system.echo); it would wait: "
                                   "routing.worker_pool is 'elsewhere'; this worker serves pool "
-                                  "'default'")
+                                  "'default' (its operation and payload are checked by a worker "
+                                  "that can take it)")
     assert "INVALID VALIDATION_ERROR: job 'v-done': field 'job_id': duplicate" in lines["done"]
     out = worker.cli("validate", "--pool", "elsewhere", str(tmp_path / "away.json"))
     assert out.stdout.endswith("away.json: OK (v-away, system.echo)\n")
@@ -116,6 +117,11 @@ def test_validate_takes_files_as_the_supervisor_does(worker: Worker, tmp_path: P
     assert "this worker has no image roots configured" in out.stdout
     out = worker.cli("validate", "--image-root", str(tmp_path / "images"), str(tmp_path / "image.json"))
     assert out.stdout.endswith("image.json: OK (v-image, guestkit.inspect)\n")
+    (tmp_path / "image-away.json").write_bytes(orjson.dumps(job("v-image-away", "guestkit.inspect", {
+        "image": {"path": str(tmp_path / "images" / "disk.raw")}}) | {
+        "routing": {"worker_pool": "elsewhere"}}))  # judged by the image roots of that pool
+    out = worker.cli("validate", str(tmp_path / "image-away.json"))
+    assert "OK (v-image-away, guestkit.inspect); it would wait: routing.worker_pool" in out.stdout
 
 
 def test_submit_wait_exits_1_for_a_failed_job(worker: Worker) -> None:
@@ -208,7 +214,8 @@ def test_a_deadline_in_the_past_fails_with_deadline_exceeded(worker: Worker) -> 
 
 
 def test_a_job_this_worker_cannot_satisfy_waits_and_says_why(worker: Worker) -> None:
-    doc = job("elsewhere")
+    # an image this worker may not read (it has no image roots): for the pool it names to judge
+    doc = job("elsewhere", "guestkit.inspect", {"image": {"path": "/mnt/vms/web-01.qcow2"}})
     doc["constraints"] = {"allowed_worker_pools": ["pool-secure"]}
     worker.drop(doc)
     status = wait_until(lambda: (worker.jobs / ".status" / "elsewhere.json").exists() and

@@ -220,18 +220,25 @@ def test_a_job_is_not_handed_to_a_worker_that_has_just_stopped(redis_server, red
 
 
 @pytest.mark.timeout(120)
-def test_a_job_routed_to_another_pool_moves_to_that_pools_stream(redis_server, redis_workers) -> None:
+def test_a_job_routed_to_another_pool_moves_to_that_pools_stream(
+        redis_server, redis_workers, tmp_path) -> None:
     r = redis_server.client()
     here = redis_workers("here", "--metrics-addr", "127.0.0.1:0", env=FAST).start()
-    there = redis_workers("there", "--pool", "gpu", env=FAST).start()
+    images = tmp_path / "gpu-images"  # only the gpu pool may read them
+    images.mkdir()
+    (images / "disk.raw").write_bytes(bytes(1 << 20))
+    there = redis_workers("there", "--pool", "gpu", "--image-root", str(images), env=FAST).start()
     doc = job("pool-job-1", "test.sleep", {"seconds": 0.1})
     doc["routing"] = {"worker_pool": "gpu"}
-    xadd_jobs(r, [doc])  # on the default pool's stream
-    poll_until(lambda: shared_results(r), 30, "the job to run in pool gpu")
-    assert shared_results(r)["pool-job-1"]["worker_id"] == "there"
+    inspect = job("pool-job-2", "guestkit.inspect", {"image": {"path": str(images / "disk.raw")}})
+    inspect["routing"] = {"worker_pool": "gpu"}
+    xadd_jobs(r, [doc, inspect])  # on the default pool's stream
+    poll_until(lambda: len(shared_results(r)) == 2, 60, "the jobs to run in pool gpu")
+    assert {j: d["worker_id"] for j, d in shared_results(r).items()} == {
+        "pool-job-1": "there", "pool-job-2": "there"}  # not judged by here's image roots
     assert executions([here, there]) == {"pool-job-1": 1}
-    assert "moved to the queue of pool gpu" in here.log()
-    assert _passed_on(here) == 'guestkit_worker_passed_on_total{to="pool"} 1\n'
+    assert here.log().count("moved to the queue of pool gpu") == 2
+    assert _passed_on(here) == 'guestkit_worker_passed_on_total{to="pool"} 2\n'
     poll_until(lambda: settled(r, f"{PREFIX}:jobs:gpu"), 30, "the gpu pool's entry to be acked")
     assert settled(r) and not any((here.jobs / ".active").iterdir())
 
