@@ -155,14 +155,15 @@ class Worker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def cli(self, *args: str, check: bool = True, input: str | None = None
-            ) -> subprocess.CompletedProcess[str]:
-        """Run a client command against this spool."""
+    def cli(self, *args: str, check: bool = True, input: str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a client command against this spool (`env`: what the client's differs in)."""
         cmd, *rest = args
         proc = subprocess.run(
             [sys.executable, "-m", "worker", cmd, "--jobs-dir", str(self.jobs), "--results-dir",
              str(self.results), "--work-dir", str(self.work), *rest],
-            capture_output=True, text=True, env=self.env, input=input, timeout=120,
+            capture_output=True, text=True, env={**self.env, **(env or {})}, input=input,
+            timeout=120,
         )
         if check:
             assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -236,6 +236,12 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
         if value is not None:
             ex[key] = value
     raw = dumps_pretty(doc)
+    if len(raw) > settings.max_job_bytes:  # indented where it fits, so that done/ reads well
+        raw = dumps(doc)
+    if len(raw) > settings.max_job_bytes:
+        raise click.ClickException(
+            f"job {doc['job_id']!r}: is {len(raw)} bytes as JSON, over the limit of "
+            f"{settings.max_job_bytes} bytes (max_job_bytes) that workers take")
     try:
         parse_job(raw, str(file or "--operation"))
     except JobRejected as e:

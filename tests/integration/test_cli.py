@@ -470,11 +470,31 @@ def test_submit_wait_reports_a_duplicate_of_a_running_job_as_rejected(worker: Wo
     assert first.returncode == 1 and err.splitlines()[-1] == "busy-id: cancelled", err
 
 
+def test_submit_keeps_a_job_within_max_job_bytes_or_refuses_it(worker: Worker, tmp_path: Path) -> None:
+    """Indented only where that fits: a file `validate` passes is never made too big."""
+    items = [{"k": i} for i in range(60_000)]  # about 0.6 MiB compact, over 1 MiB indented
+    fits = tmp_path / "fits.json"
+    fits.write_bytes(orjson.dumps(job("fits", data={"items": items})))
+    assert worker.cli("validate", str(fits)).stdout.endswith("OK (fits, system.echo)\n")
+    out = worker.cli("submit", str(fits), "--wait")
+    assert '"status": "completed"' in out.stdout
+    assert (worker.jobs / "done" / "fits.json").stat().st_size <= 1 << 20
+    huge = tmp_path / "huge.json"
+    huge.write_bytes(orjson.dumps(job("huge", data={"pad": "x" * (1 << 20)})))
+    out = worker.cli("submit", str(huge), check=False)
+    assert out.returncode == 1
+    assert "Error: job 'huge': is 1048" in out.stderr
+    assert "over the limit of 1048576 bytes (max_job_bytes)" in out.stderr
+    assert not (worker.jobs / "huge.json").exists()
+
+
 def test_submit_wait_reports_a_file_rejected_without_a_job_id(worker: Worker, tmp_path: Path) -> None:
-    """Over max_job_bytes the supervisor reads nothing of it, not even its id."""
+    """Over max_job_bytes the supervisor reads nothing of it, not even its id (here the
+    client's own limit is higher than the worker's)."""
     path = tmp_path / "huge.json"
     path.write_bytes(orjson.dumps(job("huge", data={"pad": "x" * (1 << 20)})))
-    out = worker.cli("submit", str(path), "--wait", check=False)
+    out = worker.cli("submit", str(path), "--wait", check=False,
+                     env={"GUESTKIT_WORKER_MAX_JOB_BYTES": str(4 << 20)})
     assert out.returncode == 1
     assert out.stderr.splitlines()[-1].startswith("huge: rejected: job file huge.json: is "), \
         out.stderr
