@@ -50,12 +50,13 @@ class Intake:
 
     def __init__(
         self, spool: Spool, registry: Registry, settings: Settings, version: str,
-        known: Callable[[str], bool],
+        known: Callable[[str], bool], rejected: Callable[[], None] = lambda: None,
     ) -> None:
         self.spool = spool
         self.registry = registry
         self.settings = settings
         self.known = known
+        self.rejected = rejected  #: called once per file or queue job moved aside
         #: what routing and constraints are judged against, here and by the other workers
         self.profile = routing.Profile.of(settings, registry.capabilities(), registry.features(),
                                           version)
@@ -213,5 +214,6 @@ class Intake:
             if isinstance(e, FileNotFoundError):
                 return
             raise
+        self.rejected()
         log.warning("rejected %s: %s", fsutil.printable(dest.name), message,
                     extra={"job_id": job_id or duplicate_of, "state": "failed"})

@@ -336,6 +336,7 @@ class WorkerMetrics:
     kills: Counter  #: jobs killed by the supervisor {reason}
     retries: Counter  #: jobs sent back for another attempt
     passed_on: Counter  #: jobs from the shared queue passed on unrun {to: worker, pool}
+    rejected: Counter  #: job files and queue jobs moved aside unread or invalid
     spawn_latency: Histogram  #: seconds from claiming a job to its child running
     oldest_queued_age: Gauge  #: age in seconds of the oldest waiting job (0 when none)
     descendants_reaped: Counter  #: orphaned job descendants the supervisor (a subreaper) reaped
@@ -364,6 +365,10 @@ def worker_metrics(registry: Registry) -> WorkerMetrics:
         passed_on=registry.counter(
             prefix + "passed_on", "Jobs from the shared queue this worker could not take, "
             "passed on unrun to another worker or to their pool's queue.", ("to",)
+        ),
+        rejected=registry.counter(
+            prefix + "rejected", "Job files and queue jobs rejected unrun: unreadable, not a "
+            "valid job, or a duplicate id (each also has a record in rejected/)."
         ),
         spawn_latency=registry.histogram(
             prefix + "spawn_latency_seconds",

@@ -95,8 +95,9 @@ class Supervisor:
         self.held = 0  # most jobs held at once since the queue was last empty
         self.sel = selectors.DefaultSelector()
         self.backlog = Backlog()  # queued beyond queue_window: held by their files
-        self.intake = Intake(self.spool, registry, settings, version, self._known)
         self.service = Service(settings, version)
+        self.intake = Intake(self.spool, registry, settings, version, self._known,
+                             self.service.m.rejected.inc)
         self.remote = remote or Remote()
         self.service.ready_check = self._readiness
         #: by zygote name: how many in a row exited before they were ready, and when
@@ -1102,7 +1103,10 @@ class Supervisor:
         if not self.jobs and not self.backlog and self.held >= COMPACT_AFTER:
             self._compact()
         m = self.service.m
-        m.jobs.labels(operation=job.operation, outcome=end.code or end.status).inc()
+        # an operation no handler serves is named by whoever wrote the job: one series for all
+        known = self.registry.get(job.operation) is not None
+        m.jobs.labels(operation=job.operation if known else "unknown",
+                      outcome=end.code or end.status).inc()
         if job.run is not None:
             m.job_duration.labels(operation=job.operation).observe(
                 time.monotonic() - job.run.started)

@@ -78,13 +78,22 @@ def test_metrics_move_as_jobs_run_and_promtool_accepts_them(make_worker, tmp_pat
     assert b'guestkit_worker_info{worker_id="' in before
     w.drop(job("m1"))
     w.drop(job("m2", "test.raise", {"permanent": True}))
-    w.wait_result("m1")
-    w.wait_result("m2")
+    for n in range(2):  # made-up operations: one series for them, whatever their names
+        w.drop(job(f"m-op-{n}", f"acme.made-up-{n}"))
+    w.drop(b"{not json", "m-bad.json")
+    w.drop(job("m1"), "m1-again.json")  # a duplicate id
+    for job_id in ("m1", "m2", "m-op-0", "m-op-1"):
+        w.wait_result(job_id)
+    wait_until(lambda: len(list((w.jobs / "rejected").glob("*.error.json"))) == 2,
+               [w.jobs / "rejected"], 30, "two rejection records")
     code, body = metrics.fetch(host, port, "/metrics")
     text = body.decode()
     assert code == 200
     assert 'guestkit_worker_jobs_total{operation="system.echo",outcome="completed"} 1' in text
     assert 'guestkit_worker_jobs_total{operation="test.raise",outcome="EXECUTION_ERROR"} 1' in text
+    assert ('guestkit_worker_jobs_total{operation="unknown",outcome="UNSUPPORTED_OPERATION"} 2'
+            in text) and "acme." not in text
+    assert "guestkit_worker_rejected_total 2\n" in text
     assert "guestkit_worker_spawn_latency_seconds_count 2" in text
     assert 'guestkit_worker_job_duration_seconds_count{operation="system.echo"} 1' in text
     promtool = shutil.which("promtool")

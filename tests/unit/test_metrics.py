@@ -180,6 +180,7 @@ def test_worker_metric_set() -> None:
     worker.kills.labels(reason="timeout").inc()
     worker.retries.inc()
     worker.passed_on.labels(to="worker").inc()
+    worker.rejected.inc()
     worker.spawn_latency.observe(0.0015)
     worker.queue_depth.set(4)
     worker.running_jobs.set(2)
@@ -196,6 +197,7 @@ def test_worker_metric_set() -> None:
         "guestkit_worker_kills_total": "counter",
         "guestkit_worker_retries_total": "counter",
         "guestkit_worker_passed_on_total": "counter",
+        "guestkit_worker_rejected_total": "counter",
         "guestkit_worker_spawn_latency_seconds": "histogram",
         "guestkit_worker_oldest_queued_age_seconds": "gauge",
         "guestkit_worker_descendants_reaped_total": "counter",
@@ -208,6 +210,7 @@ def test_worker_metric_set() -> None:
         'guestkit_worker_kills_total{reason="timeout"} 1',
         "guestkit_worker_retries_total 1",
         'guestkit_worker_passed_on_total{to="worker"} 1',
+        "guestkit_worker_rejected_total 1",
         'guestkit_worker_spawn_latency_seconds_bucket{le="0.002"} 1',
         "guestkit_worker_queue_depth 4",
         "guestkit_worker_running_jobs 2",
