@@ -474,7 +474,17 @@ def _status_spool(spool: Spool, job_id: str | None) -> bool:
     if (spool.inbox / f"{job_id}.json").exists():
         click.echo(f"{job_id}: pending (in the inbox, not yet claimed)")
         return False
-    raise click.ClickException(f"no job {job_id!r} in {spool.inbox} or {spool.results}")
+    raise click.ClickException(_rejected(spool, job_id) or
+                               f"no job {job_id!r} in {spool.inbox} or {spool.results}")
+
+
+def _rejected(spool: Spool, job_id: str) -> str | None:
+    """Why the file `<job_id>.json` (what `submit` writes) was rejected unread, if it was."""
+    record = spool.rejection(f"{job_id}.json.error.json")
+    if record is None:
+        return None
+    return (f"job {job_id!r}: its file {job_id}.json was rejected unrun: "
+            f"{record.get('message')} (see {spool.rejected / (job_id + '.json.error.json')})")
 
 
 def _ended_view(res: dict[str, Any]) -> dict[str, Any]:
@@ -520,9 +530,9 @@ def result(config_file: Path | None, job_id: str, redis_url: str | None, **dirs:
         click.echo(spool.result_path(job_id).read_bytes().decode(), nl=False)
     except FileNotFoundError:
         known = spool.inbox.is_dir() and _claimed_job(spool, job_id) is not None
-        raise click.ClickException(
+        raise click.ClickException((None if known else _rejected(spool, job_id)) or (
             f"job {job_id!r} has no result yet in {spool.results}" + (
-                "" if known else f" (nor is it queued or running in {spool.inbox})")) from None
+                "" if known else f" (nor is it queued or running in {spool.inbox})"))) from None
 
 
 @main.command(name="list")

@@ -502,3 +502,15 @@ def test_submit_wait_reports_a_file_rejected_without_a_job_id(worker: Worker, tm
 
 def _dirs(w: Worker) -> list[str]:
     return ["--jobs-dir", str(w.jobs), "--results-dir", str(w.results), "--work-dir", str(w.work)]
+
+
+def test_status_and_result_name_a_file_rejected_before_its_id_was_read(worker: Worker) -> None:
+    worker.drop(b'{"job_id": "torn-1", "version": ', "torn-1.json")  # cut short: no id to read
+    wait_until(lambda: (worker.jobs / "rejected" / "torn-1.json.error.json").exists(),
+               [worker.jobs / "rejected"], 30, "the rejection record")
+    for command in ("status", "result"):
+        out = worker.cli(command, "torn-1", check=False)
+        assert out.returncode == 1
+        assert out.stderr.startswith("Error: job 'torn-1': its file torn-1.json was rejected "
+                                     "unrun: job file torn-1.json: not valid JSON"), out.stderr
+        assert "torn-1.json.error.json)" in out.stderr
