@@ -217,6 +217,9 @@ def _exact_json(raw: bytes, label: str) -> Any:
 @click.option("--priority", type=click.IntRange(1, 10), help="execution.priority (1-10)")
 @click.option("--max-attempts", type=int, help="execution.max_attempts")
 @click.option("--wait", is_flag=True, help="Follow progress and print the result")
+@click.option("--wait-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="With --wait (implied): give up following after SECONDS, exit 124; the job "
+              "stays submitted")
 @click.option("--pool", help="With Redis: the pool whose stream gets the job (default: the job's "
               "routing.worker_pool, else the configured pool)")
 @_redis_option
@@ -224,8 +227,10 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
            work_dir: Path | None, file: Path | None, operation: str | None, data: str | None,
            payload_type: str | None, job_id: str | None, idempotency_key: str | None,
            timeout: int | None, priority: int | None, max_attempts: int | None,
-           wait: bool, pool: str | None, redis_url: str | None) -> None:
+           wait: bool, wait_timeout: float | None, pool: str | None, redis_url: str | None) -> None:
     """Submit a job from FILE or from --operation/--data; --wait follows it to its result."""
+    until = None if wait_timeout is None else time.monotonic() + wait_timeout
+    wait = wait or until is not None
     settings, queue = _queue(config_file, redis_url, jobs_dir=jobs_dir, results_dir=results_dir,
                              work_dir=work_dir)
     doc = _job_document(file, operation, data, payload_type)
@@ -249,7 +254,7 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
     if queue is not None:
         route: dict[str, Any] = doc["routing"] if isinstance(doc.get("routing"), dict) else {}
         _submit_redis(queue, doc["job_id"], dumps(doc),
-                      pool or route.get("worker_pool") or settings.pool, wait)
+                      pool or route.get("worker_pool") or settings.pool, wait, until)
         return
     spool = Spool(settings)
     if spool.has_result(doc["job_id"]):
@@ -266,7 +271,7 @@ def submit(config_file: Path | None, jobs_dir: Path | None, results_dir: Path | 
     click.echo(f"submitted {doc['job_id']}")
     _unserved(spool)
     if watch is not None:
-        sys.exit(_follow(spool, doc["job_id"], watch, sent))
+        sys.exit(_follow(spool, doc["job_id"], watch, sent, until))
 
 
 def _redis_call(queue: Any, action: Callable[[], Any]) -> Any:
@@ -284,15 +289,17 @@ def _redis_call(queue: Any, action: Callable[[], Any]) -> Any:
             f"redis at {queue.settings.redis_url} is unreachable: {e}") from None
 
 
-def _submit_redis(queue: Any, job_id: str, raw: bytes, pool: str, wait: bool) -> None:
+def _submit_redis(queue: Any, job_id: str, raw: bytes, pool: str, wait: bool,
+                  until: float | None) -> None:
     mid = _redis_call(queue, lambda: queue.submit(job_id, raw, pool))
     click.echo(f"submitted {job_id} (message {mid})")
     if wait:
-        sys.exit(_redis_call(queue, lambda: _follow_redis(queue, job_id)))
+        sys.exit(_redis_call(queue, lambda: _follow_redis(queue, job_id, until)))
 
 
-def _follow_redis(queue: Any, job_id: str) -> int:
-    """Show the job's progress from its Redis status until its result exists; print it."""
+def _follow_redis(queue: Any, job_id: str, until: float | None = None) -> int:
+    """Show the job's progress from its Redis status until its result exists; print it
+    (124: `until`, a monotonic time, came first)."""
     shown = ""
     for st in queue.follow(job_id):
         line = _progress_line(job_id, st)
@@ -300,7 +307,17 @@ def _follow_redis(queue: Any, job_id: str) -> int:
             click.echo(("\r" + line.ljust(78)) if sys.stderr.isatty() else line,
                        nl=not sys.stderr.isatty(), err=True)
         shown = line
+        if until is not None and time.monotonic() >= until:
+            return _gave_up(job_id, shown)
     return _finish_follow(job_id, queue.result(job_id) or {})
+
+
+def _gave_up(job_id: str, shown: str) -> int:
+    """--wait-timeout passed: say so (the job stays submitted); the exit code of timeout(1)."""
+    last = shown.removeprefix(job_id + ": ") or "pending"
+    click.echo(("\n" if sys.stderr.isatty() else "") + f"{job_id}: gave up waiting "
+               f"(--wait-timeout); the job stays submitted, as last seen: {last}", err=True)
+    return 124
 
 
 def _outcomes(spool: Spool, also: str = "rejected") -> Watch:
@@ -312,13 +329,16 @@ def _outcomes(spool: Spool, also: str = "rejected") -> Watch:
     return watch
 
 
-def _follow(spool: Spool, job_id: str, watch: Watch, sent: tuple[int, int]) -> int:
+def _follow(spool: Spool, job_id: str, watch: Watch, sent: tuple[int, int],
+            until: float | None = None) -> int:
     """Show the job's progress until its result exists, or until the file `sent` (its
-    st_dev, st_ino) is rejected; print it; 0 only when completed. Closes `watch` (see
-    `_outcomes`)."""
+    st_dev, st_ino) is rejected; print it; 0 only when completed (124: `until`, a monotonic
+    time, came first). Closes `watch` (see `_outcomes`)."""
     shown = ""
     try:
         while not spool.has_result(job_id):
+            if until is not None and time.monotonic() >= until:
+                return _gave_up(job_id, shown)
             st = spool.read_status(job_id) or {}
             line = _progress_line(job_id, st)
             if line != shown and sys.stderr.isatty():

@@ -395,6 +395,20 @@ def test_submit_and_cancel_say_when_no_supervisor_serves_the_spool(make_worker) 
     assert out.stderr == "" and out.stdout == "submitted served\n"
 
 
+def test_submit_wait_timeout_gives_up_and_leaves_the_job_submitted(make_worker) -> None:
+    w = make_worker()  # nobody serves the spool: the job cannot end
+    out = w.cli("submit", "-o", "system.echo", "--job-id", "patient", "--wait-timeout", "0.5",
+                check=False)
+    assert out.returncode == 124, out.stdout + out.stderr
+    assert out.stderr.splitlines()[-1] == ("patient: gave up waiting (--wait-timeout); the job "
+                                           "stays submitted, as last seen: pending")
+    assert (w.jobs / "patient.json").exists()
+    w.start()
+    out = w.cli("submit", "-o", "system.echo", "--job-id", "prompt", "--wait-timeout", "60")
+    assert '"status": "completed"' in out.stdout
+    assert w.wait_result("patient")["status"] == "completed"
+
+
 def test_start_names_its_directories_and_the_operations_it_lacks(make_worker) -> None:
     w = make_worker("--work-dir", "here-work", "--output-dir", "here-outputs",
                     env={"GKW_TEST_ABSENT": "needs the optional extra: pip install absent"})

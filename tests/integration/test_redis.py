@@ -245,6 +245,11 @@ def test_cli_submit_status_result_list_cancel_against_redis(redis_server, redis_
     poll_until(lambda: b'"running"' in (r.get("guestkit:status:cli-forever-1") or b""), 30,
                "the first job to run")
     assert "pending" in _cli(redis_server, "status", "cli-waiting-1").stdout  # not yet delivered
+    late = _cli(redis_server, "submit", "-o", "system.echo", "--job-id", "cli-patient-1",
+                "--pool", "unserved", "--wait-timeout", "0.5", check=False)
+    assert late.returncode == 124 and late.stderr.splitlines()[-1] == (
+        "cli-patient-1: gave up waiting (--wait-timeout); the job stays submitted, as last "
+        "seen: pending")
     _cli(redis_server, "cancel", "cli-waiting-1")  # still in the stream: cancelled on delivery
     _cli(redis_server, "cancel", "cli-forever-1")  # running: the owning worker hears it
     poll_until(lambda: len(shared_results(r)) == 3 and settled(r), 30, "both cancels")
