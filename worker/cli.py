@@ -398,6 +398,17 @@ def _client_spool(config_file: Path | None, **dirs: Any) -> Spool:
     return Spool(settings)
 
 
+def _watched_spool(config_file: Path | None, **dirs: Any) -> Spool:
+    """The spool to show: an error when there is none; a note when no supervisor serves it."""
+    spool = _client_spool(config_file, **dirs)
+    if not spool.inbox.is_dir():
+        what = "Not a directory" if spool.inbox.exists() else "no such directory"
+        raise click.ClickException(f"no spool at {spool.inbox}: {what} (see --jobs-dir; by "
+                                   "default ./jobs, or a config file's jobs_dir)")
+    _unserved(spool)
+    return spool
+
+
 def _rows(spool: Spool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [{"job_id": n.removesuffix(".json"), "state": "pending"}
             for n in (spool.inbox_names() if spool.inbox.exists() else [])]
@@ -451,9 +462,7 @@ def status(config_file: Path | None, job_id: str | None, redis_url: str | None, 
     if queue is not None:
         show = functools.partial(_status_redis, queue, job_id)
     else:
-        spool = _client_spool(config_file, **dirs)
-        _unserved(spool)
-        show = functools.partial(_status_spool, spool, job_id)
+        show = functools.partial(_status_spool, _watched_spool(config_file, **dirs), job_id)
     while True:
         if watch and sys.stdout.isatty():
             click.clear()
@@ -565,7 +574,7 @@ def list_jobs(config_file: Path | None, state: str | None, redis_url: str | None
     """List every job the spool (or the Redis queue) knows, optionally in one state."""
     _, queue = _queue(config_file, redis_url, **dirs)
     rows = _redis_call(queue, queue.rows) if queue is not None else \
-        _rows(_client_spool(config_file, **dirs))
+        _rows(_watched_spool(config_file, **dirs))
     _table([r for r in rows if state is None or r.get("state") == state])
 
 

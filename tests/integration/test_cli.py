@@ -386,8 +386,13 @@ def test_status_says_why_a_job_waits_and_when_no_supervisor_serves(make_worker) 
 
 def test_submit_and_cancel_say_when_no_supervisor_serves_the_spool(make_worker) -> None:
     w = make_worker()
+    assert not w.jobs.exists()
+    for command in ("status", "list"):
+        out = w.cli(command, check=False)
+        assert out.returncode == 1 and f"Error: no spool at {w.jobs}: no such directory (see " \
+            "--jobs-dir" in out.stderr
     for out in (w.cli("submit", "-o", "system.echo", "--job-id", "unserved"),
-                w.cli("cancel", "unserved")):
+                w.cli("cancel", "unserved"), w.cli("status"), w.cli("list")):
         assert f"note: no supervisor serves {w.jobs} now" in out.stderr, out.stderr
     w.start()
     assert w.wait_result("unserved")["status"] == "cancelled"
