@@ -146,9 +146,12 @@ class JobDocument(_Open):
     audit: dict[str, Any] | None = None
 
 
+UTF8_BOM = b"\xef\xbb\xbf"  #: what some editors put before UTF-8 text; skipped when read
+
+
 def loads(data: bytes) -> Any:
-    """Decode JSON bytes (UTF-8 only)."""
-    return orjson.loads(data)
+    """Decode JSON bytes (UTF-8 only, a leading byte order mark allowed)."""
+    return orjson.loads(data[3:] if data[:3] == UTF8_BOM else data)
 
 
 def dumps(obj: Any) -> bytes:
@@ -297,8 +300,19 @@ def _wide_bom(raw_bytes: bytes) -> str | None:
     return None
 
 
+def _not_utf8(raw_bytes: bytes) -> str | None:
+    """Where `raw_bytes` stops being UTF-8, or None when it is UTF-8 throughout."""
+    try:
+        raw_bytes.decode()
+    except UnicodeDecodeError as e:
+        return (f"byte 0x{raw_bytes[e.start]:02x} at offset {e.start} is not part of a UTF-8 "
+                "character (a file saved as Latin-1 or Windows-1252?)")
+    return None
+
+
 def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]]:
     """Decode and validate a job document; raise JobRejected naming the job and the field."""
+    raw_bytes = raw_bytes.removeprefix(UTF8_BOM)
     try:
         raw = loads(raw_bytes)
     except orjson.JSONDecodeError as e:
@@ -306,8 +320,9 @@ def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]
             raise JobRejected(ErrorCode.VALIDATION_ERROR, f"job file {label}: not valid UTF-8: "
                               f"it is {bom} (it starts with that byte order mark)") from None
         what = "UTF-8" if "utf-8" in str(e).lower() else "JSON"
+        why = (_not_utf8(raw_bytes) if what == "UTF-8" else None) or e
         raise JobRejected(
-            ErrorCode.VALIDATION_ERROR, f"job file {label}: not valid {what}: {e}"
+            ErrorCode.VALIDATION_ERROR, f"job file {label}: not valid {what}: {why}"
         ) from None
     if not isinstance(raw, dict):
         raise JobRejected(

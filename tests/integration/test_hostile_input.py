@@ -26,6 +26,8 @@ def _alive(w: Worker, tag: str) -> None:
 CASES = {
     "invalid-json": (b'{"version": "1.0", "job_id": ', "not valid JSON"),
     "invalid-utf8": (b'{"version": "1.0", "job_id": "u\xff\xfe"}', "not valid UTF-8"),
+    "latin-1": (b'{"version": "1.0", "job_id": "caf\xe9"}',
+                "not valid UTF-8: byte 0xe9 at offset 33 is not part of a UTF-8 character"),
     "not-an-object": (b'["system.echo"]', "expected a JSON object, got list"),
     "zero-timeout": (orjson.dumps(job("zero", timeout_seconds=0)),
                      "field 'execution.timeout_seconds': expected greater than or equal to 1"),
@@ -63,6 +65,14 @@ def test_malformed_documents_are_moved_aside_with_the_reason(worker: Worker, cas
     assert expected in reason["message"], reason
     assert (worker.jobs / "rejected" / f"{case}.json").read_bytes() == data
     _alive(worker, case)
+
+
+def test_a_utf8_byte_order_mark_is_skipped(worker: Worker) -> None:
+    """Some editors start UTF-8 files with one; JSON allows a reader to skip it."""
+    worker.drop(b"\xef\xbb\xbf" + orjson.dumps(job("with-bom", data={"message": "caf\u00e9"})),
+                "with-bom.json")
+    res = worker.wait_result("with-bom")
+    assert res["status"] == "completed" and res["data"]["echo"] == {"message": "caf\u00e9"}
 
 
 @pytest.mark.parametrize(("data", "expected"), [
