@@ -51,4 +51,11 @@ else  # an existing .venv is kept; say when it runs on another interpreter than 
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
+# The install is editable, so only pyproject.toml (dependencies, entry points) calls for
+# pip again: a stamp per set of extras records the pyproject.toml it was done for.
+stamp=".venv/.installed${extras:+-${extras//,/-}}"
+want_stamp=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
+  echo "$want_stamp" > "$stamp"
+fi
