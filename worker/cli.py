@@ -703,12 +703,13 @@ def _verdict(path: Path, intake: Intake, spool: Spool, settings: config.Settings
     if spool.has_result(doc.job_id):
         return (f"INVALID VALIDATION_ERROR: job {doc.job_id!r}: field 'job_id': duplicate; "
                 f"a job with this id has finished (its result is {spool.result_path(doc.job_id)})")
-    if wait := routing.unsatisfied(doc, intake.profile):
+    if wait := routing.elsewhere(doc, intake.profile):
         return (f"OK ({doc.job_id}, {doc.operation}); it would wait: {wait} (its operation and "
-                "payload are checked by a worker that can take it)")
+                "payload are checked by a worker it is meant for)")
     if (problem := intake.problem(doc)) is not None:
         return f"INVALID {problem[0]}: {problem[1]}"
-    return f"OK ({doc.job_id}, {doc.operation})"
+    wait = routing.lacking(doc, intake.profile)
+    return f"OK ({doc.job_id}, {doc.operation})" + (f"; it would wait: {wait}" if wait else "")
 
 
 @main.command()

@@ -147,10 +147,13 @@ class Intake:
             cancellable=ex.cancellable, idempotency_key=ex.idempotency_key,
             asked_limits=ex.limits.model_dump(exclude_none=True) if ex.limits else None,
         )
-        # routing first: a job meant for another worker is judged by that worker's handlers,
-        # image roots and output dir, not by this one's
-        job.waiting_for = routing.unsatisfied(doc, self.profile)
+        # a job meant for other workers is judged by their handlers, image roots and output
+        # dir, not by this one's; one meant for any worker here, by its operation and payload
+        # before what it requires of the worker
+        job.waiting_for = routing.elsewhere(doc, self.profile)
         ending = None if job.waiting_for else self._check(doc, job)
+        if ending is None and not job.waiting_for:
+            job.waiting_for = routing.lacking(doc, self.profile)
         return Accepted(job, doc, ending)
 
     def _check(self, doc: JobDocument, job: Job) -> Ending | None:

@@ -54,24 +54,31 @@ def _version(text: str) -> tuple[int, ...]:
 
 def unsatisfied(doc: JobDocument, me: Profile, who: str = "this worker") -> str | None:
     """Return why the worker `me` (named `who` in the reason) cannot take `doc`, or None."""
+    return elsewhere(doc, me, who) or lacking(doc, me, who)
+
+
+def elsewhere(doc: JobDocument, me: Profile, who: str = "this worker") -> str | None:
+    """Why `doc` is meant for other workers than `me` (its routing, or the pools it allows),
+    or None. Such a job is judged by a worker it is meant for, never by `me`."""
     r, c = doc.routing, doc.constraints
-    checks = [
-        (r.worker_id and r.worker_id != me.worker_id,
-         f"routing.worker_id is {r.worker_id!r}; {who} is {me.worker_id!r}"),
-        (r.worker_pool and r.worker_pool != me.pool,
-         f"routing.worker_pool is {r.worker_pool!r}; {who} serves pool {me.pool!r}"),
-        (c.allowed_worker_pools and me.pool not in c.allowed_worker_pools,
-         f"constraints.allowed_worker_pools is {c.allowed_worker_pools}; "
-         f"{who} serves pool {me.pool!r}"),
-        (c.require_privileged and not me.privileged,
-         f"constraints.require_privileged is true; {who} is not privileged"),
-    ]
-    for failed, why in checks:
-        if failed:
-            return why
-    if (r.affinity or r.anti_affinity) and (
-            placed := _affinity(r.affinity, r.anti_affinity, me.labels, who)) is not None:
-        return placed
+    if r.worker_id and r.worker_id != me.worker_id:
+        return f"routing.worker_id is {r.worker_id!r}; {who} is {me.worker_id!r}"
+    if r.worker_pool and r.worker_pool != me.pool:
+        return f"routing.worker_pool is {r.worker_pool!r}; {who} serves pool {me.pool!r}"
+    if c.allowed_worker_pools and me.pool not in c.allowed_worker_pools:
+        return (f"constraints.allowed_worker_pools is {c.allowed_worker_pools}; "
+                f"{who} serves pool {me.pool!r}")
+    if r.affinity or r.anti_affinity:
+        return _affinity(r.affinity, r.anti_affinity, me.labels, who)
+    return None
+
+
+def lacking(doc: JobDocument, me: Profile, who: str = "this worker") -> str | None:
+    """What `doc` requires that the worker `me` lacks (privilege, capabilities, features,
+    version), or None."""
+    c = doc.constraints
+    if c.require_privileged and not me.privileged:
+        return f"constraints.require_privileged is true; {who} is not privileged"
     missing = [cap for cap in c.required_capabilities if cap not in me.capabilities]
     if missing:
         return f"constraints.required_capabilities: {who} lacks {missing}"

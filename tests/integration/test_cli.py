@@ -105,7 +105,7 @@ def test_validate_takes_files_as_the_supervisor_does(worker: Worker, tmp_path: P
     assert lines["away"].endswith("away.json: OK (v-away, system.echo); it would wait: "
                                   "routing.worker_pool is 'elsewhere'; this worker serves pool "
                                   "'default' (its operation and payload are checked by a worker "
-                                  "that can take it)")
+                                  "it is meant for)")
     assert "INVALID VALIDATION_ERROR: job 'v-done': field 'job_id': duplicate" in lines["done"]
     out = worker.cli("validate", "--pool", "elsewhere", str(tmp_path / "away.json"))
     assert out.stdout.endswith("away.json: OK (v-away, system.echo)\n")
