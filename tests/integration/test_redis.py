@@ -435,3 +435,19 @@ def test_a_worker_whose_slots_fill_while_it_reads_leaves_the_next_message_to_oth
     assert full.result("local-busy") is None  # still busy: the message never waited behind it
     assert "queue-next" not in full.log() and full.result("queue-next") is None
     assert other.result("queue-next") is not None
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_starts_on_a_full_stream_takes_no_more_than_its_slots(
+        redis_server, redis_workers) -> None:
+    r = redis_server.client()
+    no_takeover = lease_env(claim_idle=60, renew=20)
+    xadd_jobs(r, [job(f"backlog-{i}", "test.sleep", {"seconds": 60}) for i in range(4)])
+    first = redis_workers("first", "--max-concurrent", "1", env=no_takeover).start()
+    poll_until(lambda: "running: pid" in first.log(), 30, "its first job to run")
+    # what one read delivered was not yet running when the next read was sized
+    holders = {c["name"].decode(): c["pending"] for c in r.xpending(STREAM, GROUP)["consumers"]}
+    assert holders == {"first": 1}, holders
+    second = redis_workers("second", "--max-concurrent", "1", env=no_takeover).start()
+    poll_until(lambda: "running: pid" in second.log(), 30, "the next job to run elsewhere")
+    assert "[backlog-1]" not in first.log()

@@ -377,6 +377,7 @@ class RedisRemote(Remote):
         self.acks: list[str] = []  # results stored: acknowledge at the end of the loop pass
         self.arrived: list[tuple[str, dict[bytes, bytes]]] = []  # read, not yet checked
         self.wake = False  # jobs were delivered after the loop filled its slots
+        self.given = 0  # messages delivered in this poll
         self.cancels: list[str] = []  # cancel callbacks to make at the next poll
         self.connected = False
         self.first = True
@@ -410,6 +411,7 @@ class RedisRemote(Remote):
     def poll(self, now: float, free_slots: int, running: list[str]) -> None:
         """Reconnect, renew leases, take over dead workers' messages and ask for new ones."""
         self.wake = False
+        self.given = 0
         self._run_cancels()
         if not self.connected and (now < self.retry_at or not self._connect(now)):
             return
@@ -423,8 +425,8 @@ class RedisRemote(Remote):
                 self._unpark()
             if self.connected and self.handed_here:
                 self._take_handed()
-            if self.connected:
-                self._claim(now, free_slots - len(self.parked))
+            if self.connected:  # what this pass delivered has taken slots `free_slots` counted
+                self._claim(now, free_slots - len(self.parked) - self.given)
         except ERRORS as e:
             self._down(e, now)
         self._run_cancels()
@@ -919,6 +921,7 @@ class RedisRemote(Remote):
         if job_id:
             self.by_job.setdefault(job_id, mid)
             self.foreign.discard(job_id)  # its message is ours again
+        self.given += 1
         try:
             self._deliver(mid, raw, running_attempt)
         except OSError as e:  # the spool cannot take it: leave it to another worker
