@@ -451,3 +451,26 @@ def test_a_worker_that_starts_on_a_full_stream_takes_no_more_than_its_slots(
     second = redis_workers("second", "--max-concurrent", "1", env=no_takeover).start()
     poll_until(lambda: "running: pid" in second.log(), 30, "the next job to run elsewhere")
     assert "[backlog-1]" not in first.log()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_worker_restarted_within_its_lease_shares_and_counts_the_run_it_starts_again(
+        redis_server, redis_workers) -> None:
+    r = redis_server.client()
+    no_takeover = lease_env(claim_idle=60, renew=20)  # only the restart can run it again
+
+    def shared(job_id: str) -> dict:
+        return orjson.loads(r.get(f"guestkit:status:{job_id}") or b"{}")
+
+    w = redis_workers("phoenix", env=no_takeover).start()
+    xadd_jobs(r, [job("again-1", "test.sleep", {"seconds": 30}, max_attempts=3)])
+    poll_until(lambda: shared("again-1").get("state") == "running", 30, "the first run")
+    w.kill()  # as a crash that Restart=on-failure follows at once, well within the lease
+    w.start()
+    status = poll_until(lambda: (s := shared("again-1")).get("attempt") == 2 and
+                        s.get("state") == "running" and s, 30, "the shared status of the second run")
+    assert status["worker_id"] == "phoenix"
+    pending = r.xpending_range(STREAM, GROUP, "-", "+", 10)
+    assert [p["times_delivered"] for p in pending] == [2]  # what poison detection counts
+    assert executions([w]) == {"again-1": 2}

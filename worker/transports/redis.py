@@ -1310,20 +1310,32 @@ class RedisRemote(Remote):
         rows: Any = self.client.xpending_range(self.keys.stream, self.group, min="-", max="+",
                                                count=100_000, consumername=self.me)
         mine = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        kept = 0
         for mid, count in mine.items():
             if mid in local and local[mid] and self._has_result(local[mid]):
                 self._ack(mid)
                 self._disown(mid, local[mid])
-            elif mid in local:
-                self.adopted[local[mid]] = mid  # the supervisor runs it from its spool
+            elif mid in local:  # the supervisor runs it from its spool
+                kept += 1
+                if local[mid]:
+                    self._hold_recovered(mid, local[mid], count)
+                else:
+                    self.adopted[local[mid]] = mid
             else:
                 self._recover_message(mid, count)
         for mid, job_id in local.items():
             if mid not in mine:
                 self._disown(mid, job_id)
-        if self.adopted:
-            log.info("redis: %d job(s) recovered from the spool keep their messages",
-                     len(self.adopted))
+        if kept:
+            log.info("redis: %d job(s) recovered from the spool keep their messages", kept)
+
+    def _hold_recovered(self, mid: str, job_id: str, count: int) -> None:
+        """A message still ours whose job the spool brought back: held as if delivered, so that
+        its status is shared again and a start after the crash counts as a delivery (the run
+        the stopped worker was in is the last one started here)."""
+        started = ran_before(self.spool.read_status(job_id))  # as the spool's recovery left it
+        self.held[mid] = Held(job_id, count, started=started, fresh=False)
+        self.by_job[job_id] = mid
 
     def _recover_message(self, mid: str, count: int) -> None:
         """A message held here that the spool does not have: store its result, or deliver it again."""
