@@ -1136,7 +1136,9 @@ class Supervisor:
         if not self.remote.publish(job_id, doc):
             if staged:
                 self.spool.unstage(job_id)
-            self._log(job, "another worker's result came first; kept it", level=logging.WARNING)
+            self._log(job, "its message is another worker's now: this copy leaves no result"
+                      if self.remote.disowned(job_id) else
+                      "another worker's result came first; kept it", level=logging.WARNING)
         elif not staged:
             self._log(job, "a result already existed; kept the first", level=logging.WARNING)
         self.to_archive.append(archive)

@@ -310,6 +310,7 @@ def test_a_drained_worker_gives_back_what_it_never_started_and_drops_it_after_a_
                "d0 to drop its local copy")
     assert "went back to the stream or to another worker" in first.log()
     assert "cancel refused" not in first.log()  # a stale copy is no client's cancel
+    assert "this copy leaves no result" in first.log() and "came first" not in first.log()
     assert shared_results(r)["needs-feature-1"]["status"] == "completed"
     assert first.result("needs-feature-1") is None and executions([first, second]) == {
         "needs-feature-1": 1}

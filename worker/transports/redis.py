@@ -756,9 +756,9 @@ class RedisRemote(Remote):
         for job_id, data in list(self.unsent_results.items()):
             stored = self._store_result(job_id, data, _json(data) or {})
             if not stored and self.client.get(self.keys.result(job_id)) != data:  # not our own
-                log.warning("redis: job %s: another worker's result was stored while Redis was "
-                            "unreachable; the local result file differs from the shared one", job_id,
-                            extra={"job_id": job_id})
+                log.warning("redis: job %s: another worker's result was stored before this one "
+                            "could reach Redis; the shared result counts (the local result file "
+                            "differs from it)", job_id, extra={"job_id": job_id})
             del self.unsent_results[job_id]
         self.acks.extend(self.unsent_acks)
         self.unsent_acks.clear()
