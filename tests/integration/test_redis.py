@@ -374,6 +374,9 @@ def test_a_job_waiting_for_an_idempotency_key_can_be_cancelled(redis_server, red
                "the holder to run")
     xadd_jobs(r, [job("key-waiter", "test.ledger", idempotency_key="k-c")])
     poll_until(lambda: r.xpending(STREAM, GROUP)["pending"] == 2, 30, "the waiter to be read")
+    waits = poll_until(lambda: orjson.loads(r.get("guestkit:status:key-waiter") or b"{}").get(
+        "waiting_for"), 30, "the waiter's shared status to say why it waits")
+    assert waits == "idempotency key 'k-c' is held by job 'key-holder', not yet finished"
     _cli(redis_server, "cancel", "key-waiter")
     poll_until(lambda: "key-waiter" in shared_results(r), 20, "the waiter's result")
     assert shared_results(r)["key-waiter"]["status"] == "cancelled"

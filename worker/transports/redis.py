@@ -872,21 +872,26 @@ class RedisRemote(Remote):
             return
         held = Held(job_id or "", deliveries, fresh=how is None or ran_before(status) is None)
         key = _idempotency_key(doc)
-        if job_id and key and not cancelled and not self._key_free(key, job_id):
+        if job_id and key and not cancelled and (holder := self._key_holder(key, job_id)):
             self.held[mid] = held
             self.parked[mid] = (raw, ran_before(status) if how else None, key)
+            self.dirty[job_id] = {  # shared at the next flush: who waits, here, and for what
+                "job_id": job_id, "state": "queued", "worker_id": self.me, "message_id": mid,
+                "updated_at": rfc3339(),
+                "waiting_for": f"idempotency key {key!r} is held by job {holder!r}, not yet "
+                               "finished"}
             return
         self._hand_over(mid, job_id, raw, held, ran_before(status) if how else None)
         if cancelled and job_id and mid in self.held:
             self.cancels.append(job_id)
 
-    def _key_free(self, key: str, job_id: str) -> bool:
-        """Take the idempotency key for `job_id` before delivery; False while an unfinished job
-        elsewhere holds it (the message then waits here, its lease renewed)."""
+    def _key_holder(self, key: str, job_id: str) -> str | None:
+        """Take the idempotency key for `job_id` before delivery; the unfinished job elsewhere
+        that holds it, if one does (the message then waits here, its lease renewed)."""
         holder = self.take_key(key, job_id)
         if holder == UNREACHABLE:
             raise redis.ConnectionError(self.error)
-        return holder == job_id or self._has_result(holder)
+        return None if holder == job_id or self._has_result(holder) else holder
 
     def _unpark(self) -> None:
         """Deliver the parked jobs whose key's holder has finished."""
@@ -895,7 +900,7 @@ class RedisRemote(Remote):
             if held is None or held.lost:
                 del self.parked[mid]
                 continue
-            if self._key_free(key, held.job_id):
+            if self._key_holder(key, held.job_id) is None:
                 del self.parked[mid]
                 self._hand_over(mid, held.job_id, raw, held, running_attempt)
                 self._check_cancels([held.job_id])  # one asked for while it was parked
