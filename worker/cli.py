@@ -589,8 +589,10 @@ def cancel(config_file: Path | None, job_id: str, redis_url: str | None, wait: b
     """Ask the supervisor to cancel JOB_ID (queued or running, when cancellable)."""
     _, queue = _queue(config_file, redis_url, **dirs)
     if queue is not None:
-        _redis_call(queue, lambda: queue.cancel(job_id))
-        click.echo(f"cancel requested for {job_id}")
+        known = _redis_call(queue, lambda: queue.cancel(job_id))
+        click.echo(f"cancel requested for {job_id}" + ("" if known else (
+            " (no job with this id is known in redis yet: the request waits "
+            f"{queue.settings.redis_status_ttl_seconds} s for one, added by a producer with XADD)")))
         if wait:
             sys.exit(_cancel_outcome(job_id, _redis_call(queue, lambda: _redis_result(queue, job_id))))
         return

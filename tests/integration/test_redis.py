@@ -250,7 +250,11 @@ def test_cli_submit_status_result_list_cancel_against_redis(redis_server, redis_
     assert late.returncode == 124 and late.stderr.splitlines()[-1] == (
         "cli-patient-1: gave up waiting (--wait-timeout); the job stays submitted, as last "
         "seen: pending")
-    _cli(redis_server, "cancel", "cli-waiting-1")  # still in the stream: cancelled on delivery
+    out = _cli(redis_server, "cancel", "cli-waiting-1")  # still in the stream: cancelled on delivery
+    assert out.stdout == "cancel requested for cli-waiting-1\n"  # known: submit wrote its status
+    out = _cli(redis_server, "cancel", "cli-typo-1")
+    assert out.stdout == ("cancel requested for cli-typo-1 (no job with this id is known in redis "
+                          "yet: the request waits 86400 s for one, added by a producer with XADD)\n")
     _cli(redis_server, "cancel", "cli-forever-1")  # running: the owning worker hears it
     poll_until(lambda: len(shared_results(r)) == 3 and settled(r), 30, "both cancels")
     results = shared_results(r)

@@ -1478,12 +1478,14 @@ class Queue:
                     out[name.rsplit(":", 1)[1]] = {"job_id": name.rsplit(":", 1)[1], **doc}
         return out
 
-    def cancel(self, job_id: str) -> None:
-        """Store a cancel request and announce it to every worker."""
+    def cancel(self, job_id: str) -> bool:
+        """Store a cancel request and announce it to every worker; whether the job is known
+        (it has a status: submitted, read or running)."""
         if self.client.exists(self.keys.result(job_id)):
             raise QueueError(f"job {job_id!r} has already finished")
         self.client.set(self.keys.cancel(job_id), rfc3339(), ex=self.settings.redis_status_ttl_seconds)
         self.client.publish(self.keys.cancel_channel, job_id)
+        return bool(self.client.exists(self.keys.status(job_id)))
 
     def follow(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Yield the job's status each time it changes (or every second) until it has a result."""
