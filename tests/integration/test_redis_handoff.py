@@ -239,6 +239,13 @@ def test_a_job_routed_to_another_pool_moves_to_that_pools_stream(
     assert executions([here, there]) == {"pool-job-1": 1}
     assert here.log().count("moved to the queue of pool gpu") == 2
     assert _passed_on(here) == 'guestkit_worker_passed_on_total{to="pool"} 2\n'
+    nobody = job("pool-job-3")
+    nobody["routing"] = {"worker_pool": "nobody"}  # a pool no worker serves yet
+    xadd_jobs(r, [nobody])
+    moved = poll_until(lambda: (s := _status(r, "pool-job-3")).get("moved_by") and s, 30,
+                       "the job to move to pool nobody")
+    assert moved["state"] == "pending" and moved["stream"] == f"{PREFIX}:jobs:nobody"  # unread
+    assert r.xlen(f"{PREFIX}:jobs:nobody") == 1
     poll_until(lambda: settled(r, f"{PREFIX}:jobs:gpu"), 30, "the gpu pool's entry to be acked")
     assert settled(r) and not any((here.jobs / ".active").iterdir())
 

@@ -528,8 +528,8 @@ class RedisRemote(Remote):
         if job_id is None or self.client is None:
             return False
         stream = Keys(self.keys.prefix, pool).stream
-        doc = dumps({**status, "job_id": job_id, "state": "queued", "updated_at": rfc3339(),
-                     "stream": stream, "moved_by": self.me})
+        doc = dumps({**status, "job_id": job_id, "state": "pending", "updated_at": rfc3339(),
+                     "stream": stream, "moved_by": self.me})  # unread there, as after submit
         try:
             rows: Any = self.client.xrange(self.keys.stream, message_id, message_id)
             if not rows or not self._give_back(message_id, rows[0][1], stream, doc):
