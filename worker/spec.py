@@ -310,6 +310,11 @@ def _not_utf8(raw_bytes: bytes) -> str | None:
     return None
 
 
+def _source(label: str) -> str:
+    """What a reason calls the document's holder: a queue's message, or a job file."""
+    return label if label.startswith("message ") else f"job file {label}"
+
+
 def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]]:
     """Decode and validate a job document; raise JobRejected naming the job and the field."""
     raw_bytes = raw_bytes.removeprefix(UTF8_BOM)
@@ -317,20 +322,20 @@ def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]
         raw = loads(raw_bytes)
     except orjson.JSONDecodeError as e:
         if (bom := _wide_bom(raw_bytes)) is not None:
-            raise JobRejected(ErrorCode.VALIDATION_ERROR, f"job file {label}: not valid UTF-8: "
+            raise JobRejected(ErrorCode.VALIDATION_ERROR, f"{_source(label)}: not valid UTF-8: "
                               f"it is {bom} (it starts with that byte order mark)") from None
         what = "UTF-8" if "utf-8" in str(e).lower() else "JSON"
         why = (_not_utf8(raw_bytes) if what == "UTF-8" else None) or e
         raise JobRejected(
-            ErrorCode.VALIDATION_ERROR, f"job file {label}: not valid {what}: {why}"
+            ErrorCode.VALIDATION_ERROR, f"{_source(label)}: not valid {what}: {why}"
         ) from None
     if not isinstance(raw, dict):
         raise JobRejected(
             ErrorCode.VALIDATION_ERROR,
-            f"job file {label}: expected a JSON object, got {type(raw).__name__}",
+            f"{_source(label)}: expected a JSON object, got {type(raw).__name__}",
         )
     jid = safe_job_id(raw)
-    who = f"job {jid!r}" if jid else f"job file {label}"
+    who = f"job {jid!r}" if jid else _source(label)
     if (deep := too_deep(raw_bytes, raw)) is not None:
         raise JobRejected(ErrorCode.VALIDATION_ERROR,
                           f"{who}: field {deep[0]!r}: expected arrays and objects nested at most "
@@ -338,7 +343,7 @@ def parse_job(raw_bytes: bytes, label: str) -> tuple[JobDocument, dict[str, Any]
                           jid)
     if (odd := ambiguous(raw_bytes, raw)) is not None:
         if odd[0] == "job_id":  # neither id may be the job's: no result goes under either
-            who, jid = f"job file {label}", None
+            who, jid = _source(label), None
         raise JobRejected(ErrorCode.VALIDATION_ERROR, f"{who}: {describe_ambiguity(*odd)}", jid)
     if "version" in raw and raw["version"] != PROTOCOL_VERSION:
         raise JobRejected(

@@ -202,6 +202,17 @@ def test_malformed_messages_get_a_clear_record_and_are_acked(redis_server, redis
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+def test_a_message_without_a_job_id_is_named_as_a_message_in_its_record(
+        redis_server, redis_workers) -> None:
+    redis_workers("m1").start()
+    r = redis_server.client()
+    mid = r.xadd(STREAM, {"job": b'{"x": 1}'}).decode()  # an object, but no job (nor id)
+    poll_until(lambda: _dead_letters(redis_server) and settled(r), 30, "its dead letter")
+    [letter] = _dead_letters(redis_server)
+    assert letter["message"].startswith(f"message {mid}: field 'version': required"), letter
+
+
+@pytest.mark.timeout(120)
 def test_an_idempotency_key_is_shared_by_all_workers(redis_server, redis_workers) -> None:
     workers = [redis_workers(f"i{i}", "--max-concurrent", "1").start() for i in range(2)]
     r = redis_server.client()
