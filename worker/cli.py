@@ -436,7 +436,7 @@ def _retry_at(status: dict[str, Any]) -> str | None:
 
 
 def _table(rows: list[dict[str, Any]]) -> None:
-    click.echo(f"{'JOB_ID':<36} {'STATE':<10} {'ATTEMPT':<8} {'PROGRESS':<9} DETAIL")
+    click.echo(f"{'JOB_ID':<36} {'STATE':<10} {'PRIO':<4} {'ATTEMPT':<8} {'PROGRESS':<9} DETAIL")
     for r in rows:
         prog = r.get("progress") or {}
         pct = prog.get("percent")
@@ -445,8 +445,8 @@ def _table(rows: list[dict[str, Any]]) -> None:
                   or ("next free slot" if r.get("state") == "queued" else ""))
         if r.get("stalled"):
             detail = f"STALLED {detail}"
-        click.echo(f"{r['job_id']:<36} {r.get('state', '?'):<10} {attempt:<8} "
-                   f"{(str(pct) + '%') if pct is not None else '-':<9} {detail}")
+        click.echo(f"{r['job_id']:<36} {r.get('state', '?'):<10} {r.get('priority', '-'):<4} "
+                   f"{attempt:<8} {(str(pct) + '%') if pct is not None else '-':<9} {detail}")
 
 
 @main.command()

@@ -269,7 +269,8 @@ class Spool:
             if isinstance(jid, str) and jid not in known:
                 ex = doc.get("execution") or {}
                 out.append({"job_id": jid, "state": "queued", "attempt": ex.get("attempt", 1),
-                            "max_attempts": ex.get("max_attempts", 1), "file": claimed})
+                            "max_attempts": ex.get("max_attempts", 1),
+                            "priority": ex.get("priority", 5), "file": claimed})
         return out
 
     # -- results ----------------------------------------------------------------------------

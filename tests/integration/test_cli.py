@@ -148,10 +148,12 @@ def test_cancel_a_queued_and_a_running_job(make_worker) -> None:
     wait_until(lambda: (w.jobs / ".status" / "busy.json").exists() and
                b'"running"' in (w.jobs / ".status" / "busy.json").read_bytes(),
                [w.jobs / ".status"], 20)
-    w.drop(job("waiting"))
+    w.drop(job("waiting", priority=9))
     wait_until(lambda: "[waiting] queued" in w.log(), [w.jobs / ".active"])
-    row = next(ln for ln in w.cli("status").stdout.splitlines() if ln.startswith("waiting "))
-    assert row.split()[1:] == ["queued", "1/1", "-", "next", "free", "slot"], row
+    table = w.cli("status").stdout.splitlines()
+    assert table[0].split() == ["JOB_ID", "STATE", "PRIO", "ATTEMPT", "PROGRESS", "DETAIL"]
+    row = next(ln for ln in table if ln.startswith("waiting "))
+    assert row.split()[1:] == ["queued", "9", "1/1", "-", "next", "free", "slot"], row
     out = w.cli("result", "waiting", check=False)
     assert out.stderr == f"Error: job 'waiting' has no result yet in {w.results}\n"
     assert w.cli("cancel", "waiting").stdout == "cancel requested for waiting\n"
