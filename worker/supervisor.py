@@ -1262,7 +1262,7 @@ class Supervisor:
             self.spool.archive(where, claimed, doc.job_id, first.get("status") == "completed")
             return
         self._recover_one(where, claimed, data, doc.job_id,
-                          message_id=self.spool.message_of(claimed))  # a queue's, adopted
+                          message_id=self.spool.message_of(claimed))  # a queue's: held again
 
     def _recover_one(self, where: str, claimed: str, data: bytes, job_id: str | None,
                      running_attempt: int | None = None, message_id: str | None = None) -> None:

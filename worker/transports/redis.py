@@ -368,9 +368,7 @@ class RedisRemote(Remote):
         self.held: dict[str, Held] = {}  # message id -> what we know of it
         self.parked: dict[str, tuple[bytes, int | None, str]] = {}  # waiting for a key's holder
         self.by_job: dict[str, str] = {}  # job id -> message id
-        self.adopted: dict[str, str] = {}  # job id -> message id, recovered from the spool
         self.foreign: set[str] = set()  # job ids recovered locally whose message is not ours
-        self.to_ack: set[str] = set()  # adopted messages whose result is stored
         self.unsent_results: dict[str, bytes] = {}
         self.unsent_acks: set[str] = set()
         self.dirty: dict[str, dict[str, Any]] = {}  # job id -> status not yet written
@@ -419,8 +417,6 @@ class RedisRemote(Remote):
             self._flush()
             if self.connected and now >= self.next_renew:
                 self._renew(now)
-            if self.connected and self.to_ack:
-                self._ack_adopted()
             if self.connected and self.parked:
                 self._unpark()
             if self.connected and self.handed_here:
@@ -489,8 +485,7 @@ class RedisRemote(Remote):
 
     def publish(self, job_id: str, doc: dict[str, Any]) -> bool:
         """Store the result with SET NX; False when another result came first or the job is not ours."""
-        mid = self.by_job.get(job_id) or self.adopted.get(job_id)
-        held = self.held.get(mid) if mid else None
+        held = self.held.get(self.by_job.get(job_id, ""))
         self.dirty.pop(job_id, None)
         if job_id in self.foreign or (held is not None and (held.lost or held.dead)):
             return False
@@ -504,8 +499,6 @@ class RedisRemote(Remote):
             self.unsent_results[job_id] = data
             self._down(e, time.monotonic())
             return True
-        if job_id in self.adopted:
-            self.to_ack.add(self.adopted[job_id])
         return stored
 
     def acknowledge(self, message_id: str, job_id: str, ok: bool) -> None:
@@ -514,9 +507,6 @@ class RedisRemote(Remote):
         held = self._forget(message_id)
         if (held is not None and (held.lost or held.dead)) or job_id in self.foreign:
             return  # another worker's message now
-        if self.adopted.get(job_id) == message_id:  # acknowledged here, not by _ack_adopted
-            del self.adopted[job_id]
-            self.to_ack.discard(message_id)
         if not self.connected or job_id in self.unsent_results:
             self.unsent_acks.add(message_id)
         else:
@@ -584,16 +574,14 @@ class RedisRemote(Remote):
     def _passable(self, message_id: str) -> str | None:
         """The job id of a message this worker holds and may pass on now, else None."""
         held = self.held.get(message_id)
-        job_id = held.job_id if held else next(
-            (j for j, m in self.adopted.items() if m == message_id), None)
-        if not job_id or not self.connected or (held and (held.lost or held.dead or held.gone)):
+        if held is None or not held.job_id or not self.connected or held.lost or held.dead \
+                or held.gone:
             return None
-        return job_id
+        return held.job_id
 
     def _let_go(self, message_id: str, job_id: str) -> None:
         """The message went to another worker or stream: forget it here."""
         self._forget(message_id)
-        self.adopted.pop(job_id, None)
         self.dirty.pop(job_id, None)
 
     def disowned(self, job_id: str) -> bool:
@@ -693,7 +681,7 @@ class RedisRemote(Remote):
             self._advertise()
             self.peers_seen += 1  # what could not be offered while away is offered again
             self.handed_here = True  # announced while away, or before this worker started
-            self._check_cancels([h.job_id for h in self.held.values()] + list(self.adopted))
+            self._check_cancels([h.job_id for h in self.held.values()])
         except ERRORS as e:
             self._down(e, now)
             return False
@@ -820,7 +808,7 @@ class RedisRemote(Remote):
         self.cursor = _text(reply[0])
         self.next_takeover = now if self.cursor != "0-0" else now + self.settings.redis_renew_seconds
         claimed = [(_text(mid), fields or {}) for mid, fields in reply[1]
-                   if _text(mid) not in self.held and _text(mid) not in self.adopted.values()]
+                   if _text(mid) not in self.held]
         if not claimed:
             return 0
         counts = self._deliveries([mid for mid, _ in claimed])
@@ -834,7 +822,7 @@ class RedisRemote(Remote):
         assert self.client is not None
         rows: Any = self.client.xpending_range(self.keys.stream, self.group, min=min(ids),
                                                max=max(ids),
-                                               count=len(ids) + len(self.held) + len(self.adopted) + 16,
+                                               count=len(ids) + len(self.held) + 16,
                                                consumername=self.me)
         return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
@@ -972,8 +960,7 @@ class RedisRemote(Remote):
         self._take_handed()  # an announcement can be missed: the set is the record
         if not self.connected:
             return
-        ids = [m for m, h in self.held.items() if not (h.lost or h.dead or h.gone)] + \
-            list(self.adopted.values())
+        ids = [m for m, h in self.held.items() if not (h.lost or h.dead or h.gone)]
         if not ids:
             return
         lost, gone = self.scripts["renew"](keys=[self.keys.stream], args=[self.group, self.me, *ids])
@@ -1006,7 +993,7 @@ class RedisRemote(Remote):
         self.handed_here = False
         key = self.keys.handed(self.me)
         for mid in sorted(map(_text, self.client.smembers(key))):
-            if mid not in self.held and mid not in self.adopted.values():
+            if mid not in self.held:
                 self._take_one_handed(mid)
             if not self.connected or self.client is None:
                 return  # the rest stay noted; a reconnection looks again
@@ -1036,7 +1023,9 @@ class RedisRemote(Remote):
         MAXLEN, XDEL, FLUSHALL), after which nobody else can run it: finish it here."""
         assert self.client is not None
         held = self.held.get(mid)
-        job_id = held.job_id if held else next((j for j, m in self.adopted.items() if m == mid), "")
+        if held is None:
+            return
+        job_id = held.job_id
         owner = self.client.get(self.keys.owner(job_id)) if job_id else None
         if job_id and self._has_result(job_id):
             self._lose(mid, f"another worker finished it (message {mid})")
@@ -1044,10 +1033,7 @@ class RedisRemote(Remote):
         if job_id and owner is not None and _text(owner) != mid:
             self._lose(mid, f"its message {mid} was moved on, as entry {_text(owner)}")
             return
-        if held is not None:
-            held.gone = True
-        elif job_id:
-            del self.adopted[job_id]
+        held.gone = True
         log.warning("redis: job %s: its message %s left the stream while it ran here (trimmed or "
                     "deleted); it finishes here and its result is stored", job_id, mid,
                     extra={"job_id": job_id})
@@ -1058,12 +1044,10 @@ class RedisRemote(Remote):
             self._forget(mid)
             return
         held = self.held.get(mid)
-        job_id = held.job_id if held else next((j for j, m in self.adopted.items() if m == mid), "")
-        if held is not None:
-            held.lost = True
-        elif job_id:
-            self.foreign.add(job_id)
-            del self.adopted[job_id]
+        if held is None:
+            return
+        held.lost = True
+        job_id = held.job_id
         why = why or (f"another worker holds message {mid} now (this worker was taken for "
                       "dead)")
         log.warning("redis: job %s: %s; stopping this copy", job_id, why, extra={"job_id": job_id})
@@ -1109,7 +1093,7 @@ class RedisRemote(Remote):
                     self.handed_here = True
                 elif msg and msg.get("type") == "message":
                     job_id = _text(msg["data"])
-                    if job_id in self.by_job or job_id in self.adopted:
+                    if job_id in self.by_job:
                         self.cancels.append(job_id)
                     elif (mid := self._parked_mid(job_id)) is not None:
                         self._unpark_cancelled(mid)
@@ -1186,13 +1170,6 @@ class RedisRemote(Remote):
         pipe.xack(self.keys.stream, self.group, mid)
         pipe.xdel(self.keys.stream, mid)
         pipe.execute()
-
-    def _ack_adopted(self) -> None:
-        for mid in list(self.to_ack):
-            self._ack(mid)
-            self.to_ack.discard(mid)
-            for job_id in [j for j, m in self.adopted.items() if m == mid]:
-                del self.adopted[job_id]
 
     def _forget(self, mid: str) -> Held | None:
         self.parked.pop(mid, None)
@@ -1322,10 +1299,7 @@ class RedisRemote(Remote):
                 self._disown(mid, local[mid])
             elif mid in local:  # the supervisor runs it from its spool
                 kept += 1
-                if local[mid]:
-                    self._hold_recovered(mid, local[mid], count)
-                else:
-                    self.adopted[local[mid]] = mid
+                self._hold_recovered(mid, local[mid], count)
             else:
                 self._recover_message(mid, count)
         for mid, job_id in local.items():
@@ -1338,9 +1312,11 @@ class RedisRemote(Remote):
         """A message still ours whose job the spool brought back: held as if delivered, so that
         its status is shared again and a start after the crash counts as a delivery (the run
         the stopped worker was in is the last one started here)."""
-        started = ran_before(self.spool.read_status(job_id))  # as the spool's recovery left it
+        # the last start, as the spool's recovery left the job's status
+        started = ran_before(self.spool.read_status(job_id)) if job_id else None
         self.held[mid] = Held(job_id, count, started=started, fresh=False)
-        self.by_job[job_id] = mid
+        if job_id:
+            self.by_job[job_id] = mid
 
     def _recover_message(self, mid: str, count: int) -> None:
         """A message held here that the spool does not have: store its result, or deliver it again."""
