@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from worker import __version__, config, fsutil, isolation, routing
+from worker import __version__, config, fsutil, isolation
 from worker.errors import ConfigError, JobRejected, UnsafeFile, WorkerError
 from worker.intake import Intake
 from worker.registry import Registry
@@ -705,13 +705,13 @@ def _verdict(path: Path, intake: Intake, spool: Spool, settings: config.Settings
     if spool.has_result(doc.job_id):
         return (f"INVALID VALIDATION_ERROR: job {doc.job_id!r}: field 'job_id': duplicate; "
                 f"a job with this id has finished (its result is {spool.result_path(doc.job_id)})")
-    if wait := routing.elsewhere(doc, intake.profile):
-        return (f"OK ({doc.job_id}, {doc.operation}); it would wait: {wait} (its operation and "
-                "payload are checked by a worker it is meant for)")
-    if (problem := intake.problem(doc)) is not None:
-        return f"INVALID {problem[0]}: {problem[1]}"
-    wait = routing.lacking(doc, intake.profile)
-    return f"OK ({doc.job_id}, {doc.operation})" + (f"; it would wait: {wait}" if wait else "")
+    verdict = intake.judge(doc)
+    if verdict.problem is not None:
+        return f"INVALID {verdict.problem[0]}: {verdict.problem[1]}"
+    return f"OK ({doc.job_id}, {doc.operation})" + (
+        f"; it would wait: {verdict.wait}" if verdict.wait else "") + (
+        "" if verdict.judged_here else
+        " (its operation and payload are checked by a worker it is meant for)")
 
 
 @main.command()

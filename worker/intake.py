@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import ValidationError
 
@@ -43,6 +43,14 @@ class Accepted:
     job: Job
     doc: JobDocument
     ending: Ending | None = None
+
+
+class Verdict(NamedTuple):
+    """What `Intake.judge` makes of a valid document."""
+
+    problem: tuple[ErrorCode, str] | None  # why it cannot run at all (its end), or None
+    wait: str | None  # why it waits (for another worker, or for what this one lacks), or None
+    judged_here: bool = True  # its operation and payload were checked against this worker
 
 
 class Intake:
@@ -147,23 +155,23 @@ class Intake:
             cancellable=ex.cancellable, idempotency_key=ex.idempotency_key,
             asked_limits=ex.limits.model_dump(exclude_none=True) if ex.limits else None,
         )
-        # a job meant for other workers is judged by their handlers, image roots and output
-        # dir, not by this one's; one meant for any worker here, by its operation and payload
-        # before what it requires of the worker
-        job.waiting_for = routing.elsewhere(doc, self.profile)
-        ending = None if job.waiting_for else self._check(doc, job)
-        if ending is None and not job.waiting_for:
-            job.waiting_for = routing.lacking(doc, self.profile)
+        verdict = self.judge(doc)
+        job.waiting_for = verdict.wait
+        ending = self._ending(job, doc, *verdict.problem) if verdict.problem else None
         return Accepted(job, doc, ending)
 
-    def _check(self, doc: JobDocument, job: Job) -> Ending | None:
-        """The end of a valid job that must not run: unsupported, invalid payload, too late."""
-        problem = self.problem(doc)
-        if problem is None:
-            return None
-        return self._ending(job, doc, *problem)
+    def judge(self, doc: JobDocument) -> Verdict:
+        """Whether a valid document can run here, and why it waits. A job meant for other
+        workers is not judged by this one's handlers, image roots and output dir; one meant
+        for any worker here is checked for its operation and payload, then for what it
+        requires of the worker."""
+        if wait := routing.elsewhere(doc, self.profile):
+            return Verdict(None, wait, judged_here=False)
+        if problem := self._problem(doc):
+            return Verdict(problem, None)
+        return Verdict(None, routing.lacking(doc, self.profile))
 
-    def problem(self, doc: JobDocument) -> tuple[ErrorCode, str] | None:
+    def _problem(self, doc: JobDocument) -> tuple[ErrorCode, str] | None:
         """Why a valid document cannot run here at all, or None."""
         handler = self.registry.get(doc.operation)
         who = f"job {doc.job_id!r}"
